@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vlforge",
+    version="0.1.0",
+    description="Distributed training of vision-language models from YAML recipes (DeepSpeed, Hydra, WebDataset).",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlforge", "vlforge.*"]) + ["vlforge.recipes"],
+    # The Hydra recipe tree lives at the repo top as recipes/ and ships inside the wheel as vlforge.recipes.
+    package_dir={"vlforge.recipes": "recipes"},
+    package_data={"vlforge.recipes": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.2",
+        "torchvision>=0.17",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.86",
+        "braceexpand>=0.1.7",
+        "wandb>=0.16",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "pillow>=10.0",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        "quant": ["bitsandbytes>=0.43", "accelerate>=0.30"],
+    },
+)
