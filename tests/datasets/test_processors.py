@@ -1,0 +1,117 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlforge.datasets.processors import (
+    ImageTransformConfig,
+    TextProcessor,
+    TextProcessorConfig,
+    build_image_transform,
+)
+
+
+def _image(width: int = 80, height: int = 60, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB").convert(mode)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ImageTransformConfig(size=32),
+        ImageTransformConfig(size=32, resize_ratio=256 / 224),
+        ImageTransformConfig(size=32, train=True),
+        ImageTransformConfig(size=32, train=True, hflip=True, randaugment=True),
+    ],
+)
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_outputs_uint8_chw_tensor(cfg, mode):
+    out = build_image_transform(cfg)(_image(mode=mode))
+    assert type(out) is torch.Tensor
+    assert out.dtype == torch.uint8
+    assert out.shape == (3, 32, 32)
+    assert out.max() > out.min()  # real pixel content, not an all-zero or rescaled image
+
+
+def test_eval_resize_without_crop_keeps_pixel_values():
+    flat = Image.new("RGB", (50, 20), (10, 200, 30))
+    out = build_image_transform(ImageTransformConfig(size=16))(flat)
+    assert out.shape == (3, 16, 16)
+    assert out[:, 8, 8].tolist() == [10, 200, 30]
+
+
+def test_eval_center_crop_takes_the_middle():
+    # Left half black, right half white: a centre crop of a 2:1 image shows both halves.
+    image = Image.new("RGB", (128, 64), (0, 0, 0))
+    image.paste((255, 255, 255), (64, 0, 128, 64))
+    out = build_image_transform(ImageTransformConfig(size=32, resize_ratio=1.25))(image)
+    assert out.shape == (3, 32, 32)
+    assert out[0, 16, 2] < 20 and out[0, 16, 29] > 235
+
+
+def test_eval_is_deterministic():
+    transform = build_image_transform(ImageTransformConfig(size=24, resize_ratio=1.2))
+    assert torch.equal(transform(_image()), transform(_image()))
+
+
+def test_train_is_random():
+    transform = build_image_transform(ImageTransformConfig(size=24, train=True, scale=(0.2, 0.5)))
+    outputs = [transform(_image()) for _ in range(5)]
+    assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+def test_transform_pickles_for_dataloader_workers():
+    cfg = ImageTransformConfig(size=24, train=True, hflip=True, randaugment=True)
+    restored = pickle.loads(pickle.dumps(build_image_transform(cfg)))
+    assert restored(_image()).shape == (3, 24, 24)
+    eval_transform = build_image_transform(ImageTransformConfig(size=24))
+    assert torch.equal(pickle.loads(pickle.dumps(eval_transform))(_image()), eval_transform(_image()))
+
+
+@pytest.mark.parametrize("field, value", [("scale", (0.5,)), ("scale", (1.0, 0.5)), ("ratio", (0.0, 1.0))])
+def test_bad_crop_ranges_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        build_image_transform(ImageTransformConfig(size=24, train=True, **{field: value}))
+
+
+def test_resize_ratio_below_one_is_rejected():
+    with pytest.raises(ValueError, match="resize_ratio"):
+        build_image_transform(ImageTransformConfig(size=24, resize_ratio=0.8))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A Dog running on the BEACH.", "a dog running on the beach"),
+        ('The "cat" (tabby) sat: on; the ~mat*!#', "the cat tabby sat on the mat"),
+        ("  lots   of\tspace\n\n", "lots of space"),
+        ("it's a dog, isn't it?", "it's a dog, isn't it?"),
+        ("", ""),
+    ],
+)
+def test_text_normalisation_matches_lavis(text, expected):
+    assert TextProcessor()(text) == expected
+
+
+def test_prompt_is_prepended_after_normalisation():
+    processor = TextProcessor(TextProcessorConfig(prompt="a picture of "))
+    assert processor("A RED Circle.") == "a picture of a red circle"
+
+
+def test_max_words_truncates_caption_but_not_prompt():
+    processor = TextProcessor(TextProcessorConfig(max_words=3, prompt="a picture of "))
+    assert processor("one two three four five") == "a picture of one two three"
+
+
+def test_normalisation_can_be_switched_off():
+    processor = TextProcessor(TextProcessorConfig(lowercase=False, strip_punctuation=False))
+    assert processor("Keep  THIS.") == "Keep THIS."
+
+
+def test_text_processor_pickles():
+    processor = TextProcessor(TextProcessorConfig(prompt="q: ", max_words=2))
+    assert pickle.loads(pickle.dumps(processor))("A B C") == "q: a b"
