@@ -1,0 +1,174 @@
+"""Dataclass schemas for the config nodes the trainer reads.
+
+Hydra composes plain YAML; `validate_config` merges each node into its schema so that a misspelled key
+or a value of the wrong type fails before any compute, with the full key path in the message.
+Component nodes (`model`, `task`) are not here: they are `_target_` calls whose signatures check them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlforge.datasets.demo import DemoConfig
+from vlforge.datasets.processors import ImageTransformConfig, TextProcessorConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    grad_accum: int = 1
+    # When set, grad_accum is derived from it: global = micro batch x grad_accum x world size.
+    global_batch_size: Optional[int] = None
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_at_end: bool = True
+    save_every: int = 0  # 0: save only at the end
+    save_at_end: bool = True
+    keep_last: int = 2
+    resume: Optional[str] = None  # null | auto | path to a checkpoint tag directory
+    record_sample_keys: bool = False  # write the keys of every batch to samples_rank{r}.jsonl
+    seed: int = 42
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    # Parameter-name prefix -> lr multiplier, e.g. {vision: 0.1} for a smaller lr on the image tower.
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    fp16_initial_scale_power: int = 16
+    # Anything else, merged last into the generated DeepSpeed JSON (e.g. {"wall_clock_breakdown": true}).
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    project: str = "vlforge"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online when an API key is configured, else offline) | online | offline
+    tags: List[str] = field(default_factory=list)
+    num_table_rows: int = 16  # sample predictions logged as a wandb.Table at each evaluation
+
+
+@dataclass
+class SplitConfig:
+    shards: str = "???"  # brace or glob pattern; several patterns separated by '::'
+    split_by: str = "shard"  # shard | sample (every rank reads every shard, keeps every world-th sample)
+    shuffle_buffer: int = 0
+    resampled: bool = False  # draw shards with replacement forever (pretraining on large corpora)
+
+
+@dataclass
+class DataConfig:
+    batch_size: int = 32  # per rank, per micro step
+    eval_batch_size: int = 64
+    num_workers: int = 2
+    tokenizer: str = "???"  # hub id or local directory
+    max_text_len: int = 32
+    train_image: ImageTransformConfig = field(default_factory=lambda: ImageTransformConfig(train=True))
+    eval_image: ImageTransformConfig = field(default_factory=ImageTransformConfig)
+    text: TextProcessorConfig = field(default_factory=TextProcessorConfig)
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: Optional[SplitConfig] = None
+    test: Optional[SplitConfig] = None
+    demo: Optional[DemoConfig] = None  # when set, the built-in demo dataset is built at demo.root first
+
+
+@dataclass
+class RunConfig:
+    name: str
+    run_dir: str
+    trainer: TrainerConfig
+    optim: OptimConfig
+    deepspeed: DeepSpeedConfig
+    logger: LoggerConfig
+    data: DataConfig
+
+
+_NODES = {
+    "trainer": TrainerConfig,
+    "optim": OptimConfig,
+    "deepspeed": DeepSpeedConfig,
+    "logger": LoggerConfig,
+    "data": DataConfig,
+}
+
+_CHOICES = {
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "logger.mode": ("auto", "online", "offline"),
+    "data.train.split_by": ("shard", "sample"),
+}
+
+
+def validate_config(cfg: DictConfig) -> RunConfig:
+    """Check every schema'd node of a composed recipe; raise ConfigError naming the offending key."""
+    nodes: dict[str, Any] = {}
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve the recipe: {_describe(err, '')}") from None
+    for key, schema in _NODES.items():
+        if key not in cfg:
+            raise ConfigError(f"the recipe has no '{key}' node")
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(schema), cfg[key])
+            nodes[key] = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config node '{key}': {_describe(err, key)}") from None
+    for dotted, allowed in _CHOICES.items():
+        node, _, attr = dotted.rpartition(".")
+        value = _get(nodes, node, attr)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    if nodes["deepspeed"].stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage={nodes['deepspeed'].stage} is not one of 0, 1, 2, 3")
+    for key in ("max_steps", "grad_accum", "log_every", "keep_last"):
+        if getattr(nodes["trainer"], key) < 1:
+            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(nodes['trainer'], key)}")
+    if nodes["data"].batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {nodes['data'].batch_size}")
+    return RunConfig(name=str(cfg.name), run_dir=str(cfg.run_dir), **nodes)
+
+
+def _get(nodes: dict[str, Any], node: str, attr: str) -> Any:
+    obj: Any = nodes
+    for part in node.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return getattr(obj, attr)
+
+
+def _describe(err: OmegaConfBaseException, node: str) -> str:
+    full_key = getattr(err, "full_key", None)
+    message = str(err).splitlines()[0]
+    if full_key:
+        return f"key '{node + '.' if node else ''}{full_key}': {message}"
+    return message

@@ -1,0 +1,71 @@
+"""How a raw shard sample (bytes) becomes a model-ready dict; run inside the loader workers."""
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any, Callable
+
+from PIL import Image
+
+from vlforge.datasets.shards import RawSample
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names what is wrong with it."""
+
+
+def decode_image(raw: RawSample) -> Image.Image:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in raw.files:
+            with Image.open(io.BytesIO(raw.files[ext])) as image:
+                return image.convert("RGB")
+    raise SampleError(f"no image file (one of {', '.join(IMAGE_EXTENSIONS)}) among {sorted(raw.files)}")
+
+
+def decode_meta(raw: RawSample) -> dict[str, Any]:
+    if "json" not in raw.files:
+        raise SampleError(f"no json file among {sorted(raw.files)}")
+    meta = json.loads(raw.files["json"])
+    if not isinstance(meta, dict):
+        raise SampleError(f"json is a {type(meta).__name__}, expected an object")
+    return meta
+
+
+def captions_of(meta: dict[str, Any]) -> list[str]:
+    captions = meta.get("captions", meta.get("caption"))
+    if isinstance(captions, str):
+        captions = [captions]
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise SampleError("missing field 'captions' (a non-empty list of non-empty strings)")
+    return captions
+
+
+class ImageTextSample:
+    """Training: the image and one caption drawn at random (seeded per sample by the stream).
+
+    Evaluation (`train=False`): the image, all its captions under `captions`, and `label` when present.
+    """
+
+    def __init__(
+        self,
+        image_transform: Callable[[Image.Image], Any],
+        text_processor: Callable[[str], str],
+        train: bool = True,
+    ) -> None:
+        self.image_transform, self.text_processor, self.train = image_transform, text_processor, train
+
+    def __call__(self, raw: RawSample) -> dict[str, Any]:
+        meta = decode_meta(raw)
+        image = self.image_transform(decode_image(raw))
+        sample: dict[str, Any] = {"image": image, "image_id": str(meta.get("image_id", raw.key))}
+        if self.train:
+            sample["text"] = self.text_processor(random.choice(captions_of(meta)))
+            return sample
+        if "captions" in meta or "caption" in meta:
+            sample["captions"] = [self.text_processor(c) for c in captions_of(meta)]
+        if "label" in meta:
+            sample["label"] = int(meta["label"])
+        return sample

@@ -1,0 +1,66 @@
+"""CLIP: an image tower and a text tower projected into one space, trained contrastively."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlforge.models.contrastive import contrastive_loss
+from vlforge.models.output import ModelOutput
+from vlforge.models.text import TextTransformer
+from vlforge.models.vision import TimmVisionTower
+
+
+class CLIP(nn.Module):
+    """`vision` and `text` are the keyword arguments of TimmVisionTower and TextTransformer.
+
+    Every parameter used outside `forward` lives in a submodule that is called, so ZeRO-3 gathers it;
+    the temperature is the one top-level parameter and only `forward` reads it.
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        embed_dim: int = 512,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        self.vision = TimmVisionTower(**vision)
+        self.text = TextTransformer(**text)
+        self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
+        # Shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.vision(image)
+        return F.normalize(self.vision_proj(pooled), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.text(input_ids, attention_mask)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        image_emb = self.encode_image(batch["image"])
+        text_emb = self.encode_text(batch["text_input_ids"], batch["text_attention_mask"])
+        scale = self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+        loss = contrastive_loss(image_emb, text_emb, scale)
+        return ModelOutput(loss=loss, losses={"itc": loss.detach()}, extras={"logit_scale": scale.detach()})
+
+    @torch.no_grad()
+    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal") -> dict[str, torch.Tensor]:
+        """Normalised embeddings: mode 'image', 'text', or 'multimodal' (both)."""
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        out: dict[str, torch.Tensor] = {}
+        if mode in ("image", "multimodal"):
+            out["image_embeds"] = self.encode_image(samples["image"])
+        if mode in ("text", "multimodal"):
+            out["text_embeds"] = self.encode_text(samples["text_input_ids"], samples["text_attention_mask"])
+        return out

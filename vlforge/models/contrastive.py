@@ -1,0 +1,49 @@
+"""Image-text contrastive loss, exact across data-parallel ranks.
+
+Each rank scores its own rows against the columns of every rank (features all-gathered with their
+gradients), so the loss over a global batch is the same whether it runs on one rank or many.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Every rank's loss depends on this rank's rows: their gradient is the sum over ranks.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order; gradients flow back to the rank that owns each row."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE of local rows against global columns; inputs are L2-normalised [B_local, D].
+
+    Ranks must hold equal micro batches. DeepSpeed averages gradients over ranks, which turns the
+    per-rank means into the mean over the global batch.
+    """
+    all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    local = image_emb.shape[0]
+    targets = torch.arange(local, device=image_emb.device) + rank * local
+    logits_per_image = logit_scale * image_emb @ all_text.t()
+    logits_per_text = logit_scale * text_emb @ all_image.t()
+    return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))

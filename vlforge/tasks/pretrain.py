@@ -1,0 +1,104 @@
+"""Image-text pretraining (CLIP-style), evaluated by zero-shot classification and ITC retrieval."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from vlforge.config.schema import DataConfig
+from vlforge.datasets.collate import load_tokenizer
+from vlforge.datasets.samples import ImageTextSample
+from vlforge.tasks.base import EvalResult, Task, gather_objects, image_text_samples, lockstep, to_device
+from vlforge.tasks.metrics.classification import topk_accuracy
+from vlforge.tasks.metrics.retrieval import recall_at_k
+from vlforge.tasks.zero_shot import build_zero_shot_classifier, describe, load_class_names, zero_shot_scores
+from vlforge.trainer.distributed import DistEnv
+
+
+class ImageTextPretrainTask(Task):
+    """Train on (image, caption) pairs; evaluate with zero-shot classification and/or ITC retrieval.
+
+    `zero_shot_classes` is a list or a JSON file of class names (samples need a `label`);
+    `zero_shot_templates` are prompts with '{}' for the class name; `retrieval` scores image<->text
+    recall@1/5/10 over every caption of the split.
+    """
+
+    def __init__(
+        self,
+        zero_shot_classes: Sequence[str] | str | None = None,
+        zero_shot_templates: Sequence[str] = ("a photo of a {}.",),
+        retrieval: bool = True,
+    ) -> None:
+        self.zero_shot_classes = zero_shot_classes
+        self.zero_shot_templates = list(zero_shot_templates)
+        self.retrieval = retrieval
+
+    def train_sample(self, data: DataConfig) -> ImageTextSample:
+        return ImageTextSample(*image_text_samples(data, train=True), train=True)
+
+    def eval_sample(self, data: DataConfig) -> ImageTextSample:
+        return ImageTextSample(*image_text_samples(data, train=False), train=False)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+        device = next(model.buffers(), torch.empty(0)).device
+        tok = load_tokenizer(data.tokenizer)
+        local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": []}
+        pixels: list[torch.Tensor] = []  # the first few images of this rank, for the predictions table
+        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
+            batch = to_device(batch, device)
+            image_embeds = model.extract_features(batch, mode="image")["image_embeds"].float().cpu()
+            text_embeds = None
+            if self.retrieval and "captions" in batch:
+                flat = [c for caps in batch["captions"] for c in caps]
+                tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
+                text_embeds = model.extract_features(
+                    {"text_input_ids": tokens["input_ids"].to(device), "text_attention_mask": tokens["attention_mask"].to(device)},
+                    mode="text",
+                )["text_embeds"].float().cpu()
+            if not real:
+                continue
+            offset = 0
+            for row, image_id in enumerate(batch["image_id"]):
+                local["image_id"].append(image_id)
+                local["image"].append(image_embeds[row])
+                if len(pixels) < 16:
+                    pixels.append(batch["image"][row].cpu())
+                if "label" in batch:
+                    local["label"].append(int(batch["label"][row]))
+                if text_embeds is not None:
+                    count = len(batch["captions"][row])
+                    local["text"].extend(text_embeds[offset : offset + count])
+                    local["text_owner"].extend([image_id] * count)
+                    offset += count
+        merged = _merge(gather_objects(local))
+        result = EvalResult(metrics={"num_images": float(len(merged["image_id"]))})
+        image_embeds = torch.stack(merged["image"])
+        if self.zero_shot_classes is not None:
+            if len(merged["label"]) != len(merged["image_id"]):
+                raise ValueError(f"zero-shot evaluation needs a 'label' in every sample of data.{split}")
+            names = load_class_names(self.zero_shot_classes)
+            classifier = build_zero_shot_classifier(model, names, self.zero_shot_templates, data.tokenizer,
+                                                    data.max_text_len, device).cpu()
+            scores = zero_shot_scores(image_embeds, classifier)
+            labels = torch.tensor(merged["label"])
+            result.metrics.update({f"zeroshot_{k}": v for k, v in topk_accuracy(scores, labels).items()})
+            # Rank 0's rows come first in the merged order, so its pixels line up with the first rows.
+            result.table_columns = ["image", "image_id", "label", "prediction"]
+            result.table_rows = [[px, i, d["label"], d["prediction"]]
+                                 for px, i, d in zip(pixels, merged["image_id"], describe(names, scores, labels))]
+        if merged["text"]:
+            index = {image_id: i for i, image_id in enumerate(merged["image_id"])}
+            sim = image_embeds @ torch.stack(merged["text"]).t()
+            owners = [index[owner] for owner in merged["text_owner"]]
+            result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners).items()})
+        return result
+
+
+def _merge(parts: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    merged: dict[str, list[Any]] = {key: [] for key in parts[0]}
+    for part in parts:
+        for key, values in part.items():
+            merged[key].extend(values)
+    return merged

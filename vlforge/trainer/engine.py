@@ -1,0 +1,186 @@
+"""Recipe -> DeepSpeed config, optimizer, schedule and engine."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from vlforge.config.schema import ConfigError, RunConfig
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' is bf16 on a GPU that supports it, fp32 otherwise (bf16 matmul is slow on most CPUs)."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            # DeepSpeed's CPU accelerator runs bf16 but not fp16's loss scaling kernels.
+            if precision == "fp16":
+                raise ConfigError("trainer.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def batch_arithmetic(run: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(micro batch per rank, accumulation steps, global batch), checked to multiply out."""
+    micro = run.data.batch_size
+    accum = run.trainer.grad_accum
+    wanted = run.trainer.global_batch_size
+    if wanted is not None:
+        per_step = micro * world_size
+        if wanted % per_step:
+            raise ConfigError(
+                f"trainer.global_batch_size={wanted} is not a multiple of data.batch_size ({micro}) x "
+                f"world size ({world_size}) = {per_step}"
+            )
+        derived = wanted // per_step
+        if accum not in (1, derived):
+            raise ConfigError(
+                f"trainer.grad_accum={accum} contradicts trainer.global_batch_size={wanted} "
+                f"(= {micro} x {world_size} ranks x {derived}); set only one of them"
+            )
+        accum = derived
+    return micro, accum, micro * accum * world_size
+
+
+def deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
+    micro, accum, global_batch = batch_arithmetic(run, world_size)
+    ds = run.deepspeed
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+    }
+    if ds.stage == 3:
+        zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        # Training never needs the 16-bit consolidated weights; export gathers them from the partitions.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    if ds.offload_optimizer:
+        if ds.stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        if ds.stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    precision = resolve_precision(run.trainer.precision)
+    config: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": run.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": ds.fp16_initial_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # The loop logs; DeepSpeed's own prints would interleave with the progress bar.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _deep_merge(config, ds.extra)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def model_init_context(config: dict[str, Any]) -> ContextManager:
+    """Under ZeRO-3 each rank materialises only its partition while the model is built."""
+    if config["zero_optimization"]["stage"] != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=config)
+
+
+def _full_ndim(param: torch.nn.Parameter) -> int:
+    # Under ZeRO-3 a parameter is an empty placeholder; its real shape is ds_shape.
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+def param_groups(model: nn.Module, run: RunConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases and scalars (ndim < 2); per-prefix lr multipliers."""
+    optim = run.optim
+    prefixes = sorted(optim.lr_multipliers, key=len, reverse=True)
+    names = {name for name, _ in model.named_parameters()}
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(prefix + ".") for name in names):
+            raise ConfigError(f"optim.lr_multipliers: no parameter name starts with '{prefix}'")
+    groups: dict[tuple[bool, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        multiplier = next((optim.lr_multipliers[p] for p in prefixes if name == p or name.startswith(p + ".")), 1.0)
+        decay = _full_ndim(param) >= 2
+        group = groups.setdefault(
+            (decay, multiplier),
+            {"params": [], "weight_decay": optim.weight_decay if decay else 0.0, "lr": optim.lr * multiplier,
+             "lr_multiplier": multiplier},
+        )
+        group["params"].append(param)
+    if not groups:
+        raise ConfigError("the model has no trainable parameter")
+    return list(groups.values())
+
+
+def lr_lambda(run: RunConfig) -> Callable[[int], float]:
+    """Multiplier of each group's lr at optimizer step `step`: linear warmup, then the schedule."""
+    optim, total = run.optim, run.trainer.max_steps
+    warmup = optim.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if optim.schedule == "constant":
+            return 1.0
+        if optim.schedule == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+    return factor
+
+
+def build_optimizer(groups: list[dict[str, Any]], run: RunConfig) -> torch.optim.Optimizer:
+    betas = tuple(run.optim.betas)
+    if run.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=run.optim.lr, betas=betas, eps=run.optim.eps, adamw_mode=True)
+    fast = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=run.optim.lr, betas=betas, eps=run.optim.eps, **fast)
+
+
+def build_engine(model: nn.Module, run: RunConfig, config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine that owns the model, the optimizer and the schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(param_groups(model, run), run)
+    schedule = lr_lambda(run)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=config,
+    )
+    return engine

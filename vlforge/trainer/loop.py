@@ -1,0 +1,170 @@
+"""The step loop: micro-batches through the engine, logging, evaluation and checkpoints on schedule."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vlforge.config.schema import RunConfig
+from vlforge.datasets.loader import ShardLoader
+from vlforge.tasks.base import to_device
+from vlforge.trainer.checkpoint import rng_state, save_checkpoint
+from vlforge.trainer.distributed import DistEnv
+from vlforge.trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# Crash injection for recovery tests: the process SIGKILLs itself when it reaches this step.
+FAIL_AT_STEP_ENV = "VLFORGE_FAIL_AT_STEP"
+
+
+class LossMeter:
+    """Sums losses on the device and syncs only when read, so steps never wait on the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        for name, value in losses.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read, averaged over ranks."""
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        packed = torch.stack([self.sums[n] for n in names]) / self.count
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(packed)
+            packed /= dist.get_world_size()
+        self.sums, self.count = {}, 0
+        return dict(zip(names, packed.tolist()))
+
+
+class Trainer:
+    def __init__(
+        self,
+        engine: Any,
+        loader: ShardLoader,
+        run: RunConfig,
+        dist_env: DistEnv,
+        tracker: Tracker,
+        evaluate: Callable[[str], dict[str, float]],
+        grad_accum: int,
+        global_batch: int,
+    ) -> None:
+        self.engine, self.loader, self.run, self.dist_env = engine, loader, run, dist_env
+        self.tracker, self.evaluate = tracker, evaluate
+        self.grad_accum, self.global_batch = grad_accum, global_batch
+        self.run_dir = Path(run.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = engine.device
+        fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+        self.fail_at_step = int(fail_at) if fail_at else None
+        self._keys_file = None
+        if run.trainer.record_sample_keys:
+            self._keys_file = open(self.run_dir / f"samples_rank{dist_env.rank}.jsonl", "a", encoding="utf-8")
+
+    def rank_state(self, step: int) -> dict[str, Any]:
+        return {"step": step, "rng": rng_state(), "data": self.loader.state_dict()}
+
+    def save(self, step: int) -> Path:
+        path = save_checkpoint(self.engine, self.ckpt_dir, step, self.rank_state(step), self.dist_env,
+                               self.run.trainer.keep_last)
+        if self.dist_env.is_main:
+            tqdm.write(f"checkpoint: {path}")
+        return path
+
+    def _record_keys(self, step: int, micro: int) -> None:
+        if self._keys_file is not None:
+            self._keys_file.write(json.dumps({"step": step, "micro": micro, "keys": self.loader.last_keys}) + "\n")
+            self._keys_file.flush()
+
+    def _train_step(self, batches: Iterator[dict], step: int, meter: LossMeter) -> None:
+        for micro in range(self.grad_accum):
+            batch = to_device(next(batches), self.device)
+            self._record_keys(step, micro)
+            output = self.engine(batch)
+            self.engine.backward(output.loss)
+            self.engine.step()
+            meter.add({"loss": output.loss, **{f"loss_{k}": v for k, v in output.losses.items()}})
+
+    def _step_stats(self, meter: LossMeter, elapsed: float, steps: int) -> dict[str, float]:
+        stats = {f"train/{k}": v for k, v in meter.read().items()}
+        groups = self.engine.optimizer.param_groups
+        base = next((g for g in groups if g.get("lr_multiplier", 1.0) == 1.0), groups[0])
+        stats["train/lr"] = float(base["lr"])
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            stats["train/grad_norm"] = float(grad_norm)
+        if self.engine.fp16_enabled():
+            stats["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
+        stats["train/skipped_steps"] = float(self.engine.skipped_steps)
+        stats["train/samples_per_s"] = steps * self.global_batch / max(elapsed, 1e-9)
+        report = self.loader.report
+        stats["data/skipped_samples"] = float(len(report.skipped_samples))
+        stats["data/unreadable_shards"] = float(len(report.unreadable_shards))
+        return stats
+
+    def _evaluate(self, step: int, splits: tuple[str, ...]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        self.engine.eval()
+        for split in splits:
+            if getattr(self.run.data, split) is None:
+                continue
+            result = self.evaluate(split)
+            metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
+            self.tracker.log_table(f"{split}/predictions", result.table_columns, result.table_rows, step)
+        self.engine.train()
+        if metrics:
+            self.tracker.log(metrics, step)
+            if self.dist_env.is_main:
+                tqdm.write(f"eval @ step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        return metrics
+
+    def fit(self, start_step: int) -> dict[str, float]:
+        cfg = self.run.trainer
+        meter = LossMeter(self.device)
+        batches = iter(self.loader)
+        progress = tqdm(total=cfg.max_steps, initial=start_step, disable=not self.dist_env.is_main,
+                        desc=self.run.name, dynamic_ncols=True)
+        self.engine.train()
+        window_start, window_steps = time.perf_counter(), 0
+        step = start_step
+        while step < cfg.max_steps:
+            if self.fail_at_step is not None and step + 1 == self.fail_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self._train_step(batches, step, meter)
+            step += 1
+            window_steps += 1
+            progress.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                stats = self._step_stats(meter, time.perf_counter() - window_start, window_steps)
+                self.tracker.log(stats, step)
+                progress.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{stats['train/lr']:.2e}")
+                window_start, window_steps = time.perf_counter(), 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                self._evaluate(step, ("val",))
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                self.save(step)
+        progress.close()
+        final: dict[str, float] = {}
+        if cfg.save_at_end:
+            self.save(step)
+        if cfg.eval_at_end:
+            final = self._evaluate(step, ("val", "test"))
+        if self._keys_file is not None:
+            self._keys_file.close()
+        return final

@@ -1,0 +1,109 @@
+"""One training run from a composed recipe: the order in which the rooms are put together."""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vlforge.config.schema import RunConfig, validate_config
+from vlforge.datasets.prepare import prepare_data
+from vlforge.tasks.base import Task
+from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
+from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
+from vlforge.trainer.loop import Trainer
+from vlforge.trainer.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_task(cfg: DictConfig) -> Task:
+    task = instantiate(cfg.task, _convert_="all")
+    if not isinstance(task, Task):
+        raise TypeError(f"task._target_ {cfg.task._target_} does not build a vlforge Task")
+    return task
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(total parameters, parameters held by this rank): they differ under ZeRO-3 partitioning."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return total, local
+
+
+def _say(dist_env: DistEnv, message: str) -> None:
+    if dist_env.is_main:
+        print(message, flush=True)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, evaluate and checkpoint as the recipe says; returns the final evaluation metrics."""
+    run: RunConfig = validate_config(cfg)
+    dist_env = read_dist_env()
+    task = build_task(cfg)
+    run_dir = Path(run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_distributed(dist_env)
+    if dist_env.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    prepare_data(run.data, dist_env)
+
+    ds_config = deepspeed_config(run, dist_env.world_size)
+    _, grad_accum, global_batch = batch_arithmetic(run, dist_env.world_size)
+    seed_everything(run.trainer.seed)  # the same initial weights on every rank and every world size
+    with model_init_context(ds_config):
+        model = instantiate(cfg.model, _convert_="all")
+    engine = build_engine(model, run, ds_config)
+    total, local = parameter_counts(engine.module)
+
+    loader = task.train_loader(run.data, dist_env, run.trainer.seed)
+    start_step = 0
+    resume_from = resolve_resume(run.trainer.resume, run_dir / "checkpoints")
+    seed_everything(run.trainer.seed + dist_env.rank)  # dropout etc. differ across ranks
+    if resume_from is not None:
+        start_step, rank_state = load_checkpoint(engine, resume_from, dist_env)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            loader.load_state_dict(rank_state["data"])
+    elif run.trainer.resume == "auto":
+        _say(dist_env, "resume=auto: no complete checkpoint yet, starting from step 0")
+
+    _say(dist_env, (
+        f"vlforge: recipe {run.name} | run dir {run_dir.resolve()} | {dist_env.world_size} rank(s) via "
+        f"{dist_env.launcher} on {engine.device} | ZeRO-{run.deepspeed.stage} {resolve_precision(run.trainer.precision)} | "
+        f"global batch {global_batch} = {run.data.batch_size} x {grad_accum} accum x {dist_env.world_size} | "
+        f"{total / 1e6:.2f}M parameters, {local / 1e6:.2f}M on this rank"
+        + (f" | resuming from {resume_from} at step {start_step}" if resume_from else "")
+    ))
+    tracker = Tracker(run.logger, run_dir, run.name, OmegaConf.to_container(cfg, resolve=True), dist_env.is_main)
+    tracker.log({"run/parameters": float(total), "run/parameters_rank0": float(local),
+                 "run/world_size": float(dist_env.world_size)}, start_step)
+
+    def evaluate(split: str) -> Any:
+        return task.evaluate(engine.module, split, run.data, dist_env, run.trainer.seed)
+
+    trainer = Trainer(engine, loader, run, dist_env, tracker, evaluate, grad_accum, global_batch)
+    final = trainer.fit(start_step)
+    report = loader.report
+    tracker.log({"data/skipped_samples": float(len(report.skipped_samples)),
+                 "data/unreadable_shards": float(len(report.unreadable_shards))}, run.trainer.max_steps)
+    tracker.finish()
+    summary = [f"vlforge: done at step {run.trainer.max_steps} | run dir {run_dir.resolve()}",
+               f"  metrics: {run_dir.resolve() / 'metrics.jsonl'}"]
+    summary += [f"  {k} = {v:.4f}" for k, v in sorted(final.items())]
+    print(("\n".join(summary) + "\n") if dist_env.is_main else "", end="", flush=True)
+    # Every rank reports its own data problems: each read different shards.
+    print(f"vlforge: rank {dist_env.rank} data: {report.summary()}", flush=True)
+    return final
