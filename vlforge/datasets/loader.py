@@ -77,6 +77,9 @@ class ShardLoader:
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            # Its own generator: DataLoader draws a worker base seed per epoch, which would otherwise come
+            # from the trainer's global torch RNG (and shift it differently in a resumed run).
+            generator=torch.Generator(),
         )
 
     def __iter__(self) -> Iterator[dict]:

@@ -70,11 +70,24 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+class _ShardTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly at a missing or cut-off header; in a shard that is truncation."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):  # type: ignore[no-untyped-def]
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as err:
+            raise tarfile.ReadError(f"truncated: {err} (no end-of-archive marker)") from None
+
+
 def iter_shard(url: str, events: list[DataEvent]) -> Iterator[RawSample]:
     """Samples of one tar shard, grouped by key (the member name up to the first dot of its basename)."""
     current: RawSample | None = None
     try:
-        with webdataset.gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with webdataset.gopen(url, "rb") as stream, tarfile.open(
+            fileobj=stream, mode="r|*", tarinfo=_ShardTarInfo
+        ) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -131,7 +144,7 @@ class ShardStream(IterableDataset):
         if split_by == "shard" and not resampled and len(urls) < world_size:
             raise DataError(
                 f"{len(urls)} shard(s) cannot be split across {world_size} ranks: write more shards "
-                f"or set split_by=sample ({urls[0]} ...)"
+                f"or set split_by=sample ({urls[0] + ' ...' if urls else 'no shard given'})"
             )
         self.urls = list(urls)
         self.build_sample, self.collate, self.batch_size = build_sample, collate, batch_size

@@ -1,0 +1,285 @@
+"""ShardStream + ShardLoader: determinism, exact resume, rank splits, bad-data reports, per-sample seeding."""
+import io
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+
+from vlforge.datasets.collate import Collator
+from vlforge.datasets.demo import DemoConfig, build_demo_dataset
+from vlforge.datasets.loader import ShardLoader
+from vlforge.datasets.processors import ImageTransformConfig, TextProcessor, build_image_transform
+from vlforge.datasets.samples import ImageTextSample
+from vlforge.datasets.shards import DataError, ShardStream
+from vlforge.datasets.writer import ShardWriter
+
+NUM_TRAIN = 96  # 6 shards of 16
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        paths = build_demo_dataset(
+            DemoConfig(
+                root=str(tmp_path_factory.mktemp("demo") / "demo"),
+                num_train=NUM_TRAIN, num_val=16, num_test=16, samples_per_shard=16,
+            )
+        )
+        Collator(paths.tokenizer, max_len=16)  # loads (and caches) the tokenizer offline
+        yield paths
+
+
+@pytest.fixture(scope="module")
+def urls(demo):
+    found = list(braceexpand(demo.train))
+    assert len(found) == 6
+    return found
+
+
+def _stream(urls, demo, *, batch_size=8, train=True, **kwargs) -> ShardStream:
+    sample = ImageTextSample(build_image_transform(ImageTransformConfig(size=32, train=train)), TextProcessor(), train)
+    return ShardStream(list(urls), sample, Collator(demo.tokenizer, max_len=16), batch_size, **kwargs)
+
+
+def _take(loader: ShardLoader, n: int | None = None) -> list[tuple[list[str], dict]]:
+    """(keys, batch) pairs: the first n batches of the loader's iterator, or all of them."""
+    out = []
+    for batch in loader:
+        out.append((list(loader.last_keys), batch))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def _assert_same_batches(got, expected):
+    assert [keys for keys, _ in got] == [keys for keys, _ in expected]
+    for (_, a), (_, b) in zip(got, expected):
+        assert a.keys() == b.keys()
+        assert torch.equal(a["image"], b["image"])
+        assert torch.equal(a["text_input_ids"], b["text_input_ids"])
+        assert torch.equal(a["text_attention_mask"], b["text_attention_mask"])
+        assert a["image_id"] == b["image_id"]
+
+
+def _all_keys(batches) -> list[str]:
+    return [key for keys, _ in batches for key in keys]
+
+
+# ---------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_same_config_gives_identical_batches(demo, urls, num_workers):
+    def run():
+        stream = _stream(urls, demo, shuffle_buffer=20, seed=7)
+        return _take(ShardLoader(stream, num_workers=num_workers), 14)  # 12 batches per epoch: crosses into epoch 1
+
+    first, second = run(), run()
+    _assert_same_batches(first, second)
+    for keys, batch in first:
+        assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == torch.uint8
+        assert batch["image_id"] == keys  # demo image_id is the sample key
+    epoch0 = _all_keys(first[:12])
+    assert sorted(epoch0) == [f"train_{i:06d}" for i in range(NUM_TRAIN)]  # one epoch = every sample once
+    assert epoch0 != sorted(epoch0)  # the shuffle is real, so the equality above is not trivial
+    assert _all_keys(first[12:]) != epoch0[:16]  # and the next epoch is ordered differently
+
+
+def test_seed_changes_order(demo, urls):
+    a = _take(ShardLoader(_stream(urls, demo, shuffle_buffer=20, seed=1), num_workers=0), 3)
+    b = _take(ShardLoader(_stream(urls, demo, shuffle_buffer=20, seed=2), num_workers=0), 3)
+    assert _all_keys(a) != _all_keys(b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterating_leaves_the_callers_rng_untouched(demo, urls, num_workers):
+    # The trainer seeds torch/python RNGs for dropout etc. and checkpoints them; the loader must not draw from
+    # them (or a resumed run, which starts a new epoch iterator mid-way, would see different random numbers).
+    loader = ShardLoader(_stream(urls[:2], demo, shuffle_buffer=4), num_workers=num_workers)
+    torch.manual_seed(123)
+    random.seed(123)
+    _take(loader, 6)  # 4 batches per epoch: two epoch iterators are started
+    torch_next, py_next = torch.rand(3), random.random()
+    torch.manual_seed(123)
+    random.seed(123)
+    assert torch.equal(torch_next, torch.rand(3))
+    assert py_next == random.random()
+
+
+def test_train_augmentation_is_fresh_each_epoch(demo, urls):
+    # One shard, no shuffle: the same 16 samples in the same order each epoch, 2 batches per epoch.
+    batches = _take(ShardLoader(_stream(urls[:1], demo, shuffle_shards=False), num_workers=0), 4)
+    assert batches[0][0] + batches[1][0] == batches[2][0] + batches[3][0]
+    epoch0 = torch.cat([batches[0][1]["image"], batches[1][1]["image"]])
+    epoch1 = torch.cat([batches[2][1]["image"], batches[3][1]["image"]])
+    differing = sum(not torch.equal(x, y) for x, y in zip(epoch0, epoch1))
+    assert differing >= 12  # new random crops each epoch (a rare identical crop is allowed)
+
+
+# ---------------------------------------------------------------- exact resume
+
+RESUME_AT = [3, 9, 13]  # 5 shards, batch 8 -> 10 batches per epoch: mid-epoch, worker tail, after the epoch boundary
+RESUME_NEXT = 10
+
+
+def _resume_stream(urls, demo):
+    return _stream(urls[:5], demo, shuffle_buffer=10, seed=3, drop_last=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo, urls):
+    cache = {}
+
+    def get(num_workers):
+        if num_workers not in cache:
+            loader = ShardLoader(_resume_stream(urls, demo), num_workers=num_workers)
+            cache[num_workers] = _take(loader, max(RESUME_AT) + RESUME_NEXT)
+        return cache[num_workers]
+
+    return get
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("k", RESUME_AT)
+def test_resume_continues_exactly(demo, urls, uninterrupted, num_workers, k):
+    reference = uninterrupted(num_workers)
+    # Sanity: 10 batches of the 80 samples per epoch, so k=13 really crossed an epoch boundary.
+    assert sorted(_all_keys(reference[:10])) == sorted(_all_keys(reference[10:20]))
+    assert len(set(_all_keys(reference[:10]))) == 80
+
+    first = ShardLoader(_resume_stream(urls, demo), num_workers=num_workers)
+    _assert_same_batches(_take(first, k), reference[:k])
+    state = json.loads(json.dumps(first.state_dict()))  # survives a plain-JSON checkpoint
+    assert state["position"]["epoch"] == k // 10
+
+    resumed = ShardLoader(_resume_stream(urls, demo), num_workers=num_workers)
+    resumed.load_state_dict(state)
+    _assert_same_batches(_take(resumed, RESUME_NEXT), reference[k : k + RESUME_NEXT])
+
+
+def test_resume_with_other_worker_count_starts_next_epoch(demo, urls):
+    first = ShardLoader(_resume_stream(urls, demo), num_workers=2)
+    _take(first, 3)
+    resumed = ShardLoader(_resume_stream(urls, demo), num_workers=0)
+    resumed.load_state_dict(first.state_dict())
+    fresh = ShardLoader(_resume_stream(urls, demo), num_workers=0)
+    # Epoch 1 of a fresh single-process loader starts at its 11th batch.
+    _assert_same_batches(_take(resumed, 2), _take(fresh, 12)[10:12])
+
+
+# ---------------------------------------------------------------- rank splits
+
+
+def test_split_by_shard_partitions_one_epoch_across_ranks(demo, urls):
+    per_rank = []
+    for rank in (0, 1):
+        stream = _stream(urls, demo, rank=rank, world_size=2, split_by="shard", drop_last=False, seed=5)
+        per_rank.append(_all_keys(_take(ShardLoader(stream, num_workers=0, epochs=1))))
+    a, b = per_rank
+    assert len(a) == len(b) == NUM_TRAIN // 2  # 3 whole shards each
+    assert not set(a) & set(b)
+    assert sorted(a + b) == [f"train_{i:06d}" for i in range(NUM_TRAIN)]
+
+
+def test_split_by_shard_needs_a_shard_per_rank(demo, urls):
+    with pytest.raises(DataError, match="split_by=sample"):
+        _stream(urls[:1], demo, rank=0, world_size=2, split_by="shard")
+    with pytest.raises(DataError, match="0 shard"):
+        _stream([], demo, rank=0, world_size=1, split_by="shard")
+    _stream(urls[:1], demo, rank=1, world_size=2, split_by="sample")  # splitting samples is fine
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(2, 0), (2, 2), (3, 2)])
+def test_split_by_sample_covers_every_sample_once(demo, urls, world_size, num_workers):
+    keys = []
+    for rank in range(world_size):
+        stream = _stream(urls, demo, rank=rank, world_size=world_size, split_by="sample", drop_last=False, seed=5)
+        rank_keys = _all_keys(_take(ShardLoader(stream, num_workers=num_workers, epochs=1)))
+        assert abs(len(rank_keys) - NUM_TRAIN / world_size) < 2  # balanced
+        keys += rank_keys
+    assert sorted(keys) == [f"train_{i:06d}" for i in range(NUM_TRAIN)]
+    assert max(Counter(keys).values()) == 1
+
+
+def test_augmentation_is_seeded_by_sample_not_by_rank_or_worker(demo, urls):
+    def per_key(stream, num_workers):
+        out = {}
+        for keys, batch in _take(ShardLoader(stream, num_workers=num_workers, epochs=1)):
+            for i, key in enumerate(keys):
+                out[key] = (batch["image"][i], batch["text_input_ids"][i][batch["text_attention_mask"][i].bool()])
+        return out
+
+    alone = per_key(_stream(urls, demo, rank=0, world_size=1, split_by="sample", drop_last=False, seed=9), 0)
+    shared = per_key(
+        _stream(urls, demo, rank=1, world_size=2, split_by="sample", drop_last=False, seed=9, shuffle_buffer=8), 2
+    )
+    assert len(alone) == NUM_TRAIN and len(shared) == NUM_TRAIN // 2
+    for key, (image, text) in shared.items():
+        assert torch.equal(image, alone[key][0]), key
+        assert torch.equal(text, alone[key][1]), key
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _jpeg(i: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (40, 40), ((53 * i) % 256, (17 * i) % 256, 120)).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+@pytest.fixture
+def bad_shards(tmp_path):
+    with ShardWriter(str(tmp_path / "bad-%03d.tar"), max_count=6) as writer:
+        for i in range(12):
+            image = _jpeg(i)
+            meta = {"image_id": f"s{i:02d}", "captions": [f"a square number {i}"]}
+            if i == 4:
+                image = image[: len(image) // 2]  # truncated JPEG
+            if i == 9:
+                meta = {"image_id": f"s{i:02d}", "label": 1}  # no captions
+            writer.write(f"s{i:02d}", image, meta)
+    not_a_tar = tmp_path / "bad-zzz.tar"
+    not_a_tar.write_bytes(b"definitely not a tar archive\n" * 50)
+    shards = [str(p) for p in writer.shards]
+    return [shards[0], str(not_a_tar), shards[1]], shards
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_workers):
+    shard_list, good_shards = bad_shards
+    stream = _stream(shard_list, demo, batch_size=4, drop_last=False, shuffle_buffer=3, split_by="sample")
+    loader = ShardLoader(stream, num_workers=num_workers, epochs=1)
+    keys = _all_keys(_take(loader))
+
+    expected = sorted(f"s{i:02d}" for i in range(12) if i not in (4, 9))
+    assert sorted(keys) == expected
+    report = loader.report
+    skipped = sorted((e.kind, e.shard, e.key) for e in report.skipped_samples)
+    assert skipped == [("skipped_sample", good_shards[0], "s04"), ("skipped_sample", good_shards[1], "s09")]
+    assert [(e.kind, e.shard) for e in report.unreadable_shards] == [("unreadable_shard", shard_list[1])]
+    summary = report.summary()
+    assert summary.startswith("2 skipped sample(s), 1 unreadable shard(s)")
+    assert "s04" in summary and "s09" in summary and shard_list[1] in summary
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_all_shards_unreadable_raises_with_report(demo, tmp_path, num_workers):
+    shards = []
+    for i in range(2):
+        path = tmp_path / f"junk-{i}.tar"
+        path.write_bytes(b"junk " * 300)
+        shards.append(str(path))
+    loader = ShardLoader(_stream(shards, demo, split_by="sample"), num_workers=num_workers)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert "2 unreadable shard(s)" in message
+    assert all(path in message for path in shards)
+    assert len(loader.report.unreadable_shards) == 2

@@ -1,0 +1,77 @@
+"""Run the launchers as a user would, on a small demo dataset built once per session."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+TEST_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+# A small demo dataset: same generator as the real one, fewer images, 64-sample shards.
+SMALL_DEMO = [
+    "data.demo.num_train=512",
+    "data.demo.num_val=64",
+    "data.demo.num_test=64",
+    "data.demo.samples_per_shard=64",
+    "data.eval_batch_size=32",
+    "logger=jsonl",
+]
+
+
+@dataclass
+class Launch:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def launch(cmd: list[str], env: dict[str, str], timeout: float = 600) -> Launch:
+    """Run a launcher command from the repo root, as the README does; output merged for messages."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+    return Launch(proc.returncode, proc.stdout, time.perf_counter() - start)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def series(rows: list[dict], key: str) -> dict[int, float]:
+    return {row["step"]: row[key] for row in rows if key in row}
+
+
+@pytest.fixture(scope="session")
+def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["VLFORGE_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("VLFORGE_FAIL_AT_STEP", None)
+    return env
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, "launch/train.py", *args]
+
+
+def deepspeed_cmd(num: int, *args: str) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(num), "launch/train.py", *args]
+
+
+def torchrun_cmd(num: int, *args: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(num), "launch/train.py", *args]
+
+
+def check(result: Launch) -> Launch:
+    assert result.returncode == 0, result.output[-6000:]
+    return result

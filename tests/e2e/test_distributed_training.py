@@ -1,0 +1,48 @@
+"""The same global batch gives the same losses on 1 rank (python), 2 ranks (deepspeed) and torchrun."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series, torchrun_cmd
+
+STEPS = 10
+GLOBAL_BATCH = 16
+
+
+def _args(run_dir: Path, ranks: int) -> list[str]:
+    return [
+        "recipe=clip_demo", *SMALL_DEMO, f"run_dir={run_dir}", "deepspeed=zero3",
+        f"data.batch_size={GLOBAL_BATCH // ranks}", "data.num_workers=0",
+        # Every rank reads the stream in the same order and keeps every world-th sample, so the
+        # global batch of each step is the same set of samples whatever the world size.
+        "data.train.split_by=sample", "data.train.shuffle_buffer=0",
+        f"trainer.max_steps={STEPS}", "trainer.log_every=1", "trainer.save_at_end=false",
+        "trainer.eval_at_end=false",
+    ]
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_match_one_rank(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    one = check(launch(python_cmd(*_args(tmp_path / "one", 1)), e2e_env))
+    two = check(launch(deepspeed_cmd(2, *_args(tmp_path / "two", 2)), e2e_env))
+    ref = series(read_metrics(tmp_path / "one"), "train/loss")
+    got = series(read_metrics(tmp_path / "two"), "train/loss")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert sorted(got) == sorted(ref)
+    for step, value in ref.items():
+        assert abs(got[step] - value) <= 1e-4 * abs(value), (step, value, got[step])
+    assert ref[STEPS] < ref[1], "the loss should fall over the first steps"
+
+    # ZeRO-3 partitions the parameters: each of the two ranks holds about half of them.
+    params = read_metrics(tmp_path / "two")[0]
+    assert params["run/world_size"] == 2
+    assert abs(params["run/parameters_rank0"] / params["run/parameters"] - 0.5) < 0.01
+    assert "2 rank(s) via deepspeed" in two.output and "1 rank(s) via python" in one.output
+
+    three = check(launch(torchrun_cmd(2, *_args(tmp_path / "torchrun", 2)), e2e_env))
+    assert "2 rank(s) via torchrun" in three.output
+    via_torchrun = series(read_metrics(tmp_path / "torchrun"), "train/loss")
+    for step, value in ref.items():
+        assert abs(via_torchrun[step] - value) <= 1e-4 * abs(value), (step, value, via_torchrun[step])

@@ -1,0 +1,266 @@
+"""Recipe -> batch arithmetic, DeepSpeed JSON, AdamW groups and lr schedule (no engine is built)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vlforge.config.recipes import compose_recipe
+from vlforge.config.schema import ConfigError, RunConfig, validate_config
+from vlforge.trainer.engine import batch_arithmetic, deepspeed_config, lr_lambda, param_groups, resolve_precision
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLFORGE_DATA_DIR", str(tmp_path / "data"))
+    # The same answers on a GPU machine: precision 'auto' and pin_memory depend on CUDA.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def make_run(*overrides: str) -> RunConfig:
+    return validate_config(compose_recipe("clip_demo", list(overrides)))
+
+
+# --- batch_arithmetic -------------------------------------------------------------------------------
+
+
+def test_batch_is_micro_times_accum_times_world():
+    run = make_run("data.batch_size=8", "trainer.grad_accum=3")
+    assert batch_arithmetic(run, world_size=1) == (8, 3, 24)
+    assert batch_arithmetic(run, world_size=4) == (8, 3, 96)
+
+
+def test_global_batch_size_derives_accumulation():
+    run = make_run("data.batch_size=8", "trainer.global_batch_size=64")
+    assert batch_arithmetic(run, world_size=2) == (8, 4, 64)
+    assert batch_arithmetic(run, world_size=8) == (8, 1, 64)
+
+
+def test_global_batch_size_agreeing_with_grad_accum_is_fine():
+    run = make_run("data.batch_size=8", "trainer.global_batch_size=64", "trainer.grad_accum=4")
+    assert batch_arithmetic(run, world_size=2) == (8, 4, 64)
+
+
+def test_global_batch_size_not_divisible():
+    run = make_run("data.batch_size=8", "trainer.global_batch_size=100")
+    with pytest.raises(ConfigError, match=r"trainer\.global_batch_size=100") as info:
+        batch_arithmetic(run, world_size=2)
+    assert "16" in str(info.value)  # 8 x 2 ranks
+
+
+def test_global_batch_size_contradicting_grad_accum():
+    run = make_run("data.batch_size=8", "trainer.global_batch_size=64", "trainer.grad_accum=3")
+    with pytest.raises(ConfigError, match=r"trainer\.grad_accum=3 contradicts trainer\.global_batch_size=64"):
+        batch_arithmetic(run, world_size=2)
+
+
+# --- deepspeed_config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_deepspeed_config_stages(stage):
+    run = make_run(f"deepspeed=zero{stage}", "data.batch_size=4", "trainer.grad_accum=2", "optim.grad_clip=0.5")
+    config = deepspeed_config(run, world_size=2)
+    assert config["train_batch_size"] == 16
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["gradient_clipping"] == 0.5
+    zero = config["zero_optimization"]
+    assert zero["stage"] == stage
+    assert ("stage3_prefetch_bucket_size" in zero) == (stage == 3)
+    assert ("stage3_param_persistence_threshold" in zero) == (stage == 3)
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+    # JSON-serialisable, as DeepSpeed wants.
+    import json
+
+    json.dumps(config)
+
+
+def test_deepspeed_config_zero3_offload():
+    config = deepspeed_config(make_run("deepspeed=zero3_offload"), world_size=1)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}
+
+
+def test_offload_optimizer_at_stage_2():
+    zero = deepspeed_config(make_run("deepspeed=zero2", "deepspeed.offload_optimizer=true"), 1)["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in zero
+
+
+def test_offload_param_needs_stage_3():
+    run = make_run("deepspeed=zero2", "deepspeed.offload_param=true")
+    with pytest.raises(ConfigError, match=r"deepspeed\.offload_param needs deepspeed\.stage=3"):
+        deepspeed_config(run, 1)
+
+
+def test_offload_optimizer_needs_a_zero_stage():
+    run = make_run("deepspeed=zero0", "deepspeed.offload_optimizer=true")
+    with pytest.raises(ConfigError, match=r"deepspeed\.offload_optimizer"):
+        deepspeed_config(run, 1)
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    assert resolve_precision("auto") == "fp32"
+    config = deepspeed_config(make_run("trainer.precision=auto"), 1)
+    assert config["bf16"] == {"enabled": False}
+    assert config["fp16"]["enabled"] is False
+
+
+def test_precision_bf16_on_cpu():
+    config = deepspeed_config(make_run("trainer.precision=bf16"), 1)
+    assert config["bf16"] == {"enabled": True}
+    assert config["fp16"]["enabled"] is False
+
+
+def test_precision_fp16_needs_cuda():
+    with pytest.raises(ConfigError, match=r"trainer\.precision=fp16"):
+        deepspeed_config(make_run("trainer.precision=fp16"), 1)
+
+
+def test_deepspeed_extra_is_deep_merged():
+    run = make_run(
+        "+deepspeed.extra={zero_optimization:{reduce_bucket_size:7},wall_clock_breakdown:true,bf16:{enabled:true}}"
+    )
+    config = deepspeed_config(run, 1)
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 7
+    # Siblings of merged keys survive.
+    assert zero["stage"] == 3 and zero["allgather_bucket_size"] == 50_000_000
+    assert config["wall_clock_breakdown"] is True
+    assert config["bf16"] == {"enabled": True}
+    assert config["train_batch_size"] == 64
+
+
+# --- param_groups -----------------------------------------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.vision_proj = nn.Linear(4, 3, bias=False)  # shares the 'vision' text prefix, not the module
+        self.text = nn.Linear(4, 4)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _names(model: nn.Module, group: dict) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_param_groups_weight_decay():
+    model = Tiny()
+    groups = param_groups(model, make_run("optim.weight_decay=0.2", "optim.lr=0.01"))
+    assert len(groups) == 2
+    by_decay = {g["weight_decay"]: g for g in groups}
+    assert set(by_decay) == {0.0, 0.2}
+    assert _names(model, by_decay[0.2]) == {"vision.0.weight", "vision_proj.weight", "text.weight"}
+    assert _names(model, by_decay[0.0]) == {"vision.0.bias", "vision.1.weight", "vision.1.bias", "text.bias", "scale"}
+    for group in groups:
+        assert group["lr"] == pytest.approx(0.01) and group["lr_multiplier"] == 1.0
+    # Frozen parameters are left out.
+    assert sum(len(g["params"]) for g in groups) == 8
+
+
+def test_param_groups_lr_multipliers():
+    model = Tiny()
+    run = make_run("optim.lr=0.01", "optim.weight_decay=0.1", "+optim.lr_multipliers.vision=0.1", "+optim.lr_multipliers.scale=2.0")
+    groups = param_groups(model, run)
+    found = {(g["weight_decay"], g["lr_multiplier"]): g for g in groups}
+    assert set(found) == {(0.1, 0.1), (0.0, 0.1), (0.1, 1.0), (0.0, 1.0), (0.0, 2.0)}
+    for (_, multiplier), group in found.items():
+        assert group["lr"] == pytest.approx(0.01 * multiplier)
+    assert _names(model, found[(0.1, 0.1)]) == {"vision.0.weight"}
+    assert _names(model, found[(0.0, 0.1)]) == {"vision.0.bias", "vision.1.weight", "vision.1.bias"}
+    # 'vision' is a module prefix: vision_proj keeps the base lr.
+    assert _names(model, found[(0.1, 1.0)]) == {"vision_proj.weight", "text.weight"}
+    assert _names(model, found[(0.0, 2.0)]) == {"scale"}
+
+
+def test_param_groups_longest_prefix_wins():
+    model = Tiny()
+    run = make_run()
+    run.optim.lr_multipliers = {"vision": 0.1, "vision.1": 0.5}  # a dotted key, which an override would nest
+    groups = param_groups(model, run)
+    by_multiplier: dict[float, set[str]] = {}
+    for group in groups:
+        by_multiplier.setdefault(group["lr_multiplier"], set()).update(_names(model, group))
+    assert by_multiplier[0.5] == {"vision.1.weight", "vision.1.bias"}
+    assert by_multiplier[0.1] == {"vision.0.weight", "vision.0.bias"}
+
+
+def test_param_groups_unknown_prefix():
+    with pytest.raises(ConfigError, match=r"optim\.lr_multipliers.*'visual'"):
+        param_groups(Tiny(), make_run("+optim.lr_multipliers.visual=0.1"))
+
+
+def test_param_groups_prefix_must_end_at_a_dot():
+    # 'vis' is the start of names but not a module path.
+    with pytest.raises(ConfigError, match="'vis'"):
+        param_groups(Tiny(), make_run("+optim.lr_multipliers.vis=0.1"))
+
+
+def test_param_groups_no_trainable_parameter():
+    model = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameter"):
+        param_groups(model, make_run())
+
+
+# --- lr_lambda --------------------------------------------------------------------------------------
+
+
+def test_warmup_is_a_linear_ramp():
+    f = lr_lambda(make_run("trainer.max_steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.0"))
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f(10) == pytest.approx(1.0)
+
+
+def test_cosine_reaches_min_lr_ratio_at_max_steps():
+    f = lr_lambda(
+        make_run("trainer.max_steps=110", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1", "optim.schedule=cosine")
+    )
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)  # flat after the end
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_linear_schedule():
+    f = lr_lambda(make_run(
+        "trainer.max_steps=100", "optim.schedule=linear", "optim.warmup_steps=0", "optim.min_lr_ratio=0.2"
+    ))
+    assert f(0) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert f(100) == pytest.approx(0.2)
+
+
+def test_constant_schedule():
+    f = lr_lambda(make_run("trainer.max_steps=100", "optim.schedule=constant", "optim.warmup_steps=4"))
+    assert f(0) == pytest.approx(0.25)
+    assert [f(s) for s in (4, 50, 100, 1000)] == [1.0] * 4
+
+
+def test_schedule_drives_lambda_lr():
+    run = make_run("trainer.max_steps=20", "optim.warmup_steps=5", "optim.lr=0.1", "optim.min_lr_ratio=0.0")
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=run.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run))
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.02)
+    assert lrs[4] == pytest.approx(0.1)
+    assert lrs[5] == pytest.approx(0.1)
+    assert lrs[20] == pytest.approx(0.0, abs=1e-12)
