@@ -38,7 +38,7 @@ def test_bad_samples_and_shards_are_reported(e2e_env: dict[str, str], tmp_path: 
 
     result = check(launch(python_cmd(
         "recipe=clip_demo", *SMALL_DEMO, f"run_dir={tmp_path / 'run'}",
-        f"data.train.shards={tmp_path}/part-{{a,b,c}}.tar", "data.batch_size=4", "data.num_workers=1",
+        f"data.train.shards='{tmp_path}/part-{{a,b,c}}.tar'", "data.batch_size=4", "data.num_workers=1",
         "trainer.max_steps=8", "trainer.eval_at_end=false", "trainer.save_at_end=false",
     ), e2e_env))
     assert "2 skipped sample(s), 1 unreadable shard(s)" in result.output, result.output[-3000:]

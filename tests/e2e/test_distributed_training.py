@@ -13,7 +13,8 @@ GLOBAL_BATCH = 16
 
 def _args(run_dir: Path, ranks: int) -> list[str]:
     return [
-        "recipe=clip_demo", *SMALL_DEMO, f"run_dir={run_dir}", "deepspeed=zero3",
+        # The ViT tower: BatchNorm (the demo's ResNet) keeps per-rank statistics, which no split can match.
+        "recipe=clip_demo", "model=clip_tiny_vit", *SMALL_DEMO, f"run_dir={run_dir}", "deepspeed=zero3",
         f"data.batch_size={GLOBAL_BATCH // ranks}", "data.num_workers=0",
         # Every rank reads the stream in the same order and keeps every world-th sample, so the
         # global batch of each step is the same set of samples whatever the world size.

@@ -8,9 +8,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import vlforge.recipes
+from vlforge.config.schema import register_schemas
 
 # Installed: the package vlforge.recipes; editable: the repo's recipes/ (setup.py maps one to the other).
 RECIPES_DIR = Path(vlforge.recipes.__file__).resolve().parent
+register_schemas()
 
 
 def available_recipes() -> list[str]:

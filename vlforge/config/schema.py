@@ -129,6 +129,16 @@ _CHOICES = {
 }
 
 
+def register_schemas() -> None:
+    """Make the schemas Hydra config groups (`schema/<node>`), the base that train.yaml starts each node
+    from: every field is then overridable from the command line and typed at composition."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for key, schema in _NODES.items():
+        store.store(group="schema", name=key, node=schema)
+
+
 def validate_config(cfg: DictConfig) -> RunConfig:
     """Check every schema'd node of a composed recipe; raise ConfigError naming the offending key."""
     nodes: dict[str, Any] = {}

@@ -14,11 +14,26 @@ from vlforge.models.text import TextTransformer
 from vlforge.models.vision import TimmVisionTower
 
 
+class LogitScale(nn.Module):
+    """The learnable temperature as a module of its own, so ZeRO-3 gathers it through forward hooks.
+
+    Shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters.
+    """
+
+    def __init__(self, init_temperature: float, max_logit_scale: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+
+
 class CLIP(nn.Module):
     """`vision` and `text` are the keyword arguments of TimmVisionTower and TextTransformer.
 
-    Every parameter used outside `forward` lives in a submodule that is called, so ZeRO-3 gathers it;
-    the temperature is the one top-level parameter and only `forward` reads it.
+    Every parameter lives in a submodule that is called, so ZeRO-3 gathers it (and its gradient is
+    reduced) through the submodule's hooks, whichever method uses it.
     """
 
     def __init__(
@@ -34,9 +49,7 @@ class CLIP(nn.Module):
         self.text = TextTransformer(**text)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
-        # Shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters.
-        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.logit_scale = LogitScale(init_temperature, max_logit_scale)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.vision(image)
@@ -49,7 +62,7 @@ class CLIP(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         image_emb = self.encode_image(batch["image"])
         text_emb = self.encode_text(batch["text_input_ids"], batch["text_attention_mask"])
-        scale = self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+        scale = self.logit_scale()
         loss = contrastive_loss(image_emb, text_emb, scale)
         return ModelOutput(loss=loss, losses={"itc": loss.detach()}, extras={"logit_scale": scale.detach()})
 

@@ -1,14 +1,35 @@
 """What every model's forward returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
 
 
-@dataclass
-class ModelOutput:
-    loss: torch.Tensor  # scalar the engine backpropagates
-    losses: Dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, logged separately
-    extras: Dict[str, Any] = field(default_factory=dict)
+class ModelOutput(dict):
+    """`loss` (the scalar the engine backpropagates), `losses` (named parts, logged separately), `extras`.
+
+    A dict, not a dataclass: DeepSpeed ZeRO-3 looks for the tensors of a module's output in tuples,
+    lists and dicts to hook its backward pass, and replaces them in place; the attributes read the
+    dict, so they see the hooked tensors.
+    """
+
+    def __init__(
+        self,
+        loss: torch.Tensor,
+        losses: Dict[str, torch.Tensor] | None = None,
+        extras: Dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(loss=loss, losses=dict(losses or {}), extras=dict(extras or {}))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self["loss"]
+
+    @property
+    def losses(self) -> Dict[str, torch.Tensor]:
+        return self["losses"]
+
+    @property
+    def extras(self) -> Dict[str, Any]:
+        return self["extras"]
