@@ -1,0 +1,199 @@
+"""BERT-style text transformers, written here: post-norm blocks with fused projections and SDPA.
+
+One class covers what BLIP and ALBEF need: a bidirectional encoder, a causal decoder with a KV
+cache, and cross-attention to image features in chosen layers. Parameter names follow the HF BERT /
+BLIP-text layout closely enough that `vlforge.models.convert` maps their checkpoints by key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+
+
+@dataclass
+class LayerCache:
+    """Keys/values of one layer: self-attention grows per generated token, cross-attention is fixed."""
+
+    self_k: torch.Tensor | None = None
+    self_v: torch.Tensor | None = None
+    cross_k: torch.Tensor | None = None
+    cross_v: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerCache] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0].self_k if self.layers else None
+        return 0 if first is None else first.shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search); the cross keys follow their rows too."""
+        for layer in self.layers:
+            for name in ("self_k", "self_v", "cross_k", "cross_v"):
+                value = getattr(layer, name)
+                if value is not None:
+                    setattr(layer, name, value.index_select(0, index))
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention + output projection + residual + LayerNorm (BERT's post-norm)."""
+
+    def __init__(self, width: int, heads: int, kv_width: int | None = None, dropout: float = 0.0, eps: float = 1e-12) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.dropout, self.cross = heads, dropout, kv_width is not None
+        if self.cross:
+            self.query = nn.Linear(width, width)
+            self.key_value = nn.Linear(kv_width, 2 * width)
+        else:
+            self.query_key_value = nn.Linear(width, 3 * width)
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        context: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """`mask` is additive, broadcastable to [B, heads, L_query, L_key] (0 = attend)."""
+        if self.cross:
+            q = _heads(self.query(x), self.heads)
+            if cache is not None and cache.cross_k is not None:
+                k, v = cache.cross_k, cache.cross_v
+            else:
+                k, v = (_heads(t, self.heads) for t in self.key_value(context).chunk(2, dim=-1))
+                if cache is not None:
+                    cache.cross_k, cache.cross_v = k, v
+        else:
+            q, k, v = (_heads(t, self.heads) for t in self.query_key_value(x).chunk(3, dim=-1))
+            if cache is not None:
+                if cache.self_k is not None:
+                    k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
+                cache.self_k, cache.self_v = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(x.shape)
+        return self.norm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+
+class Layer(nn.Module):
+    def __init__(self, width: int, heads: int, intermediate: int, cross_width: int | None, dropout: float,
+                 eps: float, activation: str) -> None:
+        super().__init__()
+        self.attention = Attention(width, heads, dropout=dropout, eps=eps)
+        self.cross_attention = Attention(width, heads, cross_width, dropout, eps) if cross_width else None
+        self.intermediate = nn.Linear(width, intermediate)
+        self.act = _ACTIVATIONS[activation]()
+        self.output = nn.Linear(intermediate, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None,
+                context_mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
+        x = self.attention(x, mask, cache=cache)
+        if self.cross_attention is not None and context is not None:
+            x = self.cross_attention(x, context_mask, context=context, cache=cache)
+        return self.norm(x + F.dropout(self.output(self.act(self.intermediate(x))), self.dropout, self.training))
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # A large negative, not -inf: a query with no visible key (a left pad) gets a uniform, finite row.
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class BertTextModel(nn.Module):
+    """Embeddings (word + learned position [+ token type]) and `layers` post-norm blocks.
+
+    `cross_attention_layers`: indices of layers that attend to `encoder_hidden_states` of width
+    `encoder_width` ("all" for every layer, as in BLIP; ALBEF's fusion layers are the upper half).
+    Pass `causal=True` to `forward` for decoding; `cache` makes decoding incremental.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        intermediate: int = 3072,
+        max_len: int = 512,
+        type_vocab_size: int = 0,
+        cross_attention_layers: Sequence[int] | str = (),
+        encoder_width: int | None = None,
+        dropout: float = 0.0,
+        eps: float = 1e-12,
+        activation: str = "gelu",
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if cross_attention_layers == "all":
+            cross_attention_layers = range(layers)
+        cross = set(cross_attention_layers)
+        if cross and encoder_width is None:
+            raise ValueError("cross_attention_layers need encoder_width (the image feature width)")
+        if not cross.issubset(range(layers)):
+            raise ValueError(f"cross_attention_layers {sorted(cross)} outside 0..{layers - 1}")
+        self.width, self.max_len, self.dropout = width, max_len, dropout
+        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_len, width)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
+        self.embed_norm = nn.LayerNorm(width, eps=eps)
+        self.layers = nn.ModuleList(
+            Layer(width, heads, intermediate, encoder_width if i in cross else None, dropout, eps, activation)
+            for i in range(layers)
+        )
+
+    def new_cache(self) -> KVCache:
+        return KVCache([LayerCache() for _ in self.layers])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, L, width]. With a cache, `attention_mask` covers the cached tokens too."""
+        batch, length = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + length > self.max_len:
+            raise ValueError(f"{past + length} tokens exceed the model's max_len {self.max_len}")
+        positions = torch.arange(past, past + length, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if self.token_type_embeddings is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(types)
+        x = F.dropout(self.embed_norm(x), self.dropout, self.training)
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=input_ids.device)
+        keep = attention_mask.bool()[:, None, None, :]  # [B,1,1,L_key]
+        if causal:
+            key_pos = torch.arange(past + length, device=input_ids.device)
+            keep = keep & (key_pos[None, :] <= positions[:, None])[None, None]
+        mask = _additive(keep, x.dtype)
+        context_mask = None
+        if encoder_hidden_states is not None and encoder_attention_mask is not None:
+            context_mask = _additive(encoder_attention_mask.bool()[:, None, None, :], x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, mask, encoder_hidden_states, context_mask, cache.layers[index] if cache is not None else None)
+        return x

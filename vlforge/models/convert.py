@@ -1,0 +1,83 @@
+"""Checkpoints of other libraries -> vlforge state dicts, by key mapping (no code of theirs runs).
+
+Each converter takes a state dict and returns one whose keys are the vlforge module's; `load_mapped`
+loads it strictly, so a key that maps nowhere is an error that names it, never a silent skip.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+# HF BERT / BLIP-text / LAVIS med.py names -> vlforge.models.bert names (after the prefix is removed).
+_BERT_RENAMES: list[tuple[str, str]] = [
+    (r"^embeddings\.word_embeddings\.", "word_embeddings."),
+    (r"^embeddings\.position_embeddings\.", "position_embeddings."),
+    (r"^embeddings\.token_type_embeddings\.", "token_type_embeddings."),
+    (r"^embeddings\.LayerNorm\.", "embed_norm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.self\.query\.", r"layers.\1.cross_attention.query."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attention.norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.intermediate."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.output."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.norm."),
+]
+# Separate projections that vlforge fuses: (pattern of the parts, target, order of the parts).
+_BERT_FUSED: list[tuple[str, str, tuple[str, ...]]] = [
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$",
+     r"layers.{0}.attention.query_key_value.{2}", ("query", "key", "value")),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.self\.(key|value)\.(weight|bias)$",
+     r"layers.{0}.cross_attention.key_value.{2}", ("key", "value")),
+]
+_BERT_IGNORED = (r"^embeddings\.position_ids$", r"^pooler\.")
+
+
+def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
+    as a `vlforge.models.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, tuple[tuple[str, ...], dict[str, torch.Tensor]]] = {}
+    for full_key, value in state_dict.items():
+        if not full_key.startswith(prefix):
+            continue
+        key = full_key[len(prefix):]
+        if any(re.search(p, key) for p in _BERT_IGNORED):
+            continue
+        for pattern, target, order in _BERT_FUSED:
+            match = re.match(pattern, key)
+            if match:
+                layer, part, kind = match.groups()
+                fused.setdefault(target.format(layer, part, kind), (order, {}))[1][part] = value
+                break
+        else:
+            for pattern, replacement in _BERT_RENAMES:
+                renamed, count = re.subn(pattern, replacement, key)
+                if count:
+                    out[renamed] = value
+                    break
+            else:
+                raise KeyError(f"no vlforge name for BERT checkpoint key '{full_key}'")
+    for target, (order, parts) in fused.items():
+        missing = [p for p in order if p not in parts]
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing} for fused '{target}'")
+        out[target] = torch.cat([parts[p] for p in order], dim=0)
+    return out
+
+
+def load_mapped(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()) -> None:
+    """Strict load that names every missing or unexpected key (and shape mismatches)."""
+    ignore = tuple(ignore)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.startswith(ignore)]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+              for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        raise KeyError(f"checkpoint does not fit {type(module).__name__}: missing {missing}, "
+                       f"unexpected {unexpected}, shape mismatches {shapes}")
+    module.load_state_dict(state_dict, strict=not ignore)
