@@ -197,3 +197,17 @@ class BertTextModel(nn.Module):
         for index, layer in enumerate(self.layers):
             x = layer(x, mask, encoder_hidden_states, context_mask, cache.layers[index] if cache is not None else None)
         return x
+
+
+class BertLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> vocabulary logits (BERT's prediction head)."""
+
+    def __init__(self, width: int, vocab_size: int, eps: float = 1e-12, activation: str = "gelu") -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = _ACTIVATIONS[activation]()
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.decoder = nn.Linear(width, vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(hidden))))

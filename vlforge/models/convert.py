@@ -69,6 +69,48 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
     return out
 
 
+_VIT_RENAMES: list[tuple[str, str]] = [
+    (r"^embeddings\.class_embedding$", "backbone.cls_token"),
+    (r"^embeddings\.position_embedding$", "backbone.pos_embed"),
+    (r"^embeddings\.patch_embedding\.", "backbone.patch_embed.proj."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.", r"backbone.blocks.\1.attn.qkv."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.", r"backbone.blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"backbone.blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"backbone.blocks.\1.norm2."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.fc(\d)\.", r"backbone.blocks.\1.mlp.fc\2."),
+    (r"^post_layernorm\.", "backbone.norm."),
+]
+
+
+def blip_vision_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "vision_model.") -> dict[str, torch.Tensor]:
+    """transformers' BlipVisionModel (a pre-norm ViT) -> a TimmVisionTower over timm's VisionTransformer."""
+    out: dict[str, torch.Tensor] = {}
+    for full_key, value in state_dict.items():
+        if not full_key.startswith(prefix):
+            continue
+        key = full_key[len(prefix):]
+        for pattern, replacement in _VIT_RENAMES:
+            renamed, count = re.subn(pattern, replacement, key)
+            if count:
+                out[renamed] = value
+                break
+        else:
+            raise KeyError(f"no vlforge name for BLIP vision checkpoint key '{full_key}'")
+    return out
+
+
+def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "cls.predictions.") -> dict[str, torch.Tensor]:
+    """BERT's `cls.predictions.*` -> BertLMHead (the tied decoder weight is copied, not shared)."""
+    names = {"transform.dense.weight": "dense.weight", "transform.dense.bias": "dense.bias",
+             "transform.LayerNorm.weight": "norm.weight", "transform.LayerNorm.bias": "norm.bias",
+             "decoder.weight": "decoder.weight", "bias": "decoder.bias"}
+    out = {ours: state_dict[prefix + theirs] for theirs, ours in names.items() if prefix + theirs in state_dict}
+    missing = sorted(set(names.values()) - set(out))
+    if missing:
+        raise KeyError(f"checkpoint lacks LM head keys under '{prefix}' for {missing}")
+    return out
+
+
 def load_mapped(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()) -> None:
     """Strict load that names every missing or unexpected key (and shape mismatches)."""
     ignore = tuple(ignore)

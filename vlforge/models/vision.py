@@ -1,6 +1,7 @@
 """Image towers: any timm backbone by name, fed uint8 pixels and normalised inside the model."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import timm
@@ -33,9 +34,14 @@ class TimmVisionTower(nn.Module):
         pretrained: bool | str = False,
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
+        norm_eps: float | None = None,
         **timm_kwargs: Any,
     ) -> None:
+        """`norm_eps` sets the LayerNorm epsilon of ViT-style backbones (BLIP and HF ViTs use 1e-5,
+        timm's default is 1e-6); other keyword arguments go to `timm.create_model`."""
         super().__init__()
+        if norm_eps is not None:
+            timm_kwargs["norm_layer"] = partial(nn.LayerNorm, eps=norm_eps)
         pretrained_file = pretrained if isinstance(pretrained, str) else None
         self.normalize = PixelNormalize(mean, std)
         self.backbone = timm.create_model(

@@ -1,0 +1,92 @@
+"""BLIP captioning loaded from a transformers BlipForConditionalGeneration: same logits, same captions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipTextConfig, BlipVisionConfig
+
+from vlforge.models.blip import BlipCaptioner
+from vlforge.models.convert import bert_from_hf, bert_lm_head_from_hf, blip_vision_from_hf, load_mapped
+from vlforge.models.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+VOCAB, BOS, SEP, PAD = 64, 1, 2, 0
+IMAGE, PATCH, WIDTH = 32, 8, 32
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[BlipForConditionalGeneration, BlipCaptioner]:
+    torch.manual_seed(0)
+    vision = BlipVisionConfig(hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=IMAGE, patch_size=PATCH)
+    text = BlipTextConfig(vocab_size=VOCAB, hidden_size=WIDTH, encoder_hidden_size=WIDTH, intermediate_size=40,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                          bos_token_id=BOS, sep_token_id=SEP, eos_token_id=SEP, pad_token_id=PAD,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    hf = BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())).eval()
+    ours = BlipCaptioner(
+        vision=dict(name="vit_base_patch16_224", img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=2,
+                    num_heads=4, mlp_ratio=48 / WIDTH, norm_eps=1e-5),
+        text=dict(vocab_size=VOCAB, width=WIDTH, layers=2, heads=4, intermediate=40, max_len=40),
+        bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, prompt_length=3,
+    ).eval()
+    sd = hf.state_dict()
+    converted = {f"vision.{k}": v for k, v in blip_vision_from_hf(sd).items()}
+    converted.update({f"text_decoder.{k}": v for k, v in bert_from_hf(sd, "text_decoder.bert.").items()})
+    converted.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(sd, "text_decoder.cls.predictions.").items()})
+    load_mapped(ours, converted)
+    return hf, ours
+
+
+def _images(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.randint(0, 256, (batch, 3, IMAGE, IMAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return pixels, (pixels.float() / 255.0 - mean) / std
+
+
+def test_image_tokens_match(pair) -> None:
+    hf, ours = pair
+    pixels, normalised = _images()
+    with torch.no_grad():
+        expected = hf.vision_model(pixel_values=normalised).last_hidden_state
+        got = ours.image_tokens(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_caption_logits_match(pair) -> None:
+    hf, ours = pair
+    pixels, normalised = _images()
+    ids = torch.tensor([[BOS, 7, 8, 9, 10, 11, SEP], [BOS, 7, 8, 12, SEP, PAD, PAD]])
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        expected = hf(pixel_values=normalised, input_ids=ids, attention_mask=mask).logits
+        got = ours.logits(ours.image_tokens(pixels), ids, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_captions_are_identical(pair) -> None:
+    hf, ours = pair
+    pixels, normalised = _images(3)
+    prompt = torch.tensor([[BOS, 7, 8, SEP]] * 3)  # HF's generate drops the trailing [SEP]
+    with torch.no_grad():
+        expected = hf.generate(pixel_values=normalised, input_ids=prompt.clone(), max_length=12, min_length=0,
+                               num_beams=1, do_sample=False)
+        got = ours.generate_ids(pixels, prompt[:, :-1], max_length=12)
+    for row_expected, row_got in zip(expected.tolist(), got.tolist()):
+        trim = lambda row: row[: row.index(SEP) + 1] if SEP in row[3:] else row  # noqa: E731
+        assert trim(row_got) == trim(row_expected)
+
+
+def test_training_loss_ignores_prompt_and_padding(pair) -> None:
+    _, ours = pair
+    pixels, _ = _images()
+    ids = torch.tensor([[BOS, 7, 8, 9, 10, SEP], [BOS, 7, 8, 9, SEP, PAD]])
+    batch = {"image": pixels, "text_input_ids": ids, "text_attention_mask": (ids != PAD).long()}
+    ours.label_smoothing = 0.0
+    loss = ours(batch).loss
+    with torch.no_grad():
+        logits = ours.logits(ours.image_tokens(pixels), ids, batch["text_attention_mask"]).log_softmax(-1)
+    # Scored: the tokens after the 3-token prompt ([DEC] a picture-of), up to and including [SEP].
+    picks = [logits[0, 2, 9], logits[0, 3, 10], logits[0, 4, SEP], logits[1, 2, 9], logits[1, 3, SEP]]
+    torch.testing.assert_close(loss, -torch.stack(picks).mean(), rtol=1e-5, atol=1e-6)
+    ours.label_smoothing = 0.1

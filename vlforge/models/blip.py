@@ -1,0 +1,109 @@
+"""BLIP captioning: a ViT image tower and a BERT-style decoder that cross-attends to its tokens."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlforge.models.bert import BertLMHead, BertTextModel
+from vlforge.models.output import ModelOutput
+from vlforge.models.vision import TimmVisionTower
+
+
+class BlipCaptioner(nn.Module):
+    """Image-grounded language modelling, as BLIP's captioning finetune.
+
+    The decoder reads `[DEC] prompt caption [SEP]`; the prompt's tokens are not scored. `tokenizer`
+    (a directory or hub id) supplies the special ids and decodes captions; the ids can also be given
+    directly (tests, converted checkpoints).
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        tokenizer: str | None = None,
+        prompt: str = "a picture of ",
+        label_smoothing: float = 0.1,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        prompt_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vision = TimmVisionTower(**vision)
+        text = {"cross_attention_layers": "all", "encoder_width": self.vision.width, **text}
+        self.text_decoder = BertTextModel(**text)
+        self.lm_head = BertLMHead(self.text_decoder.width, text["vocab_size"])
+        self.tokenizer_name, self.prompt, self.label_smoothing = tokenizer, prompt, label_smoothing
+        if tokenizer is not None:
+            from vlforge.datasets.collate import load_tokenizer
+
+            tok = load_tokenizer(tokenizer)
+            bos_token_id = tok.bos_token_id if bos_token_id is None else bos_token_id
+            eos_token_id = tok.sep_token_id if eos_token_id is None else eos_token_id
+            pad_token_id = tok.pad_token_id
+            # [CLS] + the prompt's tokens; the trailing [SEP] is not part of the prompt.
+            prompt_length = len(tok(prompt).input_ids) - 1 if prompt_length is None else prompt_length
+        if bos_token_id is None or eos_token_id is None:
+            raise ValueError("BlipCaptioner needs a tokenizer, or bos_token_id and eos_token_id")
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.prompt_length = prompt_length or 1
+
+    def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.vision(image)
+        return tokens
+
+    def logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_decoder(input_ids, attention_mask, encoder_hidden_states=image_tokens, causal=True)
+        return self.lm_head(hidden)
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        input_ids = batch["text_input_ids"].clone()
+        input_ids[:, 0] = self.bos_token_id  # the tokenizer's [CLS] becomes the decoder's [DEC]
+        mask = batch["text_attention_mask"]
+        logits = self.logits(self.image_tokens(batch["image"]), input_ids, mask)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        labels[:, : self.prompt_length] = -100
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100, label_smoothing=self.label_smoothing)
+        return ModelOutput(loss=loss, losses={"lm": loss.detach()})
+
+    @torch.no_grad()
+    def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor, max_length: int = 30,
+                     min_length: int = 0) -> torch.Tensor:
+        """Greedy decoding with a KV cache (image keys/values computed once). `prompt_ids` [B, P] start
+        with the bos id; returns [B, <= max_length] ids including the prompt, padded after [SEP]."""
+        image_tokens = self.image_tokens(image)
+        cache = self.text_decoder.new_cache()
+        ids = prompt_ids
+        step_input = prompt_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        while ids.shape[1] < max_length:
+            mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+            hidden = self.text_decoder(step_input, mask, encoder_hidden_states=image_tokens, causal=True, cache=cache)
+            logits = self.lm_head(hidden[:, -1]).float()
+            if ids.shape[1] < min_length:
+                logits[:, self.eos_token_id] = float("-inf")
+            next_ids = logits.argmax(dim=-1).masked_fill(done, self.pad_token_id)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            done |= next_ids == self.eos_token_id
+            if done.all():
+                break
+            step_input = next_ids[:, None]
+        return ids
+
+    def generate(self, samples: Mapping[str, Any], max_length: int = 30, min_length: int = 5) -> list[str]:
+        """Captions for `samples["image"]` (uint8 [B,3,H,W]), without the prompt."""
+        if self.tokenizer_name is None:
+            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
+        from vlforge.datasets.collate import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer_name)
+        image = samples["image"]
+        prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, :-1].to(image.device)
+        prompt[:, 0] = self.bos_token_id
+        ids = self.generate_ids(image, prompt, max_length=max_length, min_length=min_length)
+        return [c.strip() for c in tok.batch_decode(ids[:, prompt.shape[1]:], skip_special_tokens=True)]
