@@ -36,6 +36,14 @@ _BERT_FUSED: list[tuple[str, str, tuple[str, ...]]] = [
 _BERT_IGNORED = (r"^embeddings\.position_ids$", r"^pooler\.")
 
 
+def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
+    for pattern, replacement in renames:
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return None
+
+
 def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
     as a `vlforge.models.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
@@ -54,13 +62,10 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
                 fused.setdefault(target.format(layer, part, kind), (order, {}))[1][part] = value
                 break
         else:
-            for pattern, replacement in _BERT_RENAMES:
-                renamed, count = re.subn(pattern, replacement, key)
-                if count:
-                    out[renamed] = value
-                    break
-            else:
+            renamed = _rename(key, _BERT_RENAMES)
+            if renamed is None:
                 raise KeyError(f"no vlforge name for BERT checkpoint key '{full_key}'")
+            out[renamed] = value
     for target, (order, parts) in fused.items():
         missing = [p for p in order if p not in parts]
         if missing:
@@ -88,14 +93,10 @@ def blip_vision_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "v
     for full_key, value in state_dict.items():
         if not full_key.startswith(prefix):
             continue
-        key = full_key[len(prefix):]
-        for pattern, replacement in _VIT_RENAMES:
-            renamed, count = re.subn(pattern, replacement, key)
-            if count:
-                out[renamed] = value
-                break
-        else:
+        renamed = _rename(full_key[len(prefix):], _VIT_RENAMES)
+        if renamed is None:
             raise KeyError(f"no vlforge name for BLIP vision checkpoint key '{full_key}'")
+        out[renamed] = value
     return out
 
 
