@@ -202,12 +202,17 @@ class BertTextModel(nn.Module):
 class BertLMHead(nn.Module):
     """dense -> activation -> LayerNorm -> vocabulary logits (BERT's prediction head)."""
 
-    def __init__(self, width: int, vocab_size: int, eps: float = 1e-12, activation: str = "gelu") -> None:
+    def __init__(self, width: int, vocab_size: int, eps: float = 1e-12, activation: str = "gelu",
+                 tied_embedding: nn.Embedding | None = None) -> None:
+        """With `tied_embedding`, the output projection shares the word embedding matrix (as BERT and
+        BLIP do): one Parameter in two modules, which ZeRO-3 gathers for whichever module runs."""
         super().__init__()
         self.dense = nn.Linear(width, width)
         self.act = _ACTIVATIONS[activation]()
         self.norm = nn.LayerNorm(width, eps=eps)
         self.decoder = nn.Linear(width, vocab_size)
+        if tied_embedding is not None:
+            self.decoder.weight = tied_embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(hidden))))

@@ -31,12 +31,14 @@ class BlipCaptioner(nn.Module):
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
         prompt_length: int | None = None,
+        tie_word_embeddings: bool = True,
     ) -> None:
         super().__init__()
         self.vision = TimmVisionTower(**vision)
         text = {"cross_attention_layers": "all", "encoder_width": self.vision.width, **text}
         self.text_decoder = BertTextModel(**text)
-        self.lm_head = BertLMHead(self.text_decoder.width, text["vocab_size"])
+        self.lm_head = BertLMHead(self.text_decoder.width, text["vocab_size"],
+                                  tied_embedding=self.text_decoder.word_embeddings if tie_word_embeddings else None)
         self.tokenizer_name, self.prompt, self.label_smoothing = tokenizer, prompt, label_smoothing
         if tokenizer is not None:
             from vlforge.datasets.collate import load_tokenizer
