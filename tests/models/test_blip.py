@@ -6,7 +6,7 @@ import torch
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipTextConfig, BlipVisionConfig
 
 from vlforge.models.blip import BlipCaptioner
-from vlforge.models.convert import bert_from_hf, bert_lm_head_from_hf, blip_vision_from_hf, load_mapped
+from vlforge.models.convert import blip_caption_from_hf, load_mapped
 from vlforge.models.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 VOCAB, BOS, SEP, PAD = 64, 1, 2, 0
@@ -29,11 +29,7 @@ def pair() -> tuple[BlipForConditionalGeneration, BlipCaptioner]:
         text=dict(vocab_size=VOCAB, width=WIDTH, layers=2, heads=4, intermediate=40, max_len=40),
         bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, prompt_length=3,
     ).eval()
-    sd = hf.state_dict()
-    converted = {f"vision.{k}": v for k, v in blip_vision_from_hf(sd).items()}
-    converted.update({f"text_decoder.{k}": v for k, v in bert_from_hf(sd, "text_decoder.bert.").items()})
-    converted.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(sd, "text_decoder.cls.predictions.").items()})
-    load_mapped(ours, converted)
+    load_mapped(ours, blip_caption_from_hf(hf.state_dict()))
     return hf, ours
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from hydra.utils import instantiate
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipVisionConfig
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipVisionConfig
 
 from vlforge.config.recipes import RECIPES_DIR
 
@@ -18,8 +18,9 @@ def _count(module: torch.nn.Module) -> int:
 
 def _build(name: str) -> torch.nn.Module:
     node = yaml.safe_load((RECIPES_DIR / "model" / f"{name}.yaml").read_text())
-    node["tokenizer"] = None  # the size does not depend on it; ids are given instead
-    node.update(bos_token_id=30522, eos_token_id=102)
+    if "tokenizer" in node:
+        node["tokenizer"] = None  # the size does not depend on it; ids are given instead
+        node.update(bos_token_id=30522, eos_token_id=102)
     return instantiate(node, _convert_="all")
 
 
@@ -34,4 +35,12 @@ def test_blip_caption_matches_hf_size(name: str, vision_width: int, vision_layer
     with torch.device("meta"):
         reference = _count(BlipForConditionalGeneration(config))
         ours = _count(_build(name))
+    assert abs(ours - reference) / reference < 0.005, (ours, reference)
+
+
+def test_blip_retrieval_matches_hf_size() -> None:
+    with torch.device("meta"):
+        reference = _count(BlipForImageTextRetrieval(BlipConfig()))
+        ours = _count(_build("blip_retrieval_base"))
+    # vlforge adds the ITC temperature (1 parameter) that HF's retrieval model does not keep.
     assert abs(ours - reference) / reference < 0.005, (ours, reference)

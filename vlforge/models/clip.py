@@ -1,32 +1,16 @@
 """CLIP: an image tower and a text tower projected into one space, trained contrastively."""
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlforge.models.contrastive import contrastive_loss
+from vlforge.models.contrastive import LogitScale, contrastive_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.text import TextTransformer
 from vlforge.models.vision import TimmVisionTower
-
-
-class LogitScale(nn.Module):
-    """The learnable temperature as a module of its own, so ZeRO-3 gathers it through forward hooks.
-
-    Shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters.
-    """
-
-    def __init__(self, init_temperature: float, max_logit_scale: float) -> None:
-        super().__init__()
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
-
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
 
 class CLIP(nn.Module):

@@ -5,9 +5,12 @@ gradients), so the loss over a global batch is the same whether it runs on one r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -47,3 +50,18 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     logits_per_image = logit_scale * image_emb @ all_text.t()
     logits_per_text = logit_scale * text_emb @ all_image.t()
     return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+
+
+class LogitScale(nn.Module):
+    """The learnable temperature as a module of its own, so ZeRO-3 gathers it through forward hooks.
+
+    Shape [1], not a scalar: ZeRO-3 cannot partition 0-dim parameters.
+    """
+
+    def __init__(self, init_temperature: float, max_logit_scale: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_logit_scale)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp().squeeze(0)

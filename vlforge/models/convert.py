@@ -112,6 +112,25 @@ def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "
     return out
 
 
+def blip_caption_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' BlipForConditionalGeneration -> vlforge.models.blip.BlipCaptioner."""
+    out = {f"vision.{k}": v for k, v in blip_vision_from_hf(state_dict).items()}
+    out.update({f"text_decoder.{k}": v for k, v in bert_from_hf(state_dict, "text_decoder.bert.").items()})
+    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.").items()})
+    return out
+
+
+def blip_retrieval_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' BlipForImageTextRetrieval -> vlforge.models.blip_retrieval.BlipRetrieval.
+
+    HF keeps no temperature in this model; load with `ignore=("logit_scale",)`.
+    """
+    out = {f"vision.{k}": v for k, v in blip_vision_from_hf(state_dict).items()}
+    out.update({f"text_encoder.{k}": v for k, v in bert_from_hf(state_dict, "text_encoder.").items()})
+    out.update({k: v for k, v in state_dict.items() if k.split(".")[0] in ("vision_proj", "text_proj", "itm_head")})
+    return out
+
+
 def load_mapped(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()) -> None:
     """Strict load that names every missing or unexpected key (and shape mismatches)."""
     ignore = tuple(ignore)

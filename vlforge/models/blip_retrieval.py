@@ -1,0 +1,101 @@
+"""BLIP image-text retrieval: ITC over unimodal features, ITM over the image-grounded text encoder."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlforge.models.bert import BertTextModel
+from vlforge.models.contrastive import LogitScale, contrastive_loss
+from vlforge.models.output import ModelOutput
+from vlforge.models.vision import TimmVisionTower
+
+
+def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row, a column other than its own, drawn with probability softmax(similarity).
+
+    Harder negatives (more similar, yet wrong) are drawn more often, as in ALBEF/BLIP ITM training.
+    """
+    weights = sim.float().softmax(dim=1).clone()
+    weights.fill_diagonal_(0)
+    weights = weights + 1e-12 * (1 - torch.eye(*weights.shape, device=weights.device))  # never all-zero rows
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+class BlipRetrieval(nn.Module):
+    """`vision` / `text` are TimmVisionTower / BertTextModel arguments; the text encoder cross-attends
+    in every layer when given image tokens (ITM) and is unimodal without them (ITC).
+
+    Loss: ITC, exact across ranks, plus ITM on each positive pair, one hard negative text per image and
+    one hard negative image per text (mined within the rank's batch).
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        embed_dim: int = 256,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+        enc_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.vision = TimmVisionTower(**vision)
+        self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
+        width = self.text_encoder.width
+        self.vision_proj = nn.Linear(self.vision.width, embed_dim)
+        self.text_proj = nn.Linear(width, embed_dim)
+        self.itm_head = nn.Linear(width, 2)
+        self.logit_scale = LogitScale(init_temperature, max_logit_scale)
+        # BLIP marks image-grounded encoding with an [ENC] token in place of [CLS]; None keeps [CLS].
+        self.enc_token_id = enc_token_id
+
+    def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens [B, N, D], normalised ITC embedding [B, E])."""
+        _, tokens = self.vision(image)
+        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids, attention_mask)
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (no match, match) logits for aligned rows of image tokens and texts."""
+        if self.enc_token_id is not None:
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.enc_token_id
+        hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
+        return self.itm_head(hidden[:, 0])
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+        image_tokens, image_emb = self.image_features(batch["image"])
+        text_emb = self.text_embedding(ids, mask)
+        itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
+
+        with torch.no_grad():
+            sim = image_emb @ text_emb.t()
+            neg_text = sample_hard_negatives(sim)
+            neg_image = sample_hard_negatives(sim.t())
+        batch_size = ids.shape[0]
+        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
+        all_ids = torch.cat([ids, ids[neg_text], ids])
+        all_mask = torch.cat([mask, mask[neg_text], mask])
+        labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
+        itm = F.cross_entropy(self.itm_logits(tokens, all_ids, all_mask).float(), labels)
+        loss = itc + itm
+        return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach()})
+
+    @torch.no_grad()
+    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal") -> dict[str, torch.Tensor]:
+        """Normalised ITC embeddings: mode 'image', 'text', or 'multimodal' (both)."""
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        out: dict[str, torch.Tensor] = {}
+        if mode in ("image", "multimodal"):
+            out["image_embeds"] = self.image_features(samples["image"])[1]
+        if mode in ("text", "multimodal"):
+            out["text_embeds"] = self.text_embedding(samples["text_input_ids"], samples["text_attention_mask"])
+        return out
