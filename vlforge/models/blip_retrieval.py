@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.models.bert import BertTextModel
-from vlforge.models.contrastive import LogitScale, contrastive_loss
+from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import TimmVisionTower
 
@@ -24,7 +24,7 @@ def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None =
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-class BlipRetrieval(nn.Module):
+class BlipRetrieval(DualEncoderFeatures, nn.Module):
     """`vision` / `text` are TimmVisionTower / BertTextModel arguments; the text encoder cross-attends
     in every layer when given image tokens (ITM) and is unimodal without them (ITC).
 
@@ -57,7 +57,10 @@ class BlipRetrieval(nn.Module):
         _, tokens = self.vision(image)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
-    def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_features(image)[1]
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.text_encoder(input_ids, attention_mask)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
@@ -72,7 +75,7 @@ class BlipRetrieval(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, image_emb = self.image_features(batch["image"])
-        text_emb = self.text_embedding(ids, mask)
+        text_emb = self.encode_text(ids, mask)
         itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
 
         with torch.no_grad():
@@ -87,15 +90,3 @@ class BlipRetrieval(nn.Module):
         itm = F.cross_entropy(self.itm_logits(tokens, all_ids, all_mask).float(), labels)
         loss = itc + itm
         return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach()})
-
-    @torch.no_grad()
-    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal") -> dict[str, torch.Tensor]:
-        """Normalised ITC embeddings: mode 'image', 'text', or 'multimodal' (both)."""
-        if mode not in ("image", "text", "multimodal"):
-            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
-        out: dict[str, torch.Tensor] = {}
-        if mode in ("image", "multimodal"):
-            out["image_embeds"] = self.image_features(samples["image"])[1]
-        if mode in ("text", "multimodal"):
-            out["text_embeds"] = self.text_embedding(samples["text_input_ids"], samples["text_attention_mask"])
-        return out

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlforge.models.contrastive import LogitScale, contrastive_loss
+from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.text import TextTransformer
 from vlforge.models.vision import TimmVisionTower
 
 
-class CLIP(nn.Module):
+class CLIP(DualEncoderFeatures, nn.Module):
     """`vision` and `text` are the keyword arguments of TimmVisionTower and TextTransformer.
 
     Every parameter lives in a submodule that is called, so ZeRO-3 gathers it (and its gradient is
@@ -49,15 +49,3 @@ class CLIP(nn.Module):
         scale = self.logit_scale()
         loss = contrastive_loss(image_emb, text_emb, scale)
         return ModelOutput(loss=loss, losses={"itc": loss.detach()}, extras={"logit_scale": scale.detach()})
-
-    @torch.no_grad()
-    def extract_features(self, samples: Mapping[str, Any], mode: str = "multimodal") -> dict[str, torch.Tensor]:
-        """Normalised embeddings: mode 'image', 'text', or 'multimodal' (both)."""
-        if mode not in ("image", "text", "multimodal"):
-            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
-        out: dict[str, torch.Tensor] = {}
-        if mode in ("image", "multimodal"):
-            out["image_embeds"] = self.encode_image(samples["image"])
-        if mode in ("text", "multimodal"):
-            out["text_embeds"] = self.encode_text(samples["text_input_ids"], samples["text_attention_mask"])
-        return out

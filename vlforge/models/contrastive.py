@@ -65,3 +65,21 @@ class LogitScale(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
+
+
+class DualEncoderFeatures:
+    """`extract_features` for a model that defines `encode_image(image)` and
+    `encode_text(input_ids, attention_mask)`, each returning normalised embeddings."""
+
+    @torch.no_grad()
+    def extract_features(self, samples: dict, mode: str = "multimodal") -> dict[str, torch.Tensor]:
+        """Normalised embeddings: mode 'image', 'text', or 'multimodal' (both)."""
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        out: dict[str, torch.Tensor] = {}
+        if mode in ("image", "multimodal"):
+            out["image_embeds"] = self.encode_image(samples["image"])  # type: ignore[attr-defined]
+        if mode in ("text", "multimodal"):
+            ids, mask = samples["text_input_ids"], samples["text_attention_mask"]
+            out["text_embeds"] = self.encode_text(ids, mask)  # type: ignore[attr-defined]
+        return out

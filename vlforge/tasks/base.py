@@ -1,6 +1,7 @@
 """What every task shares: building loaders from the data node, and evaluation in lockstep across ranks."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -72,19 +73,23 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class Task:
-    """Owns which samples a model sees and how it is scored; the trainer calls these four methods."""
+class Task(ABC):
+    """Owns which samples a model sees and how it is scored; the trainer calls `train_loader` and
+    `evaluate`, a task defines how raw samples become dicts and how a split is scored."""
 
     text_keys: tuple[str, ...] = ("text",)
 
+    @abstractmethod
     def train_sample(self, data: DataConfig) -> Callable[[RawSample], dict]:
-        raise NotImplementedError
+        """The picklable function a loader worker applies to each raw training sample."""
 
+    @abstractmethod
     def eval_sample(self, data: DataConfig) -> Callable[[RawSample], dict]:
-        raise NotImplementedError
+        """The same for evaluation samples (no augmentation, every caption or answer kept)."""
 
+    @abstractmethod
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
-        raise NotImplementedError
+        """Collective: every rank calls it; every rank returns the same metrics."""
 
     def train_loader(self, data: DataConfig, dist_env: DistEnv, seed: int) -> ShardLoader:
         split = data.train
