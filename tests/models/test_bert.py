@@ -108,3 +108,33 @@ def test_load_mapped_names_missing_keys() -> None:
 def test_cross_attention_needs_encoder_width() -> None:
     with pytest.raises(ValueError, match="encoder_width"):
         BertTextModel(VOCAB, WIDTH, 2, HEADS, INTER, MAXLEN, cross_attention_layers=[1])
+
+
+def test_initialisation_survives_zero3_partitioning(monkeypatch) -> None:
+    """Under zero.Init parameters are partitioned when each module's __init__ returns: the init must
+    happen inside the layers themselves, or ZeRO-3 runs start from different weights."""
+    import os
+
+    import deepspeed
+
+    from vlforge.models.text import TextTransformer
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    if "MASTER_PORT" not in os.environ:
+        from vlforge.trainer.distributed import _free_port
+
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    started_here = not torch.distributed.is_initialized()
+    if started_here:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        bert = BertTextModel(VOCAB, WIDTH, 1, HEADS, INTER, MAXLEN)
+        clip_text = TextTransformer(vocab_size=VOCAB, width=WIDTH, layers=1, heads=HEADS, max_len=MAXLEN)
+    weights = [bert.word_embeddings.weight, bert.layers[0].intermediate.weight, clip_text.token_embedding.weight]
+    with deepspeed.zero.GatheredParameters(weights):
+        stds = [weight.std().item() for weight in weights]
+    if started_here:
+        torch.distributed.destroy_process_group()
+    assert all(0.01 < std < 0.03 for std in stds), stds

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.models.init import NormalEmbedding, NormalLinear
+
 _ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
@@ -58,11 +60,11 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads, self.dropout, self.cross = heads, dropout, kv_width is not None
         if self.cross:
-            self.query = nn.Linear(width, width)
-            self.key_value = nn.Linear(kv_width, 2 * width)
+            self.query = NormalLinear(width, width)
+            self.key_value = NormalLinear(kv_width, 2 * width)
         else:
-            self.query_key_value = nn.Linear(width, 3 * width)
-        self.dense = nn.Linear(width, width)
+            self.query_key_value = NormalLinear(width, 3 * width)
+        self.dense = NormalLinear(width, width)
         self.norm = nn.LayerNorm(width, eps=eps)
 
     def forward(
@@ -98,9 +100,9 @@ class Layer(nn.Module):
         super().__init__()
         self.attention = Attention(width, heads, dropout=dropout, eps=eps)
         self.cross_attention = Attention(width, heads, cross_width, dropout, eps) if cross_width else None
-        self.intermediate = nn.Linear(width, intermediate)
+        self.intermediate = NormalLinear(width, intermediate)
         self.act = _ACTIVATIONS[activation]()
-        self.output = nn.Linear(intermediate, width)
+        self.output = NormalLinear(intermediate, width)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = dropout
 
@@ -150,9 +152,9 @@ class BertTextModel(nn.Module):
         if not cross.issubset(range(layers)):
             raise ValueError(f"cross_attention_layers {sorted(cross)} outside 0..{layers - 1}")
         self.width, self.max_len, self.dropout = width, max_len, dropout
-        self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
-        self.position_embeddings = nn.Embedding(max_len, width)
-        self.token_type_embeddings = nn.Embedding(type_vocab_size, width) if type_vocab_size else None
+        self.word_embeddings = NormalEmbedding(vocab_size, width, padding_idx=pad_token_id)
+        self.position_embeddings = NormalEmbedding(max_len, width)
+        self.token_type_embeddings = NormalEmbedding(type_vocab_size, width) if type_vocab_size else None
         self.embed_norm = nn.LayerNorm(width, eps=eps)
         self.layers = nn.ModuleList(
             Layer(width, heads, intermediate, encoder_width if i in cross else None, dropout, eps, activation)
@@ -207,10 +209,10 @@ class BertLMHead(nn.Module):
         """With `tied_embedding`, the output projection shares the word embedding matrix (as BERT and
         BLIP do): one Parameter in two modules, which ZeRO-3 gathers for whichever module runs."""
         super().__init__()
-        self.dense = nn.Linear(width, width)
+        self.dense = NormalLinear(width, width)
         self.act = _ACTIVATIONS[activation]()
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.decoder = nn.Linear(width, vocab_size)
+        self.decoder = NormalLinear(width, vocab_size)
         if tied_embedding is not None:
             self.decoder.weight = tied_embedding.weight
 

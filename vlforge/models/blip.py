@@ -12,6 +12,32 @@ from vlforge.models.output import ModelOutput
 from vlforge.models.vision import TimmVisionTower
 
 
+def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_length: int, label_smoothing: float) -> torch.Tensor:
+    """Next-token cross-entropy over the tokens after the prompt, padding excluded."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :prompt_length] = -100
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def special_token_ids(tokenizer: str | None, prompt: str, bos_token_id: int | None, eos_token_id: int | None,
+                      pad_token_id: int, prompt_length: int | None) -> tuple[int, int, int, int]:
+    """(bos, eos, pad, prompt length) from the tokenizer, unless given."""
+    if tokenizer is not None:
+        from vlforge.datasets.collate import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+        bos_token_id = tok.bos_token_id if bos_token_id is None else bos_token_id
+        eos_token_id = tok.sep_token_id if eos_token_id is None else eos_token_id
+        pad_token_id = tok.pad_token_id
+        # [CLS] + the prompt's tokens; the trailing [SEP] is not part of the prompt.
+        prompt_length = len(tok(prompt).input_ids) - 1 if prompt_length is None else prompt_length
+    if bos_token_id is None or eos_token_id is None:
+        raise ValueError("a decoder needs a tokenizer, or bos_token_id and eos_token_id")
+    return bos_token_id, eos_token_id, pad_token_id, prompt_length or 1
+
+
 class BlipCaptioner(nn.Module):
     """Image-grounded language modelling, as BLIP's captioning finetune.
 
@@ -40,19 +66,8 @@ class BlipCaptioner(nn.Module):
         self.lm_head = BertLMHead(self.text_decoder.width, text["vocab_size"],
                                   tied_embedding=self.text_decoder.word_embeddings if tie_word_embeddings else None)
         self.tokenizer_name, self.prompt, self.label_smoothing = tokenizer, prompt, label_smoothing
-        if tokenizer is not None:
-            from vlforge.datasets.collate import load_tokenizer
-
-            tok = load_tokenizer(tokenizer)
-            bos_token_id = tok.bos_token_id if bos_token_id is None else bos_token_id
-            eos_token_id = tok.sep_token_id if eos_token_id is None else eos_token_id
-            pad_token_id = tok.pad_token_id
-            # [CLS] + the prompt's tokens; the trailing [SEP] is not part of the prompt.
-            prompt_length = len(tok(prompt).input_ids) - 1 if prompt_length is None else prompt_length
-        if bos_token_id is None or eos_token_id is None:
-            raise ValueError("BlipCaptioner needs a tokenizer, or bos_token_id and eos_token_id")
-        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
-        self.prompt_length = prompt_length or 1
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, self.prompt_length = special_token_ids(
+            tokenizer, prompt, bos_token_id, eos_token_id, pad_token_id, prompt_length)
 
     def image_tokens(self, image: torch.Tensor) -> torch.Tensor:
         _, tokens = self.vision(image)
@@ -67,10 +82,7 @@ class BlipCaptioner(nn.Module):
         input_ids[:, 0] = self.bos_token_id  # the tokenizer's [CLS] becomes the decoder's [DEC]
         mask = batch["text_attention_mask"]
         logits = self.logits(self.image_tokens(batch["image"]), input_ids, mask)
-        labels = input_ids.masked_fill(mask == 0, -100)
-        labels[:, : self.prompt_length] = -100
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100, label_smoothing=self.label_smoothing)
+        loss = language_model_loss(logits, input_ids, mask, self.prompt_length, self.label_smoothing)
         return ModelOutput(loss=loss, losses={"lm": loss.detach()})
 
     @torch.no_grad()

@@ -53,9 +53,9 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         self.enc_token_id = enc_token_id
 
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image tokens [B, N, D], normalised ITC embedding [B, E])."""
-        _, tokens = self.vision(image)
-        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+        """(image tokens [B, N, D], normalised ITC embedding [B, E] from the pooled feature (CLS on ViTs))."""
+        pooled, tokens = self.vision(image)
+        return tokens, F.normalize(self.vision_proj(pooled), dim=-1)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_features(image)[1]
@@ -89,4 +89,5 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
         itm = F.cross_entropy(self.itm_logits(tokens, all_ids, all_mask).float(), labels)
         loss = itc + itm
-        return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach()})
+        return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach()},
+                           extras={"image_tokens": image_tokens})

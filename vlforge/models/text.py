@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.models.init import NormalEmbedding
+
 
 class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
@@ -63,12 +65,10 @@ class TextTransformer(nn.Module):
         if pool not in ("cls", "last"):
             raise ValueError(f"pool must be 'cls' or 'last', got {pool!r}")
         self.pool, self.causal, self.max_len, self.width = pool, pool == "last", max_len, width
-        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=pad_token_id)
-        self.position_embedding = nn.Embedding(max_len, width)
+        self.token_embedding = NormalEmbedding(vocab_size, width, padding_idx=pad_token_id, std=0.02)
+        self.position_embedding = NormalEmbedding(max_len, width, std=0.01)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.01)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length = input_ids.shape[1]

@@ -26,7 +26,10 @@ class PixelNormalize(nn.Module):
 
 
 class TimmVisionTower(nn.Module):
-    """A timm backbone without its classifier; `forward` gives (pooled [B,D], tokens [B,N,D])."""
+    """A timm backbone without its classifier; `forward` gives (pooled [B,D], tokens [B,N,D]).
+
+    For ViTs, pooled is the CLS token (timm's default `global_pool="token"`) and tokens include it.
+    """
 
     def __init__(
         self,
@@ -54,6 +57,8 @@ class TimmVisionTower(nn.Module):
         self.width: int = self.backbone.num_features
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.backbone.forward_features(self.normalize(pixels))
-        pooled = self.backbone.forward_head(tokens, pre_logits=True)
+        """(pooled [B, D], tokens [B, N, D]); a convolutional map [B, D, H, W] becomes H*W tokens."""
+        features = self.backbone.forward_features(self.normalize(pixels))
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
         return pooled, tokens

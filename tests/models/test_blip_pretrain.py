@@ -1,0 +1,53 @@
+"""BLIP pretraining: the decoder shares all but self-attention with the encoder, and every loss trains."""
+from __future__ import annotations
+
+import torch
+
+from vlforge.models.blip_pretrain import BlipPretrain
+
+TEXT = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
+VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+
+
+def _model(share: bool = True) -> BlipPretrain:
+    torch.manual_seed(0)
+    return BlipPretrain(VISION, TEXT, embed_dim=16, bos_token_id=1, eos_token_id=2, share_weights=share)
+
+
+def test_decoder_shares_everything_but_self_attention() -> None:
+    model = _model()
+    enc, dec = model.text_encoder, model.text_decoder
+    assert dec.word_embeddings is enc.word_embeddings and dec.embed_norm is enc.embed_norm
+    for e, d in zip(enc.layers, dec.layers):
+        assert d.cross_attention is e.cross_attention and d.intermediate is e.intermediate and d.norm is e.norm
+        assert d.attention is not e.attention
+    assert model.lm_head.decoder.weight is enc.word_embeddings.weight
+    unshared = sum(p.numel() for p in _model(share=False).parameters())
+    shared = sum(p.numel() for p in model.parameters())
+    self_attention = sum(p.numel() for layer in dec.layers for p in layer.attention.parameters())
+    embeddings = sum(p.numel() for m in (enc.word_embeddings, enc.position_embeddings, enc.embed_norm) for p in m.parameters())
+    per_layer_shared = sum(p.numel() for layer in enc.layers for n in ("cross_attention", "intermediate", "output", "norm")
+                           for p in getattr(layer, n).parameters())
+    assert unshared - shared == embeddings + per_layer_shared
+    assert self_attention > 0
+
+
+def test_a_few_steps_lower_every_loss() -> None:
+    model = _model()
+    gen = torch.Generator().manual_seed(1)
+    # Four image/caption pairs whose captions depend on the image, so all three objectives can learn.
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 10, 2], [1, 11, 12, 13, 2], [1, 14, 15, 16, 2]])
+    batch = {"image": images, "text_input_ids": ids, "text_attention_mask": torch.ones_like(ids)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(30):
+        out = model(batch)
+        first = first or {k: v.item() for k, v in out.losses.items()}
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    last = {k: v.item() for k, v in model(batch).losses.items()}
+    assert set(first) == {"itc", "itm", "lm"}
+    for name in first:
+        assert last[name] < first[name], (name, first[name], last[name])
