@@ -1,0 +1,23 @@
+"""Pretraining recipes on the demo data: 2-rank ZeRO-3 runs in which every logged loss part falls."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, parts", [("blip_pretrain", ("itc", "itm", "lm"))])
+def test_every_loss_part_falls_on_two_ranks(e2e_env: dict[str, str], tmp_path: Path, recipe: str, parts: tuple[str, ...]) -> None:
+    result = check(launch(deepspeed_cmd(
+        2, f"recipe={recipe}", *SMALL_DEMO, f"run_dir={tmp_path}", "data.batch_size=16", "data.num_workers=1",
+        "trainer.max_steps=40", "trainer.log_every=10", "trainer.eval_at_end=false", "trainer.save_at_end=false",
+    ), e2e_env))
+    assert "2 rank(s) via deepspeed" in result.output and "ZeRO-3" in result.output
+    logged = [row for row in read_metrics(tmp_path) if "train/loss" in row]
+    first, last = logged[0], logged[-1]
+    assert (first["step"], last["step"]) == (10, 40)
+    for part in parts:
+        assert last[f"train/loss_{part}"] < first[f"train/loss_{part}"], (part, first, last)
