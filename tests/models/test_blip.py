@@ -3,40 +3,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipTextConfig, BlipVisionConfig
+from transformers import BlipForConditionalGeneration
 
 from vlforge.models.blip import BlipCaptioner
 from vlforge.models.convert import blip_caption_from_hf, load_mapped
-from vlforge.models.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-VOCAB, BOS, SEP, PAD = 64, 1, 2, 0
-IMAGE, PATCH, WIDTH = 32, 8, 32
+from tests.models.tiny_blip import BOS, PAD, SEP, TEXT, VISION, hf_config, images
 
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[BlipForConditionalGeneration, BlipCaptioner]:
     torch.manual_seed(0)
-    vision = BlipVisionConfig(hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMAGE, patch_size=PATCH)
-    text = BlipTextConfig(vocab_size=VOCAB, hidden_size=WIDTH, encoder_hidden_size=WIDTH, intermediate_size=40,
-                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
-                          bos_token_id=BOS, sep_token_id=SEP, eos_token_id=SEP, pad_token_id=PAD,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    hf = BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())).eval()
-    ours = BlipCaptioner(
-        vision=dict(name="vit_base_patch16_224", img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=2,
-                    num_heads=4, mlp_ratio=48 / WIDTH, norm_eps=1e-5),
-        text=dict(vocab_size=VOCAB, width=WIDTH, layers=2, heads=4, intermediate=40, max_len=40),
-        bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, prompt_length=3,
-    ).eval()
+    hf = BlipForConditionalGeneration(hf_config()).eval()
+    ours = BlipCaptioner(VISION, TEXT, bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, prompt_length=3).eval()
     load_mapped(ours, blip_caption_from_hf(hf.state_dict()))
     return hf, ours
 
 
 def _images(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels = torch.randint(0, 256, (batch, 3, IMAGE, IMAGE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    return pixels, (pixels.float() / 255.0 - mean) / std
+    return images(batch, seed=3)
 
 
 def test_image_tokens_match(pair) -> None:

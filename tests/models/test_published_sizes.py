@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 from hydra.utils import instantiate
-from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipVisionConfig
+from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,
+                          BlipVisionConfig)
 
 from vlforge.config.recipes import RECIPES_DIR
 
@@ -43,4 +44,11 @@ def test_blip_retrieval_matches_hf_size() -> None:
         reference = _count(BlipForImageTextRetrieval(BlipConfig()))
         ours = _count(_build("blip_retrieval_base"))
     # vlforge adds the ITC temperature (1 parameter) that HF's retrieval model does not keep.
+    assert abs(ours - reference) / reference < 0.005, (ours, reference)
+
+
+def test_blip_vqa_matches_hf_size() -> None:
+    with torch.device("meta"):
+        reference = _count(BlipForQuestionAnswering(BlipConfig()))
+        ours = _count(_build("blip_vqa_base"))
     assert abs(ours - reference) / reference < 0.005, (ours, reference)

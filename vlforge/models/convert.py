@@ -131,6 +131,15 @@ def blip_retrieval_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def blip_vqa_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' BlipForQuestionAnswering -> vlforge.models.blip_vqa.BlipVQA."""
+    out = {f"vision.{k}": v for k, v in blip_vision_from_hf(state_dict).items()}
+    out.update({f"text_encoder.{k}": v for k, v in bert_from_hf(state_dict, "text_encoder.").items()})
+    out.update({f"text_decoder.{k}": v for k, v in bert_from_hf(state_dict, "text_decoder.bert.").items()})
+    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.").items()})
+    return out
+
+
 def load_mapped(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()) -> None:
     """Strict load that names every missing or unexpected key (and shape mismatches)."""
     ignore = tuple(ignore)

@@ -1,0 +1,86 @@
+"""BLIP VQA: an image-grounded question encoder and an answer decoder that attends to the question."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from vlforge.models.bert import BertLMHead, BertTextModel
+from vlforge.models.blip import language_model_loss, special_token_ids
+from vlforge.models.output import ModelOutput
+from vlforge.models.vision import TimmVisionTower
+
+
+class BlipVQA(nn.Module):
+    """Questions arrive as `question_input_ids/attention_mask`, answers (training) as
+    `answer_input_ids/attention_mask`, both `[CLS] ... [SEP]` from the collator; the decoder reads
+    `[DEC] answer [SEP]` and every answer token is scored.
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        tokenizer: str | None = None,
+        label_smoothing: float = 0.0,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__()
+        self.vision = TimmVisionTower(**vision)
+        self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
+        width = self.text_encoder.width
+        self.text_decoder = BertTextModel(**{"cross_attention_layers": "all", **text, "encoder_width": width})
+        self.lm_head = BertLMHead(width, text["vocab_size"], tied_embedding=self.text_decoder.word_embeddings)
+        self.tokenizer_name, self.label_smoothing = tokenizer, label_smoothing
+        self.bos_token_id, self.eos_token_id, self.pad_token_id, _ = special_token_ids(
+            tokenizer, "", bos_token_id, eos_token_id, pad_token_id, 1)
+
+    def question_states(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        _, image_tokens = self.vision(image)
+        return self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
+
+    def answer_logits(self, question: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
+                      answer_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_decoder(answer_ids, answer_mask, encoder_hidden_states=question,
+                                   encoder_attention_mask=question_mask, causal=True)
+        return self.lm_head(hidden)
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
+        question = self.question_states(batch["image"], q_ids, q_mask)
+        answer_ids = batch["answer_input_ids"].clone()
+        answer_ids[:, 0] = self.bos_token_id
+        answer_mask = batch["answer_attention_mask"]
+        logits = self.answer_logits(question, q_mask, answer_ids, answer_mask)
+        loss = language_model_loss(logits, answer_ids, answer_mask, 1, self.label_smoothing)
+        return ModelOutput(loss=loss, losses={"vqa": loss.detach()})
+
+    @torch.no_grad()
+    def generate_answer_ids(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                            max_length: int = 10) -> torch.Tensor:
+        """Greedy answers [B, <= max_length] starting with the bos id, padded after [SEP]."""
+        question = self.question_states(image, question_ids, question_mask)
+        cache = self.text_decoder.new_cache()
+        ids = torch.full((image.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
+        step_input, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        while ids.shape[1] < max_length and not done.all():
+            hidden = self.text_decoder(step_input, torch.ones_like(ids), encoder_hidden_states=question,
+                                       encoder_attention_mask=question_mask, causal=True, cache=cache)
+            next_ids = self.lm_head(hidden[:, -1]).argmax(dim=-1).masked_fill(done, self.pad_token_id)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            done |= next_ids == self.eos_token_id
+            step_input = next_ids[:, None]
+        return ids
+
+    def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10) -> list[str]:
+        """Free-form answers for `samples["image"]` and `samples["question_input_ids/attention_mask"]`."""
+        if self.tokenizer_name is None:
+            raise ValueError("predict_answers needs the model's tokenizer; use generate_answer_ids with ids")
+        from vlforge.datasets.collate import load_tokenizer
+
+        ids = self.generate_answer_ids(samples["image"], samples["question_input_ids"],
+                                       samples["question_attention_mask"], max_length)
+        return [a.strip() for a in load_tokenizer(self.tokenizer_name).batch_decode(ids[:, 1:], skip_special_tokens=True)]
