@@ -31,7 +31,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "open_clip_torch>=2.24"],  # open_clip: parity tests
         "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "quant": ["bitsandbytes>=0.43", "accelerate>=0.30"],
     },
