@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -62,3 +63,43 @@ class TimmVisionTower(nn.Module):
         pooled = self.backbone.forward_head(features, pre_logits=True)
         tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
         return pooled, tokens
+
+
+class MultiScaleVisionTower(nn.Module):
+    """Token maps from several depths of a timm backbone (`forward_intermediates`), brought to one
+    `width` by a feature-pyramid neck: a lateral projection per scale plus the coarser scale's output,
+    upsampled, added top-down. `forward` returns [B, N_i, width] per scale, finest first."""
+
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[int],
+        width: int,
+        pretrained: bool = False,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.normalize = PixelNormalize(mean, std)
+        self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        self.layers, self.width = list(layers), width
+        with torch.no_grad():
+            size = getattr(self.backbone, "default_cfg", {}).get("input_size", (3, 224, 224))[1:]
+            size = timm_kwargs.get("img_size", size)
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            probe = self.backbone.forward_intermediates(torch.zeros(1, 3, *size), indices=self.layers,
+                                                        intermediates_only=True)
+        self.lateral = nn.ModuleList(nn.Conv2d(f.shape[1], width, kernel_size=1) for f in probe)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        maps = self.backbone.forward_intermediates(self.normalize(pixels), indices=self.layers, intermediates_only=True)
+        pyramid: list[torch.Tensor] = []
+        above: torch.Tensor | None = None
+        for lateral, feature in reversed(list(zip(self.lateral, maps))):
+            level = lateral(feature)
+            if above is not None:
+                level = level + F.interpolate(above, size=level.shape[-2:], mode="nearest")
+            pyramid.append(level)
+            above = level
+        return [level.flatten(2).transpose(1, 2) for level in reversed(pyramid)]
