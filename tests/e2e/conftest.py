@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -64,12 +65,20 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, "launch/train.py", *args]
 
 
-def deepspeed_cmd(num: int, *args: str) -> list[str]:
-    return [str(BIN / "deepspeed"), "--num_gpus", str(num), "launch/train.py", *args]
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A fresh rendezvous port per launch: two jobs on the default 29500 fail with EADDRINUSE.
+def deepspeed_cmd(num: int, *args: str, script: str = "launch/train.py") -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(num), "--master_port", str(free_port()), script, *args]
 
 
 def torchrun_cmd(num: int, *args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", str(num), "launch/train.py", *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", str(num), "--master_port", str(free_port()),
+            "launch/train.py", *args]
 
 
 def check(result: Launch) -> Launch:

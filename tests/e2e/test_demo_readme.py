@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BIN, REPO, check, launch, read_metrics
+from tests.e2e.conftest import BIN, REPO, check, free_port, launch, read_metrics
 
 README_DEMO = "deepspeed --num_gpus 2 launch/train.py recipe=clip_demo"
 
@@ -17,6 +17,7 @@ def test_readme_demo_command(e2e_env: dict[str, str], tmp_path: Path) -> None:
     assert README_DEMO in (REPO / "README.md").read_text(), "the README's demo command changed"
     cmd = shlex.split(README_DEMO)
     cmd[0] = str(BIN / "deepspeed")
+    cmd[1:1] = ["--master_port", str(free_port())]
     # Only the run directory moves, so the test leaves the checkout's runs/ alone.
     result = check(launch([*cmd, f"run_dir={tmp_path / 'run'}"], e2e_env, timeout=900))
     print(result.output[-2500:])

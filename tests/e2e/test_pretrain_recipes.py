@@ -9,7 +9,7 @@ from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_me
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, parts", [("blip_pretrain", ("itc", "itm", "lm"))])
+@pytest.mark.parametrize("recipe, parts", [("blip_pretrain", ("itc", "itm", "lm")), ("albef_pretrain", ("itc", "itm", "mlm"))])
 def test_every_loss_part_falls_on_two_ranks(e2e_env: dict[str, str], tmp_path: Path, recipe: str, parts: tuple[str, ...]) -> None:
     result = check(launch(deepspeed_cmd(
         2, f"recipe={recipe}", *SMALL_DEMO, f"run_dir={tmp_path}", "data.batch_size=16", "data.num_workers=1",
@@ -21,3 +21,11 @@ def test_every_loss_part_falls_on_two_ranks(e2e_env: dict[str, str], tmp_path: P
     assert (first["step"], last["step"]) == (10, 40)
     for part in parts:
         assert last[f"train/loss_{part}"] < first[f"train/loss_{part}"], (part, first, last)
+
+
+@pytest.mark.slow
+def test_albef_momentum_encoder_and_queues_under_zero3(e2e_env: dict[str, str]) -> None:
+    """Two ranks, ZeRO-3: the momentum encoder equals the EMA of the model's gathered weights (so the
+    per-partition update is right, persistent parameters included) and the queues agree across ranks."""
+    result = check(launch(deepspeed_cmd(2, script="tests/e2e/workers/albef_momentum.py"), e2e_env))
+    assert "ALBEF-MOMENTUM-OK" in result.output and "world=2" in result.output, result.output[-3000:]

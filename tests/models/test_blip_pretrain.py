@@ -1,6 +1,7 @@
 """BLIP pretraining: the decoder shares all but self-attention with the encoder, and every loss trains."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vlforge.models.blip_pretrain import BlipPretrain
@@ -51,3 +52,30 @@ def test_a_few_steps_lower_every_loss() -> None:
     assert set(first) == {"itc", "itm", "lm"}
     for name in first:
         assert last[name] < first[name], (name, first[name], last[name])
+
+
+def test_albef_losses_and_momentum_in_one_process() -> None:
+    from vlforge.models.albef import ALBEF
+
+    torch.manual_seed(0)
+    model = ALBEF(VISION, dict(TEXT, layers=4), embed_dim=16, fusion_layer=2, queue_size=8, momentum=0.5,
+                  mask_token_id=4, special_token_ids=(0, 1, 2))
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 10, 2], [1, 11, 12, 13, 2], [1, 14, 15, 16, 2]])
+    batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "text_input_ids": ids,
+             "text_attention_mask": torch.ones_like(ids)}
+    out = model(batch)
+    assert set(out.losses) == {"itc", "itm", "mlm"} and torch.isfinite(out.loss)
+    # The first forward copies the model into the momentum encoder; the queue advanced by the batch.
+    for param, shadow in zip(model.model.parameters(), model.momentum_model.parameters()):
+        torch.testing.assert_close(shadow, param)
+    assert int(model.queue_ptr) == 4
+    assert not any(p.requires_grad for p in model.momentum_model.parameters())
+    with torch.no_grad():
+        before = [p.clone() for p in model.model.parameters()]
+        for p in model.model.parameters():
+            p.add_(1.0)
+    model.momentum_update()
+    for param, shadow, old in zip(model.model.parameters(), model.momentum_model.parameters(), before):
+        torch.testing.assert_close(shadow, 0.5 * old + 0.5 * param)
+    with pytest.raises(ValueError, match="queue_size 8 is not a multiple of the global batch 3"):
+        model({k: v[:3] for k, v in batch.items()})

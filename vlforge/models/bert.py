@@ -164,40 +164,55 @@ class BertTextModel(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache([LayerCache() for _ in self.layers])
 
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if self.token_type_embeddings is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(types)
+        return F.dropout(self.embed_norm(x), self.dropout, self.training)
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        layers: tuple[int, int] | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B, L, width]. With a cache, `attention_mask` covers the cached tokens too."""
-        batch, length = input_ids.shape
+        """Hidden states [B, L, width]. With a cache, `attention_mask` covers the cached tokens too.
+
+        `layers=(start, end)` runs only those layers, starting from `hidden_states` when given (ALBEF
+        runs its text-only layers, then its fusion layers on their output).
+        """
+        x = hidden_states
+        batch, length = (input_ids if x is None else x).shape[:2]
+        device = (input_ids if x is None else x).device
         past = cache.length if cache is not None else 0
         if past + length > self.max_len:
             raise ValueError(f"{past + length} tokens exceed the model's max_len {self.max_len}")
-        positions = torch.arange(past, past + length, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        if self.token_type_embeddings is not None:
-            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            x = x + self.token_type_embeddings(types)
-        x = F.dropout(self.embed_norm(x), self.dropout, self.training)
+        if x is None:
+            x = self.embed(input_ids, token_type_ids, past)
 
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=input_ids.device)
+            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)
         keep = attention_mask.bool()[:, None, None, :]  # [B,1,1,L_key]
         if causal:
-            key_pos = torch.arange(past + length, device=input_ids.device)
+            positions = torch.arange(past, past + length, device=device)
+            key_pos = torch.arange(past + length, device=device)
             keep = keep & (key_pos[None, :] <= positions[:, None])[None, None]
         mask = _additive(keep, x.dtype)
         context_mask = None
         if encoder_hidden_states is not None and encoder_attention_mask is not None:
             context_mask = _additive(encoder_attention_mask.bool()[:, None, None, :], x.dtype)
-        for index, layer in enumerate(self.layers):
-            x = layer(x, mask, encoder_hidden_states, context_mask, cache.layers[index] if cache is not None else None)
+        start, end = layers if layers is not None else (0, len(self.layers))
+        for index in range(start, end):
+            layer_cache = cache.layers[index] if cache is not None else None
+            x = self.layers[index](x, mask, encoder_hidden_states, context_mask, layer_cache)
         return x
 
 
