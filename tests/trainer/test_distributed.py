@@ -198,3 +198,8 @@ def test_read_dist_env_guesses_local_world_size_from_visible_devices():
 def test_read_dist_env_explicit_local_world_size_wins():
     env = {"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
     assert read_dist_env(env).local_world_size == 2
+
+
+def test_local_rank_without_a_value_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="--local_rank needs a rank number"):
+        strip_local_rank_arg(["train.py", "--local_rank"])

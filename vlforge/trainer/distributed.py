@@ -41,9 +41,11 @@ def strip_local_rank_arg(argv: Sequence[str]) -> tuple[list[str], int | None]:
             out.append(argv[i])
         elif match.group(1) is not None:
             local_rank = int(match.group(1))
-        else:
+        elif i + 1 < len(argv) and argv[i + 1].isdigit():
             local_rank = int(argv[i + 1])
             i += 1
+        else:
+            raise ValueError(f"{argv[i]} needs a rank number after it")
         i += 1
     return out, local_rank
 
