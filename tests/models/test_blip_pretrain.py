@@ -79,3 +79,21 @@ def test_albef_losses_and_momentum_in_one_process() -> None:
         torch.testing.assert_close(shadow, 0.5 * old + 0.5 * param)
     with pytest.raises(ValueError, match="queue_size 8 is not a multiple of the global batch 3"):
         model({k: v[:3] for k, v in batch.items()})
+
+
+def test_albef_queue_position_survives_a_state_dict_round_trip() -> None:
+    from vlforge.models.albef import ALBEF
+
+    kwargs = dict(embed_dim=16, fusion_layer=2, queue_size=8, mask_token_id=4, special_token_ids=(0, 1, 2))
+    torch.manual_seed(0)
+    model = ALBEF(VISION, dict(TEXT, layers=4), **kwargs)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 8, 9, 2]])
+    batch = {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "text_input_ids": ids,
+             "text_attention_mask": torch.ones_like(ids)}
+    model(batch)
+    model(batch)
+    restored = ALBEF(VISION, dict(TEXT, layers=4), **kwargs)
+    restored(batch)  # its own host-side position is now 2
+    restored.load_state_dict(model.state_dict())
+    restored(batch)
+    assert int(restored.queue_ptr) == 6 and bool(restored.momentum_ready)

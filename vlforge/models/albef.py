@@ -101,13 +101,23 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("momentum_ready", torch.zeros(1, dtype=torch.bool))
+        # Host copies of the two buffers, read from the device once (after construction or a load), so
+        # the step does not wait on the GPU to learn where the queue is.
+        self._host_ptr: int | None = None
+        self._host_ready: bool | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_ptr = self._host_ready = None
 
     def _pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return zip(self.model.parameters(), self.momentum_model.parameters())
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        first = not bool(self.momentum_ready)
+        if self._host_ready is None:
+            self._host_ready = bool(self.momentum_ready)
+        first = not self._host_ready
         for param, shadow in self._pairs():
             for source, target in zip(_storages(param), _storages(shadow)):
                 if first:
@@ -115,16 +125,20 @@ class ALBEF(DualEncoderFeatures, nn.Module):
                 else:
                     target.mul_(self.momentum).add_(source, alpha=1.0 - self.momentum)
         self.momentum_ready.fill_(True)
+        self._host_ready = True
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
         images, texts = _gather(image_feat), _gather(text_feat)
-        size, ptr = self.image_queue.shape[1], int(self.queue_ptr)
+        if self._host_ptr is None:
+            self._host_ptr = int(self.queue_ptr)
+        size, ptr = self.image_queue.shape[1], self._host_ptr
         if size % images.shape[0]:
             raise ValueError(f"queue_size {size} is not a multiple of the global batch {images.shape[0]}")
         self.image_queue[:, ptr : ptr + images.shape[0]] = images.t()
         self.text_queue[:, ptr : ptr + texts.shape[0]] = texts.t()
-        self.queue_ptr.fill_((ptr + images.shape[0]) % size)
+        self._host_ptr = (ptr + images.shape[0]) % size
+        self.queue_ptr.fill_(self._host_ptr)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         return self.model.image(image)[1]
