@@ -104,3 +104,14 @@ def test_missing_node_is_named():
 def test_override_of_nonexistent_key_fails_at_compose():
     with pytest.raises(HydraException, match=r"trainer\.nonexistent"):
         compose_recipe("clip_demo", ["trainer.nonexistent=1"])
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_shipped_recipe_composes_validates_and_builds_its_parts(recipe, tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    monkeypatch.setenv("VLFORGE_DATA_DIR", str(tmp_path))
+    cfg = compose_recipe(recipe)
+    run = validate_config(cfg)
+    assert run.name == recipe
+    instantiate(cfg.task, _convert_="all")
