@@ -1,7 +1,6 @@
 """The base and large YAMLs build the published architectures: parameter counts within 0.5% of HF's."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

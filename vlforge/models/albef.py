@@ -198,12 +198,13 @@ class ALBEF(DualEncoderFeatures, nn.Module):
             image_tokens_m, _ = self.momentum_model.image(image)
             hidden_m, _ = self.momentum_model.text_only(masked_ids, mask)
             soft = self.momentum_model.mlm_head(self.momentum_model.fuse(hidden_m, mask, image_tokens_m)).float().softmax(-1)
-        scored = mlm_labels != -100
-        if scored.any():
-            hard = F.cross_entropy(logits[scored], mlm_labels[scored])
-            distilled = -(soft[scored] * logits[scored].log_softmax(-1)).sum(-1).mean()
-            mlm = (1 - self.alpha) * hard + self.alpha * distilled
-        else:
-            mlm = logits.sum() * 0.0
+        # Masked means over the scored positions, with no data-dependent branch: a `.any()` test would
+        # make every step wait on the device.
+        scored = (mlm_labels != -100).float()
+        count = scored.sum().clamp(min=1.0)
+        hard = (F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100, reduction="none")
+                * scored.flatten()).sum() / count
+        distilled = (-(soft * logits.log_softmax(-1)).sum(-1) * scored).sum() / count
+        mlm = (1 - self.alpha) * hard + self.alpha * distilled
         loss = itc + itm + mlm
         return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()})
