@@ -31,3 +31,10 @@ def test_print_composed_config(e2e_env: dict[str, str]) -> None:
     result = launch(python_cmd("recipe=clip_demo", "optim.lr=3e-4", "deepspeed=zero2", "--cfg", "job"), e2e_env, timeout=60)
     assert result.returncode == 0, result.output
     assert "lr: 0.0003" in result.output and "stage: 2" in result.output
+
+
+def test_tower_dtype_with_a_low_precision_run_names_both_keys(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    result = launch(python_cmd("recipe=clip_demo", "+model.vision.dtype=bf16", "trainer.precision=bf16",
+                               f"run_dir={tmp_path}"), e2e_env, timeout=60)
+    assert result.returncode != 0
+    assert "model.vision.dtype=bf16" in result.output and "trainer.precision=fp32" in result.output

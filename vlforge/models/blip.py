@@ -9,14 +9,21 @@ from torch import nn
 
 from vlforge.models.bert import BertLMHead, BertTextModel
 from vlforge.models.output import ModelOutput
-from vlforge.models.vision import TimmVisionTower
+from vlforge.models.vision import build_vision_tower
+
+
+def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int | torch.Tensor) -> torch.Tensor:
+    """Targets with padding and the first `prompt_length` tokens (one count, or one per row as the
+    collator's `{key}_prompt_length` gives it) set to -100, the ignored index."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    in_prompt = positions[None, :] < torch.as_tensor(prompt_length, device=input_ids.device).reshape(-1, 1)
+    return input_ids.masked_fill((attention_mask == 0) | in_prompt, -100)
 
 
 def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_length: int, label_smoothing: float) -> torch.Tensor:
+                        prompt_length: int | torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Next-token cross-entropy over the tokens after the prompt, padding excluded."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, :prompt_length] = -100
+    labels = lm_labels(input_ids, attention_mask, prompt_length)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                            ignore_index=-100, label_smoothing=label_smoothing)
 
@@ -60,7 +67,7 @@ class BlipCaptioner(nn.Module):
         tie_word_embeddings: bool = True,
     ) -> None:
         super().__init__()
-        self.vision = TimmVisionTower(**vision)
+        self.vision = build_vision_tower(vision)
         text = {"cross_attention_layers": "all", "encoder_width": self.vision.width, **text}
         self.text_decoder = BertTextModel(**text)
         self.lm_head = BertLMHead(self.text_decoder.width, text["vocab_size"],
@@ -82,7 +89,9 @@ class BlipCaptioner(nn.Module):
         input_ids[:, 0] = self.bos_token_id  # the tokenizer's [CLS] becomes the decoder's [DEC]
         mask = batch["text_attention_mask"]
         logits = self.logits(self.image_tokens(batch["image"]), input_ids, mask)
-        loss = language_model_loss(logits, input_ids, mask, self.prompt_length, self.label_smoothing)
+        # The collator's count when it added the prompt (data.prompts), else the model's own.
+        prompt_length = batch.get("text_prompt_length", self.prompt_length)
+        loss = language_model_loss(logits, input_ids, mask, prompt_length, self.label_smoothing)
         return ModelOutput(loss=loss, losses={"lm": loss.detach()})
 
     @torch.no_grad()

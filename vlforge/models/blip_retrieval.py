@@ -10,7 +10,7 @@ from torch import nn
 from vlforge.models.bert import BertTextModel
 from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss
 from vlforge.models.output import ModelOutput
-from vlforge.models.vision import TimmVisionTower
+from vlforge.models.vision import build_vision_tower
 
 
 def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -25,7 +25,7 @@ def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None =
 
 
 class BlipRetrieval(DualEncoderFeatures, nn.Module):
-    """`vision` / `text` are TimmVisionTower / BertTextModel arguments; the text encoder cross-attends
+    """`vision` / `text` are `build_vision_tower` / BertTextModel arguments; the text encoder cross-attends
     in every layer when given image tokens (ITM) and is unimodal without them (ITC).
 
     Loss: ITC, exact across ranks, plus ITM on each positive pair, one hard negative text per image and
@@ -42,7 +42,7 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         enc_token_id: int | None = None,
     ) -> None:
         super().__init__()
-        self.vision = TimmVisionTower(**vision)
+        self.vision = build_vision_tower(vision)
         self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
         width = self.text_encoder.width
         self.vision_proj = nn.Linear(self.vision.width, embed_dim)

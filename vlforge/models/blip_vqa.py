@@ -9,7 +9,7 @@ from torch import nn
 from vlforge.models.bert import BertLMHead, BertTextModel
 from vlforge.models.blip import language_model_loss, special_token_ids
 from vlforge.models.output import ModelOutput
-from vlforge.models.vision import TimmVisionTower
+from vlforge.models.vision import build_vision_tower
 
 
 class BlipVQA(nn.Module):
@@ -29,7 +29,7 @@ class BlipVQA(nn.Module):
         pad_token_id: int = 0,
     ) -> None:
         super().__init__()
-        self.vision = TimmVisionTower(**vision)
+        self.vision = build_vision_tower(vision)
         self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
         width = self.text_encoder.width
         self.text_decoder = BertTextModel(**{"cross_attention_layers": "all", **text, "encoder_width": width})

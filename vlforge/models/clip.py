@@ -10,11 +10,11 @@ from torch import nn
 from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.text import TextTransformer
-from vlforge.models.vision import TimmVisionTower
+from vlforge.models.vision import build_vision_tower
 
 
 class CLIP(DualEncoderFeatures, nn.Module):
-    """`vision` and `text` are the keyword arguments of TimmVisionTower and TextTransformer.
+    """`vision` and `text` are the arguments of `build_vision_tower` and TextTransformer.
 
     Every parameter lives in a submodule that is called, so ZeRO-3 gathers it (and its gradient is
     reduced) through the submodule's hooks, whichever method uses it.
@@ -29,7 +29,7 @@ class CLIP(DualEncoderFeatures, nn.Module):
         max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        self.vision = TimmVisionTower(**vision)
+        self.vision = build_vision_tower(vision)
         self.text = TextTransformer(**text)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlforge.models.fusion import FusionTextEncoder
 from vlforge.models.output import ModelOutput
-from vlforge.models.vision import MultiScaleVisionTower, TimmVisionTower
+from vlforge.models.vision import MultiScaleVisionTower, build_vision_tower
 
 
 class FusionITM(nn.Module):
@@ -27,7 +27,7 @@ class FusionITM(nn.Module):
             self.vision: nn.Module = MultiScaleVisionTower(**vision)
             context_width = vision["width"]
         else:
-            self.vision = TimmVisionTower(**vision)
+            self.vision = build_vision_tower(vision)
             context_width = self.vision.width
         self.text = FusionTextEncoder(**text, context_width=context_width, **(fusion or {}))
         self.itm_head = nn.Linear(self.text.width, 2)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlforge.config.schema import RunConfig, validate_config
 from vlforge.datasets.prepare import prepare_data
+from vlforge.models.vision import check_tower_precision
 from vlforge.tasks.base import Task
 from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
@@ -51,6 +52,7 @@ def _say(dist_env: DistEnv, message: str) -> None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, evaluate and checkpoint as the recipe says; returns the final evaluation metrics."""
     run: RunConfig = validate_config(cfg)
+    check_tower_precision(cfg.model.get("vision") or {}, resolve_precision(run.trainer.precision))
     dist_env = read_dist_env()
     task = build_task(cfg)
     run_dir = Path(run.run_dir)
