@@ -1,13 +1,15 @@
-"""The base and large YAMLs build the published architectures: parameter counts within 0.5% of HF's."""
+"""The base and large YAMLs build the published architectures: parameter counts within 0.5% of HF's
+(ALBEF: of LAVIS's, counted from the published parts LAVIS builds it of)."""
 from __future__ import annotations
 
-
 import pytest
+import timm
 import torch
 import yaml
 from hydra.utils import instantiate
-from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,
-                          BlipVisionConfig)
+from transformers import (BertConfig, BertForMaskedLM, Blip2Config, Blip2ForConditionalGeneration, BlipConfig,
+                          BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,
+                          BlipVisionConfig, OPTConfig)
 
 from vlforge.config.recipes import RECIPES_DIR
 
@@ -51,3 +53,56 @@ def test_blip_vqa_matches_hf_size() -> None:
         reference = _count(BlipForQuestionAnswering(BlipConfig()))
         ours = _count(_build("blip_vqa_base"))
     assert abs(ours - reference) / reference < 0.005, (ours, reference)
+
+
+def _albef_base_reference() -> tuple[int, int]:
+    """(trainable, total) parameters of LAVIS's `albef_pretrain` base, from the published parts it is
+    built of (lavis/models/albef_models/albef_pretrain.py, med.py, vit.py, med_config_albef.json):
+
+    - visual_encoder: LAVIS's ViT-B/16 at 224 px, timm's `vit_base_patch16_224` without its head;
+    - text_encoder: med.py's BertForMaskedLM from bert-base-uncased with fusion_layer 6: BERT-base and
+      its MLM head (output projection tied to the word embeddings, own bias), no pooler, no token type
+      embeddings (`add_type_embeddings: false`), and cross-attention only in layers 6-11 (med.py's
+      BertLayer adds it when layer_num >= fusion_layer). Counted as transformers' BertForMaskedLM with
+      cross-attention in all 12 layers, minus that of layers 0-5 and minus the token type table;
+    - vision_proj and text_proj 768 -> 256, itm_head 768 -> 2, the temperature `temp` (1);
+    - the momentum copies visual_encoder_m, text_encoder_m, vision_proj_m, text_proj_m: not trained.
+    """
+    with torch.device("meta"):
+        vit = timm.create_model("vit_base_patch16_224", num_classes=0)
+        bert = BertForMaskedLM(BertConfig(add_cross_attention=True, is_decoder=True))
+    text = _count(bert) - bert.bert.embeddings.token_type_embeddings.weight.numel()
+    text -= sum(_count(layer.crossattention) for layer in bert.bert.encoder.layer[:6])
+    projections = 2 * (768 * 256 + 256)
+    momentum_copied = _count(vit) + text + projections
+    trainable = momentum_copied + (768 * 2 + 2) + 1
+    return trainable, trainable + momentum_copied
+
+
+def test_albef_base_matches_lavis_size() -> None:
+    reference_trainable, reference_total = _albef_base_reference()
+    with torch.device("meta"):
+        model = _build("albef_base")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert abs(trainable - reference_trainable) / reference_trainable < 0.005, (trainable, reference_trainable)
+    assert abs(_count(model) - reference_total) / reference_total < 0.005, (_count(model), reference_total)
+
+
+def test_blip2_opt_matches_hf_size() -> None:
+    """HF's Blip2ForConditionalGeneration with OPT-2.7b (Salesforce/blip2-opt-2.7b's config) against
+    blip2_opt2.7b.yaml, its LM built from the same OPT config instead of downloaded."""
+    opt = dict(vocab_size=50272, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
+               max_position_embeddings=2048, word_embed_proj_dim=2560)
+    node = yaml.safe_load((RECIPES_DIR / "model" / "blip2_opt2.7b.yaml").read_text())
+    node.update(tokenizer=None, language_model={"config": {"model_type": "opt", **opt}})
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(Blip2Config(text_config=OPTConfig(**opt).to_dict()))
+        model = instantiate(node, _convert_="all")
+    reference, ours = _count(hf), _count(model)
+    assert abs(ours - reference) / reference < 0.005, (ours, reference)
+    # Stage 2 trains the queries, the Q-Former, the projection and the tower's output LayerNorm
+    # (HF's post_layernorm, LAVIS's ln_vision); the tower and the LM stay frozen.
+    reference_trainable = (hf.query_tokens.numel() + _count(hf.qformer) + _count(hf.language_projection)
+                           + _count(hf.vision_model.post_layernorm))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert abs(trainable - reference_trainable) / reference_trainable < 0.005, (trainable, reference_trainable)

@@ -48,7 +48,8 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
     """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
     as a `vlforge.models.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
     out: dict[str, torch.Tensor] = {}
-    fused: dict[str, tuple[tuple[str, ...], dict[str, torch.Tensor]]] = {}
+    # target -> (order of the parts, the parts found, one checkpoint key and its part, to name what is missing)
+    fused: dict[str, tuple[tuple[str, ...], dict[str, torch.Tensor], str, str]] = {}
     for full_key, value in state_dict.items():
         if not full_key.startswith(prefix):
             continue
@@ -59,17 +60,18 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
             match = re.match(pattern, key)
             if match:
                 layer, part, kind = match.groups()
-                fused.setdefault(target.format(layer, part, kind), (order, {}))[1][part] = value
+                fused.setdefault(target.format(layer, part, kind), (order, {}, full_key, part))[1][part] = value
                 break
         else:
             renamed = _rename(key, _BERT_RENAMES)
             if renamed is None:
                 raise KeyError(f"no vlforge name for BERT checkpoint key '{full_key}'")
             out[renamed] = value
-    for target, (order, parts) in fused.items():
-        missing = [p for p in order if p not in parts]
+    for target, (order, parts, seen_key, seen_part) in fused.items():
+        head, _, tail = seen_key.rpartition(f".{seen_part}.")
+        missing = [f"{head}.{p}.{tail}" for p in order if p not in parts]
         if missing:
-            raise KeyError(f"checkpoint lacks {missing} for fused '{target}'")
+            raise KeyError(f"checkpoint lacks {missing}, parts of the fused '{target}'")
         out[target] = torch.cat([parts[p] for p in order], dim=0)
     return out
 
@@ -105,10 +107,10 @@ def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "
     names = {"transform.dense.weight": "dense.weight", "transform.dense.bias": "dense.bias",
              "transform.LayerNorm.weight": "norm.weight", "transform.LayerNorm.bias": "norm.bias",
              "decoder.weight": "decoder.weight", "bias": "decoder.bias"}
-    out = {ours: state_dict[prefix + theirs] for theirs, ours in names.items() if prefix + theirs in state_dict}
-    missing = sorted(set(names.values()) - set(out))
+    missing = [prefix + theirs for theirs in names if prefix + theirs not in state_dict]
     if missing:
-        raise KeyError(f"checkpoint lacks LM head keys under '{prefix}' for {missing}")
+        raise KeyError(f"checkpoint lacks LM head keys {missing}")
+    out = {ours: state_dict[prefix + theirs] for theirs, ours in names.items()}
     return out
 
 
