@@ -16,7 +16,7 @@ from vlforge.models.bert import BertLMHead, BertTextModel
 from vlforge.models.blip_retrieval import sample_hard_negatives
 from vlforge.models.contrastive import DualEncoderFeatures, LogitScale
 from vlforge.models.output import ModelOutput
-from vlforge.models.vision import TimmVisionTower
+from vlforge.models.vision import build_vision_tower
 
 
 def _storages(param: torch.Tensor) -> list[torch.Tensor]:
@@ -41,7 +41,7 @@ class _Encoders(nn.Module):
 
     def __init__(self, vision: Mapping[str, Any], text: Mapping[str, Any], embed_dim: int, fusion_layer: int) -> None:
         super().__init__()
-        self.vision = TimmVisionTower(**vision)
+        self.vision = build_vision_tower(vision)
         layers = text.get("layers", 12)
         if not 0 < fusion_layer < layers:
             raise ValueError(f"fusion_layer must be between 1 and text.layers-1 ({layers - 1}), got {fusion_layer}")
@@ -118,12 +118,24 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         if self._host_ready is None:
             self._host_ready = bool(self.momentum_ready)
         first = not self._host_ready
+        stale: list[torch.Tensor] = []
         for param, shadow in self._pairs():
-            for source, target in zip(_storages(param), _storages(shadow)):
+            sources, targets = _storages(param), _storages(shadow)
+            for source, target in zip(sources, targets):
                 if first:
                     target.copy_(source)
                 else:
                     target.mul_(self.momentum).add_(source, alpha=1.0 - self.momentum)
+            if len(targets) > len(sources):
+                # ZeRO-3 holds the shadow's full tensor but has released the model's (it releases even
+                # "persistent" parameters after use while it records its trace: the first step of every
+                # process, so the first step after a resume). Only the partition was updated above; the
+                # full tensor, which the momentum encoder would run with, is a step behind.
+                stale.append(shadow)
+        if stale:
+            # Drop the stale full tensors: ZeRO-3 gathers them again from the updated partitions when the
+            # momentum encoder's modules fetch them.
+            stale[0].partition(param_list=stale)
         self.momentum_ready.fill_(True)
         self._host_ready = True
 
