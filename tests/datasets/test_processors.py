@@ -97,14 +97,9 @@ def test_text_normalisation_matches_lavis(text, expected):
     assert TextProcessor()(text) == expected
 
 
-def test_prompt_is_prepended_after_normalisation():
-    processor = TextProcessor(TextProcessorConfig(prompt="a picture of "))
-    assert processor("A RED Circle.") == "a picture of a red circle"
-
-
-def test_max_words_truncates_caption_but_not_prompt():
-    processor = TextProcessor(TextProcessorConfig(max_words=3, prompt="a picture of "))
-    assert processor("one two three four five") == "a picture of one two three"
+def test_max_words_truncates():
+    processor = TextProcessor(TextProcessorConfig(max_words=3))
+    assert processor("one two three four five") == "one two three"
 
 
 def test_normalisation_can_be_switched_off():
@@ -113,5 +108,5 @@ def test_normalisation_can_be_switched_off():
 
 
 def test_text_processor_pickles():
-    processor = TextProcessor(TextProcessorConfig(prompt="q: ", max_words=2))
-    assert pickle.loads(pickle.dumps(processor))("A B C") == "q: a b"
+    processor = TextProcessor(TextProcessorConfig(max_words=2))
+    assert pickle.loads(pickle.dumps(processor))("A B C") == "a b"

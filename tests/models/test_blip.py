@@ -69,4 +69,8 @@ def test_training_loss_ignores_prompt_and_padding(pair) -> None:
     # Scored: the tokens after the 3-token prompt ([DEC] a picture-of), up to and including [SEP].
     picks = [logits[0, 2, 9], logits[0, 3, 10], logits[0, 4, SEP], logits[1, 2, 9], logits[1, 3, SEP]]
     torch.testing.assert_close(loss, -torch.stack(picks).mean(), rtol=1e-5, atol=1e-6)
+    # A per-row count from the collator (data.prompts) wins over the model's own.
+    batch["text_prompt_length"] = torch.tensor([2, 4])
+    picks = [logits[0, 1, 8], logits[0, 2, 9], logits[0, 3, 10], logits[0, 4, SEP], logits[1, 3, SEP]]
+    torch.testing.assert_close(ours(batch).loss, -torch.stack(picks).mean(), rtol=1e-5, atol=1e-6)
     ours.label_smoothing = 0.1

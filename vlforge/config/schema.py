@@ -93,6 +93,10 @@ class DataConfig:
     num_workers: int = 2
     tokenizer: str = "???"  # hub id or local directory
     max_text_len: int = 32
+    # Text key -> prompt prefix the collator puts before that key's texts (e.g. {text: "a picture of "}):
+    # never truncated, and its length is in the batch as `{key}_prompt_length`. Add one with
+    # `+data.prompts.text="a picture of "`.
+    prompts: Dict[str, str] = field(default_factory=dict)
     train_image: ImageTransformConfig = field(default_factory=lambda: ImageTransformConfig(train=True))
     eval_image: ImageTransformConfig = field(default_factory=ImageTransformConfig)
     text: TextProcessorConfig = field(default_factory=TextProcessorConfig)

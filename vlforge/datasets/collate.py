@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 # Imported here, in the main process: importing it first inside a forked loader worker trips wandb's
@@ -31,21 +31,63 @@ class Collator:
     Tensors are stacked; each key in `text_keys` holding strings becomes `{key}_input_ids` and
     `{key}_attention_mask`, padded to the longest in the batch (at most `max_len`); anything else is
     kept as a list. The tokenizer is looked up by name, so the collator pickles cheaply into workers.
+
+    `prompts` maps a text key to an instruction / prompt prefix (e.g. {"text": "a picture of "}). Its
+    texts are then tokenized as `[CLS] prompt text [SEP]` (the tokenizer's own special tokens): the
+    prompt and the text are tokenized separately, so the prompt's tokens are the same in every sample,
+    and truncation to `max_len` shortens the text, never the prompt. The batch also gets
+    `{key}_prompt_length` [B]: the number of tokens before the text (leading special tokens included),
+    the positions a model leaves out of its loss (with the default right padding they are the first
+    ones). A prompt that leaves no room for any text within `max_len` is refused here.
     """
 
-    def __init__(self, tokenizer: str, max_len: int, text_keys: Sequence[str] = ("text",)) -> None:
+    def __init__(self, tokenizer: str, max_len: int, text_keys: Sequence[str] = ("text",),
+                 prompts: Mapping[str, str] | None = None) -> None:
         self.tokenizer_name, self.max_len, self.text_keys = tokenizer, max_len, tuple(text_keys)
-        load_tokenizer(tokenizer)  # fail now, naming the tokenizer, not later inside a worker
+        tok = load_tokenizer(tokenizer)  # fail now, naming the tokenizer, not later inside a worker
+        self.prompts = dict(prompts or {})
+        # Per prompted key: (ids before the text: leading specials + prompt; ids after it: trailing specials).
+        self._frames: dict[str, tuple[list[int], list[int]]] = {}
+        if self.prompts:
+            prefix, suffix = _special_frame(tok)
+            for key, prompt in self.prompts.items():
+                if key not in self.text_keys:
+                    raise ValueError(f"prompts: '{key}' is not a text key ({', '.join(self.text_keys)})")
+                if not isinstance(prompt, str):
+                    raise ValueError(f"prompts.{key}: expected a string, got {type(prompt).__name__}")
+                prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                fixed = len(prefix) + len(prompt_ids) + len(suffix)
+                if fixed >= max_len:
+                    raise ValueError(
+                        f"prompts.{key}: the prompt {prompt!r} is {len(prompt_ids)} tokens; with "
+                        f"{len(prefix) + len(suffix)} special tokens it leaves no room for text within "
+                        f"max_len={max_len}"
+                    )
+                self._frames[key] = (prefix + prompt_ids, suffix)
 
     @property
     def tokenizer(self) -> Any:
         return load_tokenizer(self.tokenizer_name)
 
+    def _prompted(self, key: str, values: list[str]) -> dict[str, torch.Tensor]:
+        head, tail = self._frames[key]
+        room = self.max_len - len(head) - len(tail)
+        texts = self.tokenizer(values, add_special_tokens=False)["input_ids"]
+        ids = [head + text[:room] + tail for text in texts]
+        padded = self.tokenizer.pad({"input_ids": ids}, padding="longest", return_tensors="pt")
+        return {
+            f"{key}_input_ids": padded["input_ids"],
+            f"{key}_attention_mask": padded["attention_mask"],
+            f"{key}_prompt_length": torch.full((len(values),), len(head), dtype=torch.long),
+        }
+
     def __call__(self, samples: list[dict]) -> dict:
         batch: dict[str, Any] = {}
         for key in samples[0]:
             values = [sample[key] for sample in samples]
-            if key in self.text_keys:
+            if key in self._frames:
+                batch.update(self._prompted(key, values))
+            elif key in self.text_keys:
                 tokens = self.tokenizer(
                     values, padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt"
                 )
@@ -58,3 +100,14 @@ class Collator:
             else:
                 batch[key] = values
         return batch
+
+
+def _special_frame(tok: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text (BERT: [CLS] / [SEP])."""
+    probe = "a"
+    bare = tok(probe, add_special_tokens=False)["input_ids"]
+    full = tok(probe)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise ValueError(f"cannot locate the text among the special tokens of tokenizer {tok.name_or_path!r}")

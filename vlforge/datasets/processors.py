@@ -73,8 +73,6 @@ def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], 
 class TextProcessorConfig:
     lowercase: bool = True
     max_words: int = 50
-    # Prepended verbatim after normalisation, e.g. "a picture of " (include the trailing space).
-    prompt: str = ""
     strip_punctuation: bool = True
 
 
@@ -84,7 +82,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 class TextProcessor:
-    """Normalise a caption the way LAVIS' BlipCaptionProcessor does, then prepend the prompt."""
+    """Normalise a caption the way LAVIS' BlipCaptionProcessor does. (A prompt prefix is the
+    collator's job, `data.prompts`, so that truncation never cuts it and its length is known.)"""
 
     def __init__(self, cfg: TextProcessorConfig | None = None) -> None:
         self.cfg = cfg or TextProcessorConfig()
@@ -98,8 +97,7 @@ class TextProcessor:
         if cfg.strip_punctuation:
             text = _PUNCTUATION.sub(" ", text)
         words = _WHITESPACE.sub(" ", text).strip().split(" ")
-        # The prompt does not count towards max_words, matching LAVIS.
-        return cfg.prompt + " ".join(words[: cfg.max_words])
+        return " ".join(words[: cfg.max_words])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.cfg!r})"

@@ -96,7 +96,7 @@ class Task(ABC):
         stream = ShardStream(
             expand_shard_spec(split.shards),
             self.train_sample(data),
-            Collator(data.tokenizer, data.max_text_len, self.text_keys),
+            Collator(data.tokenizer, data.max_text_len, self.text_keys, prompts=data.prompts),
             data.batch_size,
             rank=dist_env.rank,
             world_size=dist_env.world_size,
@@ -117,7 +117,7 @@ class Task(ABC):
         stream = ShardStream(
             urls,
             self.eval_sample(data),
-            Collator(data.tokenizer, data.max_text_len, self.text_keys),
+            Collator(data.tokenizer, data.max_text_len, self.text_keys, prompts=data.prompts),
             data.eval_batch_size,
             rank=dist_env.rank,
             world_size=dist_env.world_size,
