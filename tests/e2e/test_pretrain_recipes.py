@@ -9,7 +9,12 @@ from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_me
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, parts", [("blip_pretrain", ("itc", "itm", "lm")), ("albef_pretrain", ("itc", "itm", "mlm"))])
+@pytest.mark.parametrize("recipe, parts", [
+    ("blip_pretrain", ("itc", "itm", "lm")),
+    ("albef_pretrain", ("itc", "itm", "mlm")),
+    ("blip2_pretrain", ("itc", "itm", "itg")),
+    ("blip2_pretrain_stage2", ("lm",)),
+])
 def test_every_loss_part_falls_on_two_ranks(e2e_env: dict[str, str], tmp_path: Path, recipe: str, parts: tuple[str, ...]) -> None:
     result = check(launch(deepspeed_cmd(
         2, f"recipe={recipe}", *SMALL_DEMO, f"run_dir={tmp_path}", "data.batch_size=16", "data.num_workers=1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.models.training import loss_parts_before_and_after
 from vlforge.models.blip_pretrain import BlipPretrain
 
 TEXT = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
@@ -40,15 +41,7 @@ def test_a_few_steps_lower_every_loss() -> None:
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
     ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 10, 2], [1, 11, 12, 13, 2], [1, 14, 15, 16, 2]])
     batch = {"image": images, "text_input_ids": ids, "text_attention_mask": torch.ones_like(ids)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = None
-    for _ in range(30):
-        out = model(batch)
-        first = first or {k: v.item() for k, v in out.losses.items()}
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    last = {k: v.item() for k, v in model(batch).losses.items()}
+    first, last = loss_parts_before_and_after(model, batch)
     assert set(first) == {"itc", "itm", "lm"}
     for name in first:
         assert last[name] < first[name], (name, first[name], last[name])

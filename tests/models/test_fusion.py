@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlforge.models.fusion import FusionBlock, QFormer
+from vlforge.models.fusion import FusionBlock
 from vlforge.models.fusion_itm import FusionITM
 from vlforge.models.vision import MultiScaleVisionTower
 
@@ -99,21 +99,3 @@ def test_invalid_switches_are_named() -> None:
     with pytest.raises(ValueError, match="norm"):
         FusionBlock(16, 8, 2, norm="middle")
 
-
-def test_qformer_queries_read_the_image_and_train() -> None:
-    torch.manual_seed(0)
-    qformer = QFormer(num_queries=4, width=32, layers=2, heads=4, image_width=24, cross_every=1)
-    image_tokens = torch.randn(6, 10, 24)
-    target = image_tokens.mean(dim=1)[:, :8]
-    head = torch.nn.Linear(32, 8)
-    optimizer = torch.optim.AdamW([*qformer.parameters(), *head.parameters()], lr=3e-3)
-    losses = []
-    for _ in range(40):
-        out = qformer(image_tokens)
-        assert out.shape == (6, 4, 32)
-        loss = (head(out.mean(dim=1)) - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]

@@ -15,7 +15,7 @@ from torch import nn
 
 from vlforge.models.init import NormalEmbedding, NormalLinear
 
-_ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Layer(nn.Module):
         self.attention = Attention(width, heads, dropout=dropout, eps=eps)
         self.cross_attention = Attention(width, heads, cross_width, dropout, eps) if cross_width else None
         self.intermediate = NormalLinear(width, intermediate)
-        self.act = _ACTIVATIONS[activation]()
+        self.act = ACTIVATIONS[activation]()
         self.output = NormalLinear(intermediate, width)
         self.norm = nn.LayerNorm(width, eps=eps)
         self.dropout = dropout
@@ -114,7 +114,7 @@ class Layer(nn.Module):
         return self.norm(x + F.dropout(self.output(self.act(self.intermediate(x))), self.dropout, self.training))
 
 
-def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # A large negative, not -inf: a query with no visible key (a left pad) gets a uniform, finite row.
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
@@ -205,10 +205,10 @@ class BertTextModel(nn.Module):
             positions = torch.arange(past, past + length, device=device)
             key_pos = torch.arange(past + length, device=device)
             keep = keep & (key_pos[None, :] <= positions[:, None])[None, None]
-        mask = _additive(keep, x.dtype)
+        mask = additive_mask(keep, x.dtype)
         context_mask = None
         if encoder_hidden_states is not None and encoder_attention_mask is not None:
-            context_mask = _additive(encoder_attention_mask.bool()[:, None, None, :], x.dtype)
+            context_mask = additive_mask(encoder_attention_mask.bool()[:, None, None, :], x.dtype)
         start, end = layers if layers is not None else (0, len(self.layers))
         for index in range(start, end):
             layer_cache = cache.layers[index] if cache is not None else None
@@ -225,7 +225,7 @@ class BertLMHead(nn.Module):
         BLIP do): one Parameter in two modules, which ZeRO-3 gathers for whichever module runs."""
         super().__init__()
         self.dense = NormalLinear(width, width)
-        self.act = _ACTIVATIONS[activation]()
+        self.act = ACTIVATIONS[activation]()
         self.norm = nn.LayerNorm(width, eps=eps)
         self.decoder = NormalLinear(width, vocab_size)
         if tied_embedding is not None:

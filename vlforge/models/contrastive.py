@@ -37,8 +37,20 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """[N_image, N_text] cosine similarities of normalised embeddings.
+
+    An image may carry several embeddings ([N, Q, D], BLIP-2's query outputs): its similarity to a
+    text is then that of its best-matching one.
+    """
+    if image_emb.ndim == 3:
+        return torch.einsum("iqd,td->iqt", image_emb, text_emb).amax(dim=1)
+    return image_emb @ text_emb.t()
+
+
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of local rows against global columns; inputs are L2-normalised [B_local, D].
+    """Symmetric InfoNCE of local rows against global columns; inputs are L2-normalised, text
+    [B_local, D] and image [B_local, D] or [B_local, Q, D] (see `image_text_similarity`).
 
     Ranks must hold equal micro batches. DeepSpeed averages gradients over ranks, which turns the
     per-rank means into the mean over the global batch.
@@ -47,8 +59,8 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     local = image_emb.shape[0]
     targets = torch.arange(local, device=image_emb.device) + rank * local
-    logits_per_image = logit_scale * image_emb @ all_text.t()
-    logits_per_text = logit_scale * text_emb @ all_image.t()
+    logits_per_image = logit_scale * image_text_similarity(image_emb, all_text)
+    logits_per_text = logit_scale * image_text_similarity(all_image, text_emb).t()
     return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
 
 

@@ -1,5 +1,5 @@
 """Fusion of text with image features: cross-attention blocks, a text encoder that fuses on a schedule
-(every k-th layer; one image scale for all, or one scale per depth), and a Q-Former.
+(every k-th layer; one image scale for all, or one scale per depth). BLIP-2's Q-Former is in qformer.py.
 
 Every choice is a constructor argument, so a YAML switch selects it:
   fusion: {kind: cross | gated, norm: pre | post, residual: true, every: 1, hierarchical: false}
@@ -118,25 +118,3 @@ class FusionTextEncoder(nn.Module):
                 fusion_index += 1
         return self.norm(x)
 
-
-class QFormer(nn.Module):
-    """Learned queries that read image tokens: self-attention among the queries every layer,
-    cross-attention to the image every `cross_every` layers, then a feed-forward (BLIP-2's bridge).
-    Returns [B, num_queries, width]."""
-
-    def __init__(self, num_queries: int, width: int, layers: int, heads: int, image_width: int, cross_every: int = 2) -> None:
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
-        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.cross = nn.ModuleDict({
-            str(i): FusionBlock(width, image_width, heads) for i in range(layers) if i % cross_every == 0
-        })
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        x = self.queries.expand(image_tokens.shape[0], -1, -1)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None, causal=False)
-            if str(i) in self.cross:
-                x = self.cross[str(i)](x, image_tokens)
-        return self.norm(x)

@@ -9,6 +9,7 @@ from torch import nn
 from vlforge.config.schema import DataConfig
 from vlforge.datasets.collate import load_tokenizer
 from vlforge.datasets.samples import ImageTextSample
+from vlforge.models.contrastive import image_text_similarity
 from vlforge.tasks.base import EvalResult, Task, gather_objects, image_text_samples, lockstep, to_device
 from vlforge.tasks.metrics.classification import topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
@@ -90,7 +91,7 @@ class ImageTextPretrainTask(Task):
                                  for px, i, d in zip(pixels, merged["image_id"], describe(names, scores, labels))]
         if merged["text"]:
             index = {image_id: i for i, image_id in enumerate(merged["image_id"])}
-            sim = image_embeds @ torch.stack(merged["text"]).t()
+            sim = image_text_similarity(image_embeds, torch.stack(merged["text"]))
             owners = [index[owner] for owner in merged["text_owner"]]
             result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners).items()})
         return result

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.datasets.collate import load_tokenizer
+from vlforge.models.contrastive import image_text_similarity
 
 
 def load_class_names(classes: Sequence[str] | str) -> list[str]:
@@ -51,7 +52,7 @@ def build_zero_shot_classifier(
 
 
 def zero_shot_scores(image_embeds: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    return image_embeds.float() @ classifier.t()
+    return image_text_similarity(image_embeds.float(), classifier)
 
 
 def describe(class_names: Sequence[str], scores: torch.Tensor, labels: torch.Tensor) -> list[dict[str, Any]]:

@@ -1,0 +1,135 @@
+"""BLIP-2 stage 2: the Q-Former's queries, projected, become a visual prefix to a frozen causal LM.
+
+Any transformers AutoModelForCausalLM serves (OPT, Llama, GPT-2, ...): from a local directory or hub
+id (`language_model.pretrained`), or built from a config (`language_model.config`, tiny and random
+in tests and the demo). The batch's text must be tokenized with the LM's own tokenizer.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from vlforge.models.blip import lm_labels
+from vlforge.models.blip2 import QueryImageEncoder
+from vlforge.models.output import ModelOutput
+from vlforge.models.zero_init import outside_zero_init
+
+
+def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None) -> PreTrainedModel:
+    """A transformers causal LM from `pretrained` (a directory, or a hub id) or from `config` (a dict
+    with `model_type`, e.g. {model_type: opt, hidden_size: 64, ...}); exactly one of them."""
+    if (pretrained is None) == (config is None):
+        raise ValueError("model.language_model needs exactly one of 'pretrained' (a directory or hub id) or 'config'")
+    if config is not None:
+        config = dict(config)
+        if "model_type" not in config:
+            raise ValueError("model.language_model.config needs a 'model_type' (opt, llama, gpt2, ...)")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    local = os.path.isdir(pretrained)
+    try:
+        return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=local)
+    except OSError as err:
+        raise OSError(f"model.language_model.pretrained '{pretrained}' is neither a local model directory nor "
+                      f"loadable from the hub (offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from None
+
+
+def prompt_token_count(tokenizer: str, prompt: str) -> int:
+    """How many tokens a text starting with `prompt` begins with before its own: the tokenizer's
+    leading special tokens (a bos, or [CLS]) plus the prompt's tokens. These are not scored."""
+    from vlforge.datasets.collate import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    probe = tok("a").input_ids
+    leading = probe.index(tok("a", add_special_tokens=False).input_ids[0])
+    return leading + len(tok(prompt, add_special_tokens=False).input_ids)
+
+
+class Blip2CausalLM(nn.Module):
+    """Stage-2 BLIP-2: loss `lm` over the text after the visual prefix (and after the prompt).
+
+    The LM is frozen by default (`freeze_language_model`), kept in eval mode so its dropout is off,
+    as BLIP-2 trains only the Q-Former, the tower's LayerNorm and the projection.
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        qformer: Mapping[str, Any],
+        language_model: Mapping[str, Any],
+        tokenizer: str | None = None,
+        prompt: str = "",
+        freeze_language_model: bool = True,
+    ) -> None:
+        super().__init__()
+        # Stage 2 feeds no text to the Q-Former, so it carries no text embedding or text feed-forward.
+        self.encoder = QueryImageEncoder(vision, {**qformer, "vocab_size": None})
+        # transformers initialises (and from_pretrained loads) weights after building each module,
+        # which zero.Init's empty placeholders would swallow: the LM is built whole, and
+        # deepspeed.initialize partitions it, broadcasting rank 0's values.
+        with outside_zero_init():
+            self.language_model = build_causal_lm(**language_model)
+        self.language_projection = nn.Linear(self.encoder.qformer.width, self.language_model.config.hidden_size)
+        self.freeze_language_model = freeze_language_model
+        if freeze_language_model:
+            self.language_model.requires_grad_(False)
+            self.language_model.eval()
+        self.tokenizer_name, self.prompt = tokenizer, prompt
+        self.prompt_length = 0 if tokenizer is None else prompt_token_count(tokenizer, prompt)
+
+    def train(self, mode: bool = True) -> "Blip2CausalLM":
+        super().train(mode)
+        if self.freeze_language_model:
+            self.language_model.eval()
+        return self
+
+    def visual_prefix(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, num_queries, LM width]: the inputs the LM reads before the text."""
+        return self.language_projection(self.encoder(image)[1])
+
+    def _inputs(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.visual_prefix(image)
+        text = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+                          attention_mask], dim=1)
+        return embeds, mask
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+        embeds, full_mask = self._inputs(batch["image"], ids, mask)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
+        # The last query predicts the first text token, so an LM without a bos token learns it too.
+        text_logits = logits[:, embeds.shape[1] - ids.shape[1] - 1 : -1]
+        labels = lm_labels(ids, mask, batch.get("text_prompt_length", self.prompt_length))
+        lm = F.cross_entropy(text_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(loss=lm, losses={"lm": lm.detach()})
+
+    @torch.no_grad()
+    def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 30, **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids [B, <= max_new_tokens] after the visual prefix and `prompt_ids` (which start
+        with the tokenizer's bos, if it has one), by the LM's own `generate` (greedy unless told)."""
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        embeds, mask = self._inputs(image, prompt_ids, prompt_mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                            max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def generate(self, samples: Mapping[str, Any], max_new_tokens: int = 30, **generate_kwargs: Any) -> list[str]:
+        """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt."""
+        if self.tokenizer_name is None:
+            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
+        from vlforge.datasets.collate import load_tokenizer
+
+        tok = load_tokenizer(self.tokenizer_name)
+        image = samples["image"]
+        prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_new_tokens,
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id, **generate_kwargs)
+        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
