@@ -74,3 +74,17 @@ def test_training_loss_ignores_prompt_and_padding(pair) -> None:
     picks = [logits[0, 1, 8], logits[0, 2, 9], logits[0, 3, 10], logits[0, 4, SEP], logits[1, 3, SEP]]
     torch.testing.assert_close(ours(batch).loss, -torch.stack(picks).mean(), rtol=1e-5, atol=1e-6)
     ours.label_smoothing = 0.1
+
+
+@pytest.mark.parametrize("min_length", [0, 8])
+def test_beam_search_captions_are_identical(pair, min_length: int) -> None:
+    hf, ours = pair
+    pixels, normalised = _images(3)
+    prompt = torch.tensor([[BOS, 7, 8, SEP]] * 3)
+    with torch.no_grad():
+        expected = hf.generate(pixel_values=normalised, input_ids=prompt.clone(), max_length=12, min_length=min_length,
+                               num_beams=3, do_sample=False)
+        got = ours.generate_ids(pixels, prompt[:, :-1], max_length=12, min_length=min_length, num_beams=3)
+    for row_expected, row_got in zip(expected.tolist(), got.tolist()):
+        trim = lambda row: row[: row.index(SEP) + 1] if SEP in row[3:] else row  # noqa: E731
+        assert trim(row_got) == trim(row_expected)

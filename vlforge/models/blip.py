@@ -1,13 +1,14 @@
 """BLIP captioning: a ViT image tower and a BERT-style decoder that cross-attends to its tokens."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlforge.models.bert import BertLMHead, BertTextModel
+from vlforge.models.bert import BertLMHead, BertTextModel, KVCache
+from vlforge.models.generation import GenerationConfig, generate
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import build_vision_tower
 
@@ -95,31 +96,20 @@ class BlipCaptioner(nn.Module):
         return ModelOutput(loss=loss, losses={"lm": loss.detach()})
 
     @torch.no_grad()
-    def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor, max_length: int = 30,
-                     min_length: int = 0) -> torch.Tensor:
-        """Greedy decoding with a KV cache (image keys/values computed once). `prompt_ids` [B, P] start
-        with the bos id; returns [B, <= max_length] ids including the prompt, padded after [SEP]."""
-        image_tokens = self.image_tokens(image)
-        cache = self.text_decoder.new_cache()
-        ids = prompt_ids
-        step_input = prompt_ids
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        while ids.shape[1] < max_length:
-            mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
-            hidden = self.text_decoder(step_input, mask, encoder_hidden_states=image_tokens, causal=True, cache=cache)
-            logits = self.lm_head(hidden[:, -1]).float()
-            if ids.shape[1] < min_length:
-                logits[:, self.eos_token_id] = float("-inf")
-            next_ids = logits.argmax(dim=-1).masked_fill(done, self.pad_token_id)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            done |= next_ids == self.eos_token_id
-            if done.all():
-                break
-            step_input = next_ids[:, None]
-        return ids
+    def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor, cfg: GenerationConfig | None = None,
+                     **cfg_kwargs: Any) -> torch.Tensor:
+        """Decoding with a KV cache (image keys/values computed once): greedy, beam search or nucleus
+        sampling per `cfg` (or GenerationConfig keyword arguments). `prompt_ids` [B, P] start with
+        the bos id; returns [B, <= max_length] ids including the prompt, padded after [SEP]."""
+        cfg = cfg or GenerationConfig(**cfg_kwargs)
+        image_tokens = self.image_tokens(image).repeat_interleave(cfg.num_beams, dim=0)
+        return generate(decoder_step(self.text_decoder, self.lm_head, image_tokens), self.text_decoder.new_cache(),
+                        prompt_ids, cfg, self.eos_token_id, self.pad_token_id)
 
-    def generate(self, samples: Mapping[str, Any], max_length: int = 30, min_length: int = 5) -> list[str]:
-        """Captions for `samples["image"]` (uint8 [B,3,H,W]), without the prompt."""
+    def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 3,
+                 max_length: int = 30, min_length: int = 10, top_p: float = 0.9,
+                 repetition_penalty: float = 1.0) -> list[str]:
+        """Captions for `samples["image"]` (uint8 [B,3,H,W]), without the prompt (LAVIS's arguments)."""
         if self.tokenizer_name is None:
             raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
         from vlforge.datasets.collate import load_tokenizer
@@ -128,5 +118,22 @@ class BlipCaptioner(nn.Module):
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, :-1].to(image.device)
         prompt[:, 0] = self.bos_token_id
-        ids = self.generate_ids(image, prompt, max_length=max_length, min_length=min_length)
+        cfg = GenerationConfig(max_length=max_length, min_length=min_length, do_sample=use_nucleus_sampling,
+                               num_beams=1 if use_nucleus_sampling else num_beams, top_p=top_p,
+                               repetition_penalty=repetition_penalty)
+        ids = self.generate_ids(image, prompt, cfg)
         return [c.strip() for c in tok.batch_decode(ids[:, prompt.shape[1]:], skip_special_tokens=True)]
+
+
+def decoder_step(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Tensor,
+                 context_mask: torch.Tensor | None = None) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
+    """The `step` of `vlforge.models.generation.generate` for a BERT-style decoder cross-attending to
+    `context` (one row per decoded row): next-token logits of the newest position."""
+
+    def step(new_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        mask = torch.ones(new_ids.shape[0], cache.length + new_ids.shape[1], dtype=torch.long, device=new_ids.device)
+        hidden = decoder(new_ids, mask, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+                         causal=True, cache=cache)
+        return lm_head(hidden[:, -1])
+
+    return step
