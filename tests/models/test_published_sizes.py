@@ -106,3 +106,12 @@ def test_blip2_opt_matches_hf_size() -> None:
                            + _count(hf.vision_model.post_layernorm))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert abs(trainable - reference_trainable) / reference_trainable < 0.005, (trainable, reference_trainable)
+
+
+@pytest.mark.parametrize("name, open_clip_name", [("clip_vit_b16", "ViT-B-16"), ("clip_vit_l14", "ViT-L-14")])
+def test_clip_matches_open_clip_size(name: str, open_clip_name: str) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    with torch.device("meta"):
+        reference = _count(open_clip.create_model(open_clip_name, pretrained=None, device="meta"))
+        ours = _count(_build(name))
+    assert abs(ours - reference) / reference < 0.005, (ours, reference)
