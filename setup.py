@@ -26,6 +26,7 @@ setup(
         "wandb>=0.16",
         "tokenizers>=0.15",
         "safetensors>=0.4",
+        "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); METEOR needs Java
         "pillow>=10.0",
         "numpy>=1.24",
         "tqdm>=4.66",

@@ -61,8 +61,8 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-def python_cmd(*args: str) -> list[str]:
-    return [sys.executable, "launch/train.py", *args]
+def python_cmd(*args: str, script: str = "launch/train.py") -> list[str]:
+    return [sys.executable, script, *args]
 
 
 def free_port() -> int:

@@ -64,3 +64,30 @@ def test_loss_scores_answer_tokens(pair) -> None:
              "answer_input_ids": answer, "answer_attention_mask": (answer != PAD).long()}
     out = ours(batch)
     assert set(out.losses) == {"vqa"} and torch.isfinite(out.loss) and out.loss > 0
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_rank_mode_picks_the_likeliest_candidate(pair, k) -> None:
+    _, ours = pair
+    pixels, _, question = _inputs()
+    q_mask = torch.ones_like(question)
+    # Candidates of different lengths: [CLS] answer [SEP] padded, as the tokenizer gives them.
+    candidates = torch.tensor([[3, 20, SEP, PAD], [3, 21, 22, SEP], [3, 23, SEP, PAD], [3, 24, 25, SEP], [3, 26, SEP, PAD]])
+    c_mask = (candidates != PAD).long()
+    best = ours.rank_answers(pixels, question, q_mask, candidates, c_mask, k=k)
+    with torch.no_grad():
+        states = ours.question_states(pixels, question, q_mask)
+        scores = torch.zeros(2, len(candidates))
+        first = torch.zeros(2, len(candidates))
+        for c, (ids, mask) in enumerate(zip(candidates, c_mask)):
+            ids = ids.clone()
+            ids[0] = BOS
+            for b in range(2):
+                logp = ours.answer_logits(states[b : b + 1], q_mask[b : b + 1], ids[None], mask[None])[0].log_softmax(-1)
+                n = int(mask.sum())
+                scores[b, c] = sum(logp[t, ids[t + 1]] for t in range(n - 1))
+                first[b, c] = logp[0, ids[1]]
+    if k is not None:  # only the k with the likeliest first token compete
+        keep = first.topk(k, dim=1).indices
+        scores = torch.full_like(scores, float("-inf")).scatter(1, keep, scores.gather(1, keep))
+    assert best.tolist() == scores.argmax(dim=1).tolist()

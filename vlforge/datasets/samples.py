@@ -69,3 +69,53 @@ class ImageTextSample:
         if "label" in meta:
             sample["label"] = int(meta["label"])
         return sample
+
+
+def questions_of(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """Every question of a sample: a per-question shard (question, answers, question_id) or a
+    per-image one with a `qa` list (the demo). Each: question, answers, question_id, answer_type."""
+    if "qa" in meta:
+        entries = meta["qa"]
+        ids = [f"{meta.get('image_id', key)}_q{i}" for i in range(len(entries))]
+    elif "question" in meta:
+        entries, ids = [meta], [str(meta.get("question_id", key))]
+    else:
+        raise SampleError("missing field 'question' (or a 'qa' list of questions)")
+    out = []
+    for entry, question_id in zip(entries, ids):
+        answers = entry.get("answers", entry.get("answer"))
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(entry.get("question"), str) or not answers:
+            raise SampleError(f"question {question_id}: needs a 'question' string and a non-empty 'answers' list")
+        out.append({"question": entry["question"], "answers": [str(a) for a in answers],
+                    "question_id": question_id, "answer_type": str(entry.get("answer_type", "other"))})
+    return out
+
+
+class VQASample:
+    """Training: the image, one of its questions and one of that question's human answers, both drawn
+    at random (an answer given by more annotators is drawn more often, as LAVIS weights it).
+
+    Evaluation: the image and all its questions, as lists under `questions`, `answers` (the human
+    answers of each), `question_ids` and `answer_types`.
+    """
+
+    def __init__(self, image_transform: Callable[[Image.Image], Any], text_processor: Callable[[str], str],
+                 train: bool = True) -> None:
+        self.image_transform, self.text_processor, self.train = image_transform, text_processor, train
+
+    def __call__(self, raw: RawSample) -> dict[str, Any]:
+        meta = decode_meta(raw)
+        image = self.image_transform(decode_image(raw))
+        questions = questions_of(meta, raw.key)
+        sample: dict[str, Any] = {"image": image, "image_id": str(meta.get("image_id", raw.key))}
+        if self.train:
+            chosen = random.choice(questions)
+            sample["question"] = self.text_processor(chosen["question"])
+            sample["answer"] = random.choice(chosen["answers"])
+            return sample
+        sample["questions"] = [self.text_processor(q["question"]) for q in questions]
+        sample["answers"] = [q["answers"] for q in questions]
+        sample["question_ids"] = [q["question_id"] for q in questions]
+        sample["answer_types"] = [q["answer_type"] for q in questions]
+        return sample

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from vlforge.models.bert import BertLMHead, BertTextModel
-from vlforge.models.blip import language_model_loss, special_token_ids
+from vlforge.models.blip import decoder_step, language_model_loss, lm_labels, special_token_ids
+from vlforge.models.generation import GenerationConfig, generate
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import build_vision_tower
 
@@ -60,27 +61,45 @@ class BlipVQA(nn.Module):
 
     @torch.no_grad()
     def generate_answer_ids(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                            max_length: int = 10) -> torch.Tensor:
-        """Greedy answers [B, <= max_length] starting with the bos id, padded after [SEP]."""
+                            max_length: int = 10, num_beams: int = 1) -> torch.Tensor:
+        """Answers [B, <= max_length] starting with the bos id, padded after [SEP] (greedy, or beam search)."""
         question = self.question_states(image, question_ids, question_mask)
-        cache = self.text_decoder.new_cache()
-        ids = torch.full((image.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
-        step_input, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        while ids.shape[1] < max_length and not done.all():
-            hidden = self.text_decoder(step_input, torch.ones_like(ids), encoder_hidden_states=question,
-                                       encoder_attention_mask=question_mask, causal=True, cache=cache)
-            next_ids = self.lm_head(hidden[:, -1]).argmax(dim=-1).masked_fill(done, self.pad_token_id)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            done |= next_ids == self.eos_token_id
-            step_input = next_ids[:, None]
-        return ids
+        context = question.repeat_interleave(num_beams, dim=0)
+        context_mask = question_mask.repeat_interleave(num_beams, dim=0)
+        start = torch.full((image.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
+        return generate(decoder_step(self.text_decoder, self.lm_head, context, context_mask), self.text_decoder.new_cache(),
+                        start, GenerationConfig(max_length=max_length, num_beams=num_beams), self.eos_token_id,
+                        self.pad_token_id)
 
-    def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10) -> list[str]:
+    @torch.no_grad()
+    def rank_answers(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int | None = 128) -> torch.Tensor:
+        """Index [B] of the best candidate answer per question: BLIP's rank mode. Candidates
+        (`answer_ids` [C, L], `[CLS] answer [SEP]` from the tokenizer) are pre-filtered to the `k`
+        whose first token is likeliest, then ranked by the log-likelihood of all their tokens."""
+        question = self.question_states(image, question_ids, question_mask)
+        batch, count = question.shape[0], answer_ids.shape[0]
+        answer_ids = answer_ids.clone()
+        answer_ids[:, 0] = self.bos_token_id
+        start = answer_ids[:1, :1].expand(batch, 1)
+        first = self.answer_logits(question, question_mask, start, torch.ones_like(start))[:, 0].float().log_softmax(-1)
+        k = count if k is None else min(k, count)
+        first_scores = first[:, answer_ids[:, 1]]  # [B, C]
+        top = first_scores.topk(k, dim=1).indices  # [B, k]
+        ids, mask = answer_ids[top].flatten(0, 1), answer_mask[top].flatten(0, 1)  # [B*k, L]
+        logits = self.answer_logits(question.repeat_interleave(k, dim=0), question_mask.repeat_interleave(k, dim=0),
+                                    ids, mask)
+        labels = lm_labels(ids, mask, 1)
+        token_logp = logits[:, :-1].float().log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+        scores = (token_logp * (labels[:, 1:] != -100)).sum(dim=1).view(batch, k)
+        return top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+
+    def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1) -> list[str]:
         """Free-form answers for `samples["image"]` and `samples["question_input_ids/attention_mask"]`."""
         if self.tokenizer_name is None:
             raise ValueError("predict_answers needs the model's tokenizer; use generate_answer_ids with ids")
         from vlforge.datasets.collate import load_tokenizer
 
         ids = self.generate_answer_ids(samples["image"], samples["question_input_ids"],
-                                       samples["question_attention_mask"], max_length)
+                                       samples["question_attention_mask"], max_length, num_beams)
         return [a.strip() for a in load_tokenizer(self.tokenizer_name).batch_decode(ids[:, 1:], skip_special_tokens=True)]

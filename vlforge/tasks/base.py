@@ -13,6 +13,7 @@ from vlforge.config.schema import DataConfig, SplitConfig
 from vlforge.datasets.collate import Collator
 from vlforge.datasets.loader import ShardLoader
 from vlforge.datasets.processors import TextProcessor, build_image_transform
+from vlforge.datasets.samples import ImageTextSample
 from vlforge.datasets.shards import DataError, RawSample, ShardStream, expand_shard_spec
 from vlforge.trainer.distributed import DistEnv
 
@@ -23,6 +24,8 @@ class EvalResult:
     # Sample predictions for the tracker: column names and rows (a PIL image or tensor may be a cell).
     table_columns: list[str] = field(default_factory=list)
     table_rows: list[list[Any]] = field(default_factory=list)
+    # Every prediction (e.g. {image_id, caption}), saved by the trainer as results/{split}_step_N.json.
+    results: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _is_distributed() -> bool:
@@ -67,6 +70,15 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (for a result only rank 0 computes, such as Java-backed metrics)."""
+    if not _is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -132,3 +144,14 @@ class Task(ABC):
 def image_text_samples(data: DataConfig, train: bool) -> tuple[Callable, Callable]:
     image_cfg = data.train_image if train else data.eval_image
     return build_image_transform(image_cfg), TextProcessor(data.text)
+
+
+class ImageTextTask(Task):
+    """A task whose samples are images with captions: one drawn at random for training, all of them
+    (as `captions`) for evaluation."""
+
+    def train_sample(self, data: DataConfig) -> Callable[[RawSample], dict]:
+        return ImageTextSample(*image_text_samples(data, train=True), train=True)
+
+    def eval_sample(self, data: DataConfig) -> Callable[[RawSample], dict]:
+        return ImageTextSample(*image_text_samples(data, train=False), train=False)

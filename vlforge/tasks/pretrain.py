@@ -8,16 +8,15 @@ from torch import nn
 
 from vlforge.config.schema import DataConfig
 from vlforge.datasets.collate import load_tokenizer
-from vlforge.datasets.samples import ImageTextSample
 from vlforge.models.contrastive import image_text_similarity
-from vlforge.tasks.base import EvalResult, Task, gather_objects, image_text_samples, lockstep, to_device
+from vlforge.tasks.base import EvalResult, ImageTextTask, gather_objects, lockstep, to_device
 from vlforge.tasks.metrics.classification import topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
 from vlforge.tasks.zero_shot import build_zero_shot_classifier, describe, load_class_names, zero_shot_scores
 from vlforge.trainer.distributed import DistEnv
 
 
-class ImageTextPretrainTask(Task):
+class ImageTextPretrainTask(ImageTextTask):
     """Train on (image, caption) pairs; evaluate with zero-shot classification and/or ITC retrieval.
 
     `zero_shot_classes` is a list or a JSON file of class names (samples need a `label`);
@@ -34,12 +33,6 @@ class ImageTextPretrainTask(Task):
         self.zero_shot_classes = zero_shot_classes
         self.zero_shot_templates = list(zero_shot_templates)
         self.retrieval = retrieval
-
-    def train_sample(self, data: DataConfig) -> ImageTextSample:
-        return ImageTextSample(*image_text_samples(data, train=True), train=True)
-
-    def eval_sample(self, data: DataConfig) -> ImageTextSample:
-        return ImageTextSample(*image_text_samples(data, train=False), train=False)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:

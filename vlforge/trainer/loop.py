@@ -127,6 +127,7 @@ class Trainer:
             result = self.evaluate(split)
             metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
             self.tracker.log_table(f"{split}/predictions", result.table_columns, result.table_rows, step)
+            self.tracker.save_results(split, step, result.results)
         self.engine.train()
         if metrics:
             self.tracker.log(metrics, step)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,22 @@ def _say(dist_env: DistEnv, message: str) -> None:
         print(message, flush=True)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train, evaluate and checkpoint as the recipe says; returns the final evaluation metrics."""
+@dataclass
+class Session:
+    """What training and evaluation both start from: the validated recipe, the ranks, the task, and
+    the DeepSpeed engine around a freshly built model."""
+
+    cfg: DictConfig
+    run: RunConfig
+    dist_env: DistEnv
+    task: Task
+    run_dir: Path
+    engine: Any
+    grad_accum: int
+    global_batch: int
+
+
+def start_session(cfg: DictConfig) -> Session:
     run: RunConfig = validate_config(cfg)
     check_tower_precision(cfg.model.get("vision") or {}, resolve_precision(run.trainer.precision))
     dist_env = read_dist_env()
@@ -68,6 +83,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with model_init_context(ds_config):
         model = instantiate(cfg.model, _convert_="all")
     engine = build_engine(model, run, ds_config)
+    return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, evaluate and checkpoint as the recipe says; returns the final evaluation metrics."""
+    session = start_session(cfg)
+    run, dist_env, task, run_dir, engine = session.run, session.dist_env, session.task, session.run_dir, session.engine
+    grad_accum, global_batch = session.grad_accum, session.global_batch
     total, local = parameter_counts(engine.module)
 
     loader = task.train_loader(run.data, dist_env, run.trainer.seed)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlforge.config.schema import LoggerConfig
+from vlforge.trainer.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class Tracker:
         plain = [{c: v for c, v in zip(columns, row) if not isinstance(v, torch.Tensor)} for row in rows]
         with open(self.run_dir / "predictions.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, "table": name, "rows": plain}) + "\n")
+        report = self.run_dir / "reports" / f"{name.replace('/', '_')}_step_{step:08d}"
+        write_report(report, f"{name} at step {step}", columns, rows)
         if self._wandb is None:
             return
         import wandb
@@ -84,6 +87,17 @@ class Tracker:
             return value
 
         self._wandb.log({name: wandb.Table(columns=columns, data=[[cell(v) for v in row] for row in rows])}, step=step)
+
+    def save_results(self, split: str, step: int, results: list[dict[str, Any]]) -> Path | None:
+        """Every prediction of an evaluation (e.g. [{image_id, caption}]) as `results/{split}_step_N.json`."""
+        if not self.enabled or not results:
+            return None
+        path = self.run_dir / "results" / f"{split}_step_{step:08d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results), encoding="utf-8")
+        tmp.replace(path)  # a reader never sees half a file
+        return path
 
     def finish(self) -> None:
         if self._jsonl is not None:

@@ -1,0 +1,50 @@
+"""Captioning trained and evaluated the README way (2-rank ZeRO-3), then the same checkpoint evaluated
+by launch/evaluate.py on one rank and on two: the metrics agree with each other and with training's."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series
+
+CAPTION = ["recipe=blip_caption_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=32"]
+
+
+@pytest.mark.slow
+def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "train"
+    check(launch(deepspeed_cmd(2, *CAPTION, f"run_dir={run_dir}", "trainer.max_steps=60", "trainer.eval_every=20",
+                               "trainer.save_every=60", "trainer.log_every=20", "optim.warmup_steps=10",
+                               "task.generate.num_beams=2"), e2e_env))
+    rows = read_metrics(run_dir)
+    cider = series(rows, "val/cider")
+    assert sorted(cider) == [20, 40, 60], cider
+    assert cider[60] > cider[20], cider
+    assert {"val/bleu_4", "val/rouge_l", "val/meteor", "test/cider"} <= {k for row in rows for k in row}
+    results = json.loads((run_dir / "results" / "test_step_00000060.json").read_text())
+    assert len(results) == 64 and {"image_id", "caption"} == set(results[0])
+    page = (run_dir / "reports" / "test_predictions_step_00000060.html").read_text()
+    assert page.count("<img") == 16 and html.escape(results[0]["caption"]) in page
+    assert (run_dir / "reports" / "test_predictions_step_00000060.png").is_file()
+
+    final = next(row for row in reversed(rows) if "test/cider" in row)
+    trained = {k: v for k, v in final.items() if k.startswith("val/")}
+    evaluated = {}
+    for name, cmd in (("one", python_cmd), ("two", lambda *a, script: deepspeed_cmd(2, *a, script=script))):
+        out = tmp_path / name
+        result = check(launch(cmd(*CAPTION, f"checkpoint={run_dir}", f"run_dir={out}", "splits=[val]",
+                                  "task.generate.num_beams=2", script="launch/evaluate.py"), e2e_env))
+        assert "evaluated" in result.output and "step 60" in result.output
+        evaluated[name] = json.loads((out / "eval.json").read_text())["metrics"]
+    assert evaluated["one"] == pytest.approx(trained, abs=1e-6)
+    assert evaluated["two"] == pytest.approx(trained, abs=1e-6)
+
+
+def test_evaluate_names_a_missing_checkpoint(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    result = launch(python_cmd("recipe=blip_caption_demo", f"checkpoint={tmp_path}/nothing", f"run_dir={tmp_path}/out",
+                               script="launch/evaluate.py"), e2e_env, timeout=120)
+    assert result.returncode != 0
+    assert f"no complete checkpoint at {tmp_path}/nothing" in result.output

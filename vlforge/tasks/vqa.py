@@ -1,0 +1,105 @@
+"""Visual question answering: train on (image, question, answer), evaluate by VQAv2 accuracy with
+answers generated freely (`mode: generate`) or picked from a candidate list (`mode: rank`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from vlforge.config.schema import DataConfig
+from vlforge.datasets.collate import load_tokenizer
+from vlforge.datasets.samples import VQASample
+from vlforge.tasks.base import (EvalResult, Task, broadcast_object, gather_objects, image_text_samples, lockstep,
+                                to_device)
+from vlforge.tasks.metrics.vqa import vqa_metrics
+from vlforge.trainer.distributed import DistEnv
+
+
+def load_answer_list(answer_list: str | Sequence[str]) -> list[str]:
+    if isinstance(answer_list, str):
+        path = Path(answer_list)
+        if not path.is_file():
+            raise FileNotFoundError(f"task.answer_list: no file {path} (a JSON list of candidate answers)")
+        answer_list = json.loads(path.read_text())
+    answers = [str(a) for a in answer_list]
+    if not answers:
+        raise ValueError("task.answer_list is empty")
+    return answers
+
+
+class VQATask(Task):
+    """`mode: generate` decodes answers (`max_answer_length`, `num_beams`); `mode: rank` scores the
+    `answer_list` candidates (a JSON file or a list) and takes the likeliest, pre-filtered to the
+    `rank_k` with the likeliest first token (BLIP's VQAv2 evaluation)."""
+
+    text_keys = ("question", "answer")
+
+    def __init__(self, mode: str = "generate", answer_list: str | Sequence[str] | None = None,
+                 max_answer_length: int = 10, num_beams: int = 1, rank_k: int = 128, report_images: int = 16) -> None:
+        if mode not in ("generate", "rank"):
+            raise ValueError(f"task.mode must be 'generate' or 'rank', got {mode!r}")
+        if mode == "rank" and answer_list is None:
+            raise ValueError("task.mode=rank needs task.answer_list (candidate answers)")
+        self.mode, self.max_answer_length, self.num_beams, self.rank_k = mode, max_answer_length, num_beams, rank_k
+        self.answer_list = load_answer_list(answer_list) if answer_list is not None else None
+        self.report_images = report_images
+
+    def train_sample(self, data: DataConfig) -> VQASample:
+        return VQASample(*image_text_samples(data, train=True), train=True)
+
+    def eval_sample(self, data: DataConfig) -> VQASample:
+        return VQASample(*image_text_samples(data, train=False), train=False)
+
+    def _answer(self, model: nn.Module, image: torch.Tensor, questions: dict[str, torch.Tensor],
+                candidates: dict[str, torch.Tensor] | None) -> list[str]:
+        if self.mode == "generate":
+            return model.predict_answers({"image": image, **questions}, max_length=self.max_answer_length,
+                                         num_beams=self.num_beams)
+        best = model.rank_answers(image, questions["question_input_ids"], questions["question_attention_mask"],
+                                  candidates["input_ids"], candidates["attention_mask"], k=self.rank_k)
+        return [self.answer_list[i] for i in best.tolist()]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+        device = next(model.parameters()).device
+        tok = load_tokenizer(data.tokenizer)
+        candidates = None
+        if self.mode == "rank":
+            candidates = {k: v.to(device) for k, v in tok(self.answer_list, padding="longest", return_tensors="pt").items()
+                          if k in ("input_ids", "attention_mask")}
+        local: dict[str, list[Any]] = {"question_id": [], "prediction": [], "answers": [], "answer_type": []}
+        rows: list[list[Any]] = []
+        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
+            batch = to_device(batch, device)
+            if "questions" not in batch:
+                raise ValueError(f"VQA evaluation needs questions in every sample of data.{split}")
+            owner = torch.tensor([row for row, qs in enumerate(batch["questions"]) for _ in qs], device=device)
+            flat = [q for qs in batch["questions"] for q in qs]
+            tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
+            questions = {"question_input_ids": tokens["input_ids"].to(device),
+                         "question_attention_mask": tokens["attention_mask"].to(device)}
+            predictions = self._answer(model, batch["image"][owner], questions, candidates)
+            if not real:
+                continue
+            flat_ids = [i for ids in batch["question_ids"] for i in ids]
+            local["question_id"] += flat_ids
+            local["prediction"] += predictions
+            local["answers"] += [a for answers in batch["answers"] for a in answers]
+            local["answer_type"] += [t for types in batch["answer_types"] for t in types]
+            for row, question, prediction, answers in zip(owner.tolist(), flat, predictions, local["answers"][-len(flat):]):
+                if len(rows) < self.report_images:
+                    rows.append([batch["image"][row].cpu(), question, prediction, answers[0]])
+        parts = gather_objects(local)
+        merged = {key: [v for part in parts for v in part[key]] for key in local}
+        metrics = None
+        if dist_env.is_main:
+            metrics = vqa_metrics(dict(zip(merged["question_id"], merged["prediction"])),
+                                  dict(zip(merged["question_id"], merged["answers"])),
+                                  dict(zip(merged["question_id"], merged["answer_type"])))
+        metrics = broadcast_object(metrics)
+        metrics["num_questions"] = float(len(merged["question_id"]))
+        return EvalResult(metrics=metrics, table_columns=["image", "question", "answer", "human_answer"], table_rows=rows,
+                          results=[{"question_id": q, "answer": p} for q, p in zip(merged["question_id"], merged["prediction"])])

@@ -1,0 +1,41 @@
+"""Evaluation only: a recipe's model with a checkpoint's weights, scored on the recipe's splits by its
+task, on any number of ranks (the weights are consolidated, so the world size need not match)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlforge.trainer.run import start_session
+from vlforge.trainer.tracking import Tracker
+from vlforge.trainer.weights import consolidated_state_dict, load_full_state_dict, resolve_checkpoint
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    checkpoint = resolve_checkpoint(cfg.checkpoint)  # before any compute: a wrong path fails at once
+    session = start_session(cfg)
+    run, dist_env, engine = session.run, session.dist_env, session.engine
+    step = int(json.loads((checkpoint / "complete.json").read_text())["step"])
+    load_full_state_dict(engine.module, consolidated_state_dict(checkpoint))
+    engine.eval()
+    tracker = Tracker(run.logger, session.run_dir, f"{run.name}-eval", OmegaConf.to_container(cfg, resolve=True),
+                      dist_env.is_main)
+    metrics: dict[str, float] = {}
+    for split in cfg.splits:
+        if getattr(run.data, split, None) is None:
+            raise ValueError(f"splits: data.{split} is not configured in recipe {run.name}")
+        result = session.task.evaluate(engine.module, split, run.data, dist_env, run.trainer.seed)
+        metrics.update({f"{split}/{k}": v for k, v in result.metrics.items()})
+        tracker.log_table(f"{split}/predictions", result.table_columns, result.table_rows, step)
+        tracker.save_results(split, step, result.results)
+    tracker.log(metrics, step)
+    tracker.finish()
+    if dist_env.is_main:
+        summary: dict[str, Any] = {"checkpoint": str(checkpoint.resolve()), "step": step,
+                                   "world_size": dist_env.world_size, "metrics": metrics}
+        (session.run_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+        lines = [f"vlforge: evaluated {checkpoint} (step {step}) on {dist_env.world_size} rank(s) | "
+                 f"results in {session.run_dir.resolve()}"]
+        print("\n".join(lines + [f"  {k} = {v:.4f}" for k, v in sorted(metrics.items())]), flush=True)
+    return metrics

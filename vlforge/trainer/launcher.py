@@ -1,0 +1,27 @@
+"""What every launch/ script does: fix the environment for the launcher in use, then run one entry
+point under Hydra with a root config of recipes/."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from vlforge.trainer.distributed import prepare_launch_env
+
+
+def launch(config_name: str, entry: str) -> None:
+    """Run `entry` ("module:function", taking the composed config) with recipes/<config_name>.yaml."""
+    # Before Hydra parses argv (it rejects deepspeed's --local_rank) and before deepspeed is imported
+    # (DS_ACCELERATOR).
+    sys.argv = prepare_launch_env(sys.argv)
+    import hydra
+    from omegaconf import DictConfig
+
+    from vlforge.config.recipes import RECIPES_DIR
+
+    module, function = entry.split(":")
+
+    @hydra.main(config_path=str(RECIPES_DIR), config_name=config_name, version_base=None)
+    def main(cfg: DictConfig) -> None:
+        getattr(importlib.import_module(module), function)(cfg)
+
+    main()
