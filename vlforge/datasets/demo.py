@@ -37,7 +37,7 @@ from vlforge.datasets.demo_tokenizer import save_wordpiece_tokenizer
 from vlforge.datasets.writer import ShardWriter
 
 # Bump whenever generation changes, so cached datasets built by older code are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: count answers are digits, as VQAv2 writes them
 JPEG_QUALITY = 90
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 TOKENIZER_MAX_LENGTH = 128
@@ -126,7 +126,7 @@ def _generate_split(split: str, cfg: DemoConfig) -> Iterator[tuple[str, bytes, d
 def _vocabulary_words() -> list[str]:
     # The words questions hinge on, so even a tiny build has a whole-word token for each of them.
     words = list(SHAPES) + list(COLORS) + list(BACKGROUNDS) + list(NUMBER_WORDS) + list(RELATIONS)
-    return words + ["yes", "no", "small", "large", "shapes", "smaller", "shape"]
+    return words + ["yes", "no", "small", "large", "shapes", "smaller", "shape", "1", "2", "3"]
 
 
 def _build_into(directory: Path, cfg: DemoConfig) -> dict:

@@ -268,7 +268,7 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[dict]:
     qa = [
         _qa(color_question, main.color, "color"),
         _qa(shape_question, main.shape, "shape"),
-        _qa(count_question, NUMBER_WORDS[len(scene.objects)], "number"),
+        _qa(count_question, str(len(scene.objects)), "number"),  # digits, as VQAv2's answers
     ]
     if others:
         second = others[0]

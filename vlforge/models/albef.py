@@ -158,6 +158,13 @@ class ALBEF(DualEncoderFeatures, nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.text_only(input_ids, attention_mask)[1]
 
+    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.image(image)[0]
+
+    def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.model.text_only(input_ids, attention_mask)
+        return self.itm_head(self.model.fuse(hidden, attention_mask, image_tokens)[:, 0])[:, 1]
+
     def _mask_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT masking: 15% of non-special tokens are predicted; of those 80% [MASK], 10% random, 10% kept."""
         labels = ids.clone()

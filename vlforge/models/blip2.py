@@ -94,6 +94,12 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         hidden = self.encoder.qformer(image_tokens, input_ids, attention_mask)
         return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
 
+    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder.image_tokens(image)
+
+    def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.itm_logits(image_tokens, input_ids, attention_mask)[:, 1]
+
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, queries = self.encoder(batch["image"])

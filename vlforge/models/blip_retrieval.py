@@ -72,6 +72,14 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
         return self.itm_head(hidden[:, 0])
 
+    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """What `itm_match_scores` reads of an image (for ITM re-ranking in retrieval evaluation)."""
+        return self.image_features(image)[0]
+
+    def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] ITM "match" logits of aligned rows."""
+        return self.itm_logits(image_tokens, input_ids, attention_mask)[:, 1]
+
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, image_emb = self.image_features(batch["image"])

@@ -10,6 +10,7 @@ from vlforge.config.schema import DataConfig
 from vlforge.datasets.collate import load_tokenizer
 from vlforge.models.contrastive import image_text_similarity
 from vlforge.tasks.base import EvalResult, ImageTextTask, gather_objects, lockstep, to_device
+from vlforge.tasks.itm_rerank import itm_rerank
 from vlforge.tasks.metrics.classification import topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
 from vlforge.tasks.zero_shot import build_zero_shot_classifier, describe, load_class_names, zero_shot_scores
@@ -21,7 +22,9 @@ class ImageTextPretrainTask(ImageTextTask):
 
     `zero_shot_classes` is a list or a JSON file of class names (samples need a `label`);
     `zero_shot_templates` are prompts with '{}' for the class name; `retrieval` scores image<->text
-    recall@1/5/10 over every caption of the split.
+    recall@1/5/10 over every caption of the split; `itm_rerank_k` > 0 re-ranks each image's and each
+    text's top-k by the model's ITM head (BLIP / ALBEF / BLIP-2 evaluation), reported as `itm_*`
+    beside the ITC recall.
     """
 
     def __init__(
@@ -29,20 +32,27 @@ class ImageTextPretrainTask(ImageTextTask):
         zero_shot_classes: Sequence[str] | str | None = None,
         zero_shot_templates: Sequence[str] = ("a photo of a {}.",),
         retrieval: bool = True,
+        itm_rerank_k: int = 0,
     ) -> None:
         self.zero_shot_classes = zero_shot_classes
         self.zero_shot_templates = list(zero_shot_templates)
         self.retrieval = retrieval
+        self.itm_rerank_k = itm_rerank_k
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
         device = next(model.buffers(), torch.empty(0)).device
         tok = load_tokenizer(data.tokenizer)
-        local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": []}
+        rerank = self.retrieval and self.itm_rerank_k > 0
+        if rerank and not hasattr(model, "itm_match_scores"):
+            raise ValueError(f"task.itm_rerank_k needs a model with an ITM head; {type(model).__name__} has none")
+        local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": [],
+                                       "caption": [], "itm_tokens": []}
         pixels: list[torch.Tensor] = []  # the first few images of this rank, for the predictions table
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
             image_embeds = model.extract_features(batch, mode="image")["image_embeds"].float().cpu()
+            itm_tokens = model.itm_image_tokens(batch["image"]).cpu() if rerank else None
             text_embeds = None
             if self.retrieval and "captions" in batch:
                 flat = [c for caps in batch["captions"] for c in caps]
@@ -57,6 +67,8 @@ class ImageTextPretrainTask(ImageTextTask):
             for row, image_id in enumerate(batch["image_id"]):
                 local["image_id"].append(image_id)
                 local["image"].append(image_embeds[row])
+                if itm_tokens is not None:
+                    local["itm_tokens"].append(itm_tokens[row])
                 if len(pixels) < 16:
                     pixels.append(batch["image"][row].cpu())
                 if "label" in batch:
@@ -64,6 +76,7 @@ class ImageTextPretrainTask(ImageTextTask):
                 if text_embeds is not None:
                     count = len(batch["captions"][row])
                     local["text"].extend(text_embeds[offset : offset + count])
+                    local["caption"].extend(batch["captions"][row])
                     local["text_owner"].extend([image_id] * count)
                     offset += count
         merged = _merge(gather_objects(local))
@@ -87,6 +100,10 @@ class ImageTextPretrainTask(ImageTextTask):
             sim = image_text_similarity(image_embeds, torch.stack(merged["text"]))
             owners = [index[owner] for owner in merged["text_owner"]]
             result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners).items()})
+            if rerank:
+                i2t, t2i = itm_rerank(model, sim, merged["itm_tokens"], merged["caption"], tok, data.max_text_len,
+                                      self.itm_rerank_k, device)
+                result.metrics.update({f"retrieval_itm_{k}": v for k, v in recall_at_k(i2t, owners, sim_t2i=t2i).items()})
         return result
 
 

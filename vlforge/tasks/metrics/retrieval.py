@@ -19,8 +19,11 @@ def _ranks(sim: torch.Tensor, positives: list[list[int]]) -> torch.Tensor:
     return ranks
 
 
-def recall_at_k(sim_i2t: torch.Tensor, text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(sim_i2t: torch.Tensor, text_to_image: list[int], ks: tuple[int, ...] = (1, 5, 10),
+                sim_t2i: torch.Tensor | None = None) -> dict[str, float]:
     """`sim_i2t` [num_images, num_texts]; `text_to_image[t]` is the image index caption t describes.
+    `sim_t2i` [num_texts, num_images] ranks images for each text when it differs from `sim_i2t.t()`
+    (after ITM re-ranking, each direction re-scores its own top-k).
 
     Returns txt_r{k} (image -> text), img_r{k} (text -> image), their means and r_mean, in percent-free
     fractions (0..1).
@@ -30,7 +33,7 @@ def recall_at_k(sim_i2t: torch.Tensor, text_to_image: list[int], ks: tuple[int, 
     for text, image in enumerate(text_to_image):
         captions_of[image].append(text)
     i2t = _ranks(sim_i2t, captions_of)
-    t2i = _ranks(sim_i2t.t(), [[image] for image in text_to_image])
+    t2i = _ranks(sim_i2t.t() if sim_t2i is None else sim_t2i, [[image] for image in text_to_image])
     out: dict[str, float] = {}
     for k in ks:
         out[f"txt_r{k}"] = (i2t < k).float().mean().item()
