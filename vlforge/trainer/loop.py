@@ -26,6 +26,25 @@ log = logging.getLogger(__name__)
 FAIL_AT_STEP_ENV = "VLFORGE_FAIL_AT_STEP"
 
 
+def average_batchnorm_statistics(module: torch.nn.Module) -> None:
+    """Make every rank's BatchNorm running statistics their mean over ranks.
+
+    DeepSpeed does not broadcast buffers as DDP does, so each rank's running mean and variance follow
+    its own batches. Averaged before every evaluation and save (as timm's `distribute_bn`), the
+    evaluated and saved model is one model, and evaluating its checkpoint on any number of ranks
+    gives the metrics training reported.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            for stat in (layer.running_mean, layer.running_var):
+                if stat is not None:
+                    dist.all_reduce(stat)
+                    stat.div_(world)
+
+
 class LossMeter:
     """Sums losses on the device and syncs only when read, so steps never wait on the host."""
 
@@ -81,6 +100,7 @@ class Trainer:
         return {"step": step, "rng": rng_state(), "data": self.loader.state_dict()}
 
     def save(self, step: int) -> Path:
+        average_batchnorm_statistics(self.engine.module)
         path = save_checkpoint(self.engine, self.ckpt_dir, step, self.rank_state(step), self.dist_env,
                                self.run.trainer.keep_last)
         if self.dist_env.is_main:
@@ -120,6 +140,7 @@ class Trainer:
 
     def _evaluate(self, step: int, splits: tuple[str, ...]) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        average_batchnorm_statistics(self.engine.module)
         self.engine.eval()
         for split in splits:
             if getattr(self.run.data, split) is None:
