@@ -16,13 +16,13 @@ CAPTION = ["recipe=blip_caption_demo", *SMALL_DEMO, "data.num_workers=1", "data.
 @pytest.mark.slow
 def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dict[str, str], tmp_path: Path) -> None:
     run_dir = tmp_path / "train"
-    check(launch(deepspeed_cmd(2, *CAPTION, f"run_dir={run_dir}", "trainer.max_steps=60", "trainer.eval_every=20",
-                               "trainer.save_every=60", "trainer.log_every=20", "optim.warmup_steps=10",
+    check(launch(deepspeed_cmd(2, *CAPTION, f"run_dir={run_dir}", "trainer.max_steps=60", "trainer.eval_every=30",
+                               "trainer.save_every=60", "trainer.log_every=30", "optim.warmup_steps=10",
                                "task.generate.num_beams=2"), e2e_env))
     rows = read_metrics(run_dir)
     cider = series(rows, "val/cider")
-    assert sorted(cider) == [20, 40, 60], cider
-    assert cider[60] > cider[20], cider
+    assert sorted(cider) == [30, 60], cider
+    assert cider[60] > cider[30], cider
     assert {"val/bleu_4", "val/rouge_l", "val/meteor", "test/cider"} <= {k for row in rows for k in row}
     results = json.loads((run_dir / "results" / "test_step_00000060.json").read_text())
     assert len(results) == 64 and {"image_id", "caption"} == set(results[0])
