@@ -34,6 +34,12 @@ class TrainerConfig:
     save_at_end: bool = True
     keep_last: int = 2
     resume: Optional[str] = None  # null | auto | path to a checkpoint tag directory
+    # Weights to start from (a finetune): a vlforge run or checkpoint directory, or a state-dict file
+    # (.pth/.pt/.bin/.safetensors, e.g. a LAVIS or HF checkpoint). `init_converter` ("module:function",
+    # e.g. vlforge.models.convert_lavis:blip_caption_from_lavis) maps its keys to the model's first.
+    # Every model weight must be found; checkpoint keys the model lacks are listed and left out.
+    init_from: Optional[str] = None
+    init_converter: Optional[str] = None
     record_sample_keys: bool = False  # write the keys of every batch to samples_rank{r}.jsonl
     seed: int = 42
 

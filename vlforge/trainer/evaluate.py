@@ -14,7 +14,7 @@ from vlforge.trainer.weights import consolidated_state_dict, load_full_state_dic
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     checkpoint = resolve_checkpoint(cfg.checkpoint)  # before any compute: a wrong path fails at once
-    session = start_session(cfg)
+    session = start_session(cfg, load_init_weights=False)  # the checkpoint's weights replace them
     run, dist_env, engine = session.run, session.dist_env, session.engine
     step = int(json.loads((checkpoint / "complete.json").read_text())["step"])
     load_full_state_dict(engine.module, consolidated_state_dict(checkpoint))

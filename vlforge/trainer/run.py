@@ -21,6 +21,7 @@ from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
 from vlforge.trainer.loop import Trainer
 from vlforge.trainer.tracking import Tracker
+from vlforge.trainer.weights import init_weights
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class Session:
     global_batch: int
 
 
-def start_session(cfg: DictConfig) -> Session:
+def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
+    """`load_init_weights`: start the model from `trainer.init_from` when the recipe names one."""
     run: RunConfig = validate_config(cfg)
     check_tower_precision(cfg.model.get("vision") or {}, resolve_precision(run.trainer.precision))
     dist_env = read_dist_env()
@@ -82,6 +84,12 @@ def start_session(cfg: DictConfig) -> Session:
     seed_everything(run.trainer.seed)  # the same initial weights on every rank and every world size
     with model_init_context(ds_config):
         model = instantiate(cfg.model, _convert_="all")
+    if load_init_weights and run.trainer.init_from:
+        # Before deepspeed.initialize, so the optimizer's fp32 master weights start from these values.
+        loaded, left_out = init_weights(model, run.trainer.init_from, run.trainer.init_converter)
+        _say(dist_env, f"vlforge: {loaded} weights from {run.trainer.init_from}"
+             + (f"; {len(left_out)} checkpoint entries the model has no place for were left out "
+                f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})" if left_out else ""))
     engine = build_engine(model, run, ds_config)
     return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch)
 

@@ -2,7 +2,10 @@
 ZeRO-3 partitioned) model: what evaluation and export need, whatever stage and world size trained it."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,17 +43,80 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a vlforge run/checkpoint directory, an HF-style model directory, or a file
+    (.safetensors, or a torch pickle whose weights may sit under "model", "state_dict" or "module")."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / COMPLETE).is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")):
+            return consolidated_state_dict(resolve_checkpoint(path))
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return read_weights(path / name)
+        raise CheckpointError(f"{path}: neither a vlforge run/checkpoint nor a model directory "
+                              "(model.safetensors or pytorch_model.bin)")
+    if not path.is_file():
+        raise CheckpointError(f"no weights at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    # Only load checkpoints you trust: LAVIS and DeepSpeed files hold pickled objects besides tensors.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state
+
+
+def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False) -> list[str]:
+    """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
+    has wrapped it); every model key must be there with its shape. Returns the checkpoint keys the model
+    does not have, which are an error unless `allow_unexpected`."""
+    params = list(module.parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    if partitioned:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        expected = module.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = sorted(k for k in state_dict if k not in expected)
+        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+        if missing or shapes or (unexpected and not allow_unexpected):
+            raise CheckpointError(f"checkpoint does not fit {type(module).__name__}: missing {missing[:10]} "
+                                  f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), "
+                                  f"shape mismatches {shapes[:10]}")
+        module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True)
+    return unexpected
+
+
 def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a full state dict strictly (a missing or unexpected key is an error naming it). Under
     ZeRO-3 the partitions are gathered, overwritten with rank 0's values and partitioned again."""
-    params = list(module.parameters())
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+    load_into_model(module, state_dict, allow_unexpected=False)
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            result = module.load_state_dict(state_dict, strict=False)
-    else:
-        result = module.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint does not fit the model: missing {result.missing_keys[:10]}, "
-                              f"unexpected {result.unexpected_keys[:10]}")
+
+def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """"package.module:function" (or "package.module.function") -> the function."""
+    module, _, name = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(f"trainer.init_converter: cannot import {dotted!r} ({err})") from None
+
+
+def init_weights(module: nn.Module, init_from: str, converter: str | None = None) -> tuple[int, list[str]]:
+    """Start `module` from other weights (`trainer.init_from`); returns (weights loaded, checkpoint keys
+    left out because the model has no such weight)."""
+    state = read_weights(init_from)
+    if converter:
+        state = resolve_converter(converter)(state)
+    left_out = load_into_model(module, state, allow_unexpected=True)
+    return len(state) - len(left_out), left_out

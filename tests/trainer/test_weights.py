@@ -1,0 +1,90 @@
+"""Weights from elsewhere: reading checkpoints of every kind, and starting a model from them
+(`trainer.init_from`), plainly and under ZeRO-3 partitioning."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.e2e.conftest import free_port
+from vlforge.models.blip_pretrain import BlipPretrain
+from vlforge.models.blip_vqa import BlipVQA
+from vlforge.trainer.checkpoint import CheckpointError
+from vlforge.trainer.weights import init_weights, read_weights
+
+TEXT = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
+VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)
+
+
+def _pretrained(tmp_path: Path) -> tuple[BlipPretrain, Path]:
+    torch.manual_seed(0)
+    model = BlipPretrain(VISION, TEXT, embed_dim=16, bos_token_id=1, eos_token_id=2)
+    path = tmp_path / "pretrain.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3}, path)  # LAVIS's layout: weights under "model"
+    return model, path
+
+
+def test_read_weights_of_every_kind(tmp_path: Path) -> None:
+    model, pth = _pretrained(tmp_path)
+    state = model.state_dict()
+    assert read_weights(pth).keys() == state.keys()
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")  # no shared storage
+    assert torch.equal(read_weights(tmp_path / "w.safetensors")["vision_proj.weight"], state["vision_proj.weight"])
+    (tmp_path / "hf").mkdir()
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    assert read_weights(tmp_path / "hf").keys() == state.keys()
+    with pytest.raises(CheckpointError, match="no weights at"):
+        read_weights(tmp_path / "missing.pth")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="no state dict"):
+        read_weights(tmp_path / "list.pt")
+
+
+def test_a_finetune_starts_from_pretrained_weights(tmp_path: Path) -> None:
+    pretrained, pth = _pretrained(tmp_path)
+    torch.manual_seed(1)
+    vqa = BlipVQA(VISION, TEXT, bos_token_id=1, eos_token_id=2)
+    loaded, left_out = init_weights(vqa, str(pth))
+    for name, value in vqa.state_dict().items():
+        assert torch.equal(value, pretrained.state_dict()[name]), name
+    assert loaded == len(vqa.state_dict())
+    assert "vision_proj.weight" in left_out and "itm_head.weight" in left_out  # pretraining heads: no place in VQA
+    bigger = BlipVQA(VISION, {**TEXT, "layers": 3}, bos_token_id=1, eos_token_id=2)
+    with pytest.raises(CheckpointError, match=r"missing \['text_encoder.layers.2"):
+        init_weights(bigger, str(pth))
+    with pytest.raises(CheckpointError, match="cannot import 'vlforge.models.convert_lavis:nothing'"):
+        init_weights(vqa, str(pth), "vlforge.models.convert_lavis:nothing")
+
+
+def _zero3_worker(rank: int, port: int, pth: str, out: str) -> None:
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = BlipVQA(VISION, TEXT, bos_token_id=1, eos_token_id=2)
+    init_weights(model, pth)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        torch.save({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
+
+
+def test_init_under_zero3_partitions(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    pretrained, pth = _pretrained(tmp_path)
+    out = tmp_path / "zero3.pt"
+    mp.spawn(_zero3_worker, args=(free_port(), str(pth), str(out)), nprocs=1, join=True)
+    loaded = torch.load(out)
+    for name, value in loaded.items():
+        assert torch.equal(value, pretrained.state_dict()[name]), name
