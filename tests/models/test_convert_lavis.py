@@ -395,3 +395,28 @@ def test_blip_pretrain_loads_shared_weights_once_and_matches() -> None:
         blip_pretrain_from_lavis({**lavis, key: lavis[key] + 1.0})
     assert "text_decoder.layers.1.intermediate.weight" in blip_pretrain_from_lavis({**lavis, key: lavis[key] + 1.0},
                                                                                   shared=False)
+
+
+def test_a_lavis_pretraining_checkpoint_starts_a_captioner_at_another_image_size(tmp_path) -> None:
+    """BLIP's caption finetune: the pretraining checkpoint (224 px there, 32 px here) initialises the
+    captioner at a larger size (384 px there, 48 px here): position embeddings resampled, ITC/ITM parts
+    left out, every captioner weight found."""
+    from vlforge.models.blip import BlipCaptioner
+    from vlforge.trainer.weights import init_weights
+
+    vit, encoder, decoder = _vit(70), _encoder(71), _decoder(72)
+    _tie_like_lavis(encoder, decoder)
+    lavis = {**_blip_itc_itm_state_dict(vit, encoder), **_under("text_decoder.", decoder)}
+    del lavis["idx_queue"]
+    torch.save({"model": lavis, "config": {"note": "LAVIS keeps more than weights"}}, tmp_path / "pretrain.pth")
+    captioner = BlipCaptioner({**VISION, "img_size": 48}, TEXT, bos_token_id=1, eos_token_id=2)
+    loaded, left_out = init_weights(captioner, str(tmp_path / "pretrain.pth"),
+                                    "vlforge.models.convert_lavis:blip_pretrain_from_lavis")
+    assert loaded == len(captioner.state_dict())
+    assert {"vision_proj.weight", "itm_head.weight", "logit_scale.log_scale"} <= set(left_out)
+    assert captioner.vision.backbone.pos_embed.shape == (1, 1 + 36, VISION_WIDTH)
+    reference = BlipPretrain(VISION, TEXT, embed_dim=EMBED, bos_token_id=1, eos_token_id=2)
+    load_mapped(reference, blip_pretrain_from_lavis(lavis))
+    for name, value in captioner.state_dict().items():
+        if "pos_embed" not in name:
+            assert torch.equal(value, reference.state_dict()[name]), name

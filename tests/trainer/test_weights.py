@@ -61,6 +61,16 @@ def test_a_finetune_starts_from_pretrained_weights(tmp_path: Path) -> None:
         init_weights(vqa, str(pth), "vlforge.models.convert_lavis:nothing")
 
 
+def test_vit_position_embeddings_follow_the_image_size(tmp_path: Path) -> None:
+    _, pth = _pretrained(tmp_path)  # 32 px images: a 4x4 grid + class token
+    bigger = BlipVQA({**VISION, "img_size": 48}, TEXT, bos_token_id=1, eos_token_id=2)  # 6x6 + class token
+    init_weights(bigger, str(pth))
+    pos = bigger.vision.backbone.pos_embed
+    assert pos.shape == (1, 37, 32)
+    source = torch.load(pth)["model"]["vision.backbone.pos_embed"]
+    assert torch.equal(pos[:, :1], source[:, :1])  # the class token's embedding is kept as it is
+
+
 def _zero3_worker(rank: int, port: int, pth: str, out: str) -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if sys.platform == "linux":

@@ -71,6 +71,25 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fit_position_embeddings(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ViT position embeddings of another image size, resampled to the model's grid (bicubic, the
+    class token kept), as BLIP does when it finetunes its 224 px pretraining at 384 px."""
+    out = dict(state_dict)
+    for key, target in expected.items():
+        source = state_dict.get(key)
+        if (not key.endswith("pos_embed") or source is None or source.shape == target.shape or source.ndim != 3
+                or source.shape[-1] != target.shape[-1]):
+            continue
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 1  # the class token: BLIP / ALBEF / CLIP ViTs carry one
+        side = round((target.shape[1] - prefix) ** 0.5)
+        if side * side + prefix != target.shape[1]:
+            continue  # not a square grid after one class token: left for the shape check to report
+        out[key] = resample_abs_pos_embed(source.float(), [side, side], num_prefix_tokens=prefix).to(source.dtype)
+    return out
+
+
 def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False) -> list[str]:
     """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
     has wrapped it); every model key must be there with its shape. Returns the checkpoint keys the model
@@ -85,6 +104,7 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
         context = contextlib.nullcontext()
     with context:
         expected = module.state_dict()
+        state_dict = _fit_position_embeddings(state_dict, expected)
         missing = [k for k in expected if k not in state_dict]
         unexpected = sorted(k for k in state_dict if k not in expected)
         shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
