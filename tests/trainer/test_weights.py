@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from tests.e2e.conftest import free_port
 from vlforge.models.blip_pretrain import BlipPretrain
 from vlforge.models.blip_vqa import BlipVQA
+from vlforge.models.vision import TimmVisionTower
 from vlforge.trainer.checkpoint import CheckpointError
 from vlforge.trainer.weights import init_weights, read_weights
 
@@ -87,14 +88,24 @@ def _zero3_worker(rank: int, port: int, pth: str, out: str) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         torch.save({k: v.clone() for k, v in engine.module.state_dict().items()}, out)
+    # A pretrained timm tower built under zero.Init keeps the weights timm loads after building it.
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        tower = TimmVisionTower(**VISION, pretrained=str(Path(out).parent / "timm.pth"))
+    engine, *_ = deepspeed.initialize(model=tower, optimizer=torch.optim.AdamW(tower.parameters(), lr=0.0), config=config)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        torch.save({k: v.clone() for k, v in engine.module.backbone.state_dict().items()}, Path(out).parent / "tower.pt")
 
 
-def test_init_under_zero3_partitions(tmp_path: Path) -> None:
+def test_init_and_pretrained_towers_under_zero3_partitions(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
     pretrained, pth = _pretrained(tmp_path)
     out = tmp_path / "zero3.pt"
+    timm_weights = {k: v.clone() for k, v in pretrained.vision.backbone.state_dict().items()}
+    torch.save(timm_weights, tmp_path / "timm.pth")
     mp.spawn(_zero3_worker, args=(free_port(), str(pth), str(out)), nprocs=1, join=True)
     loaded = torch.load(out)
     for name, value in loaded.items():
         assert torch.equal(value, pretrained.state_dict()[name]), name
+    for name, value in torch.load(tmp_path / "tower.pt").items():
+        assert torch.equal(value, timm_weights[name]), name

@@ -238,7 +238,9 @@ class TimmVisionTower(VisionTowerBase):
                 **timm_kwargs,
             )
 
-        self.backbone = self._setup_options(freeze, dtype, create)
+        # timm loads pretrained weights after building the model: inside zero.Init they would land
+        # in empty placeholders, so a pretrained trunk is built whole and partitioned by the engine.
+        self.backbone = self._setup_options(freeze, dtype, create, trunk_builds_outside_zero_init=bool(pretrained))
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.width: int = self.backbone.num_features
