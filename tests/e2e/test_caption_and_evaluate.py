@@ -1,5 +1,5 @@
 """Captioning trained and evaluated the README way (2-rank ZeRO-3), then the same checkpoint evaluated
-by launch/evaluate.py on one rank and on two: the metrics agree with each other and with training's."""
+by launch/evaluate.py on one rank: the metrics agree with training's own two-rank evaluation."""
 from __future__ import annotations
 
 import html
@@ -31,16 +31,13 @@ def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dic
     assert (run_dir / "reports" / "test_predictions_step_00000060.png").is_file()
 
     final = next(row for row in reversed(rows) if "test/cider" in row)
+    # Training evaluated on two ranks; launch/evaluate.py on one rank must find the same metrics.
     trained = {k: v for k, v in final.items() if k.startswith("val/")}
-    evaluated = {}
-    for name, cmd in (("one", python_cmd), ("two", lambda *a, script: deepspeed_cmd(2, *a, script=script))):
-        out = tmp_path / name
-        result = check(launch(cmd(*CAPTION, f"checkpoint={run_dir}", f"run_dir={out}", "splits=[val]",
-                                  "task.generate.num_beams=2", script="launch/evaluate.py"), e2e_env))
-        assert "evaluated" in result.output and "step 60" in result.output
-        evaluated[name] = json.loads((out / "eval.json").read_text())["metrics"]
-    assert evaluated["one"] == pytest.approx(trained, abs=1e-6)
-    assert evaluated["two"] == pytest.approx(trained, abs=1e-6)
+    out = tmp_path / "one_rank"
+    result = check(launch(python_cmd(*CAPTION, f"checkpoint={run_dir}", f"run_dir={out}", "splits=[val]",
+                                     "task.generate.num_beams=2", script="launch/evaluate.py"), e2e_env))
+    assert "(step 60) on 1 rank(s)" in result.output
+    assert json.loads((out / "eval.json").read_text())["metrics"] == pytest.approx(trained, abs=1e-6)
 
 
 def test_evaluate_names_a_missing_checkpoint(e2e_env: dict[str, str], tmp_path: Path) -> None:
