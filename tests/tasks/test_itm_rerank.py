@@ -72,3 +72,30 @@ def test_two_ranks_give_the_matrices_of_one(tmp_path: Path) -> None:
         i2t, t2i = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(i2t, single[0])
         torch.testing.assert_close(t2i, single[1])
+
+
+def test_every_itm_model_gives_what_reranking_reads() -> None:
+    """BLIP, ALBEF and BLIP-2 give the ITM tokens and the ITC embeddings from one tower forward, and
+    re-ranking runs on them."""
+    from vlforge.models.albef import ALBEF
+    from vlforge.models.blip2 import Blip2Pretrain
+    from vlforge.models.blip_retrieval import BlipRetrieval
+
+    vision = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)
+    text = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
+    qformer = dict(num_queries=4, width=32, layers=2, heads=4, intermediate=64, vocab_size=50, max_len=16)
+    images = torch.randint(0, 255, (3, 3, 32, 32), dtype=torch.uint8)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2], [1, 9, 10, 2]])
+    torch.manual_seed(0)
+    for model in (BlipRetrieval(vision, text, 16), ALBEF(vision, {**text, "layers": 4}, embed_dim=16, fusion_layer=2),
+                  Blip2Pretrain(vision, qformer, embed_dim=16, bos_token_id=3, eos_token_id=2)):
+        model.eval()
+        with torch.no_grad():
+            tokens, embeds = model.image_features(images)
+            torch.testing.assert_close(embeds, model.encode_image(images))
+            sim = torch.rand(3, 3)
+            tok = lambda texts, **kw: {"input_ids": ids[[int(t) for t in texts]], "attention_mask": torch.ones(len(texts), 4, dtype=torch.long)}
+            i2t, t2i = itm_rerank(model, sim, list(tokens), ["0", "1", "2"], tok, 8, 3, torch.device("cpu"))
+        scores = model.itm_match_scores(tokens, ids, torch.ones_like(ids))
+        torch.testing.assert_close(i2t.diagonal(), scores + sim.diagonal())  # every pair re-scored (k = all)
+        assert t2i.shape == (3, 3)

@@ -153,13 +153,14 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self.queue_ptr.fill_(self._host_ptr)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.image(image)[1]
+        return self.image_features(image)[1]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.text_only(input_ids, attention_mask)[1]
 
-    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.image(image)[0]
+    def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens for ITM, normalised ITC embedding)."""
+        return self.model.image(image)
 
     def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.model.text_only(input_ids, attention_mask)

@@ -82,8 +82,13 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
     def num_queries(self) -> int:
         return self.encoder.qformer.num_queries
 
+    def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens for ITM, normalised per-query ITC embeddings [B, Q, E])."""
+        tokens, queries = self.encoder(image)
+        return tokens, F.normalize(self.vision_proj(queries), dim=-1)
+
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.vision_proj(self.encoder(image)[1]), dim=-1)
+        return self.image_features(image)[1]
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder.qformer(input_ids=input_ids, attention_mask=attention_mask)
@@ -94,16 +99,12 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         hidden = self.encoder.qformer(image_tokens, input_ids, attention_mask)
         return self.itm_head(hidden[:, : self.num_queries]).mean(dim=1)
 
-    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder.image_tokens(image)
-
     def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.itm_logits(image_tokens, input_ids, attention_mask)[:, 1]
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
-        image_tokens, queries = self.encoder(batch["image"])
-        image_emb = F.normalize(self.vision_proj(queries), dim=-1)
+        image_tokens, image_emb = self.image_features(batch["image"])
         text_emb = self.encode_text(ids, mask)
         itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
 

@@ -53,7 +53,8 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         self.enc_token_id = enc_token_id
 
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image tokens [B, N, D], normalised ITC embedding [B, E] from the pooled feature (CLS on ViTs))."""
+        """(image tokens [B, N, D], what `itm_match_scores` reads; normalised ITC embedding [B, E] from the
+        pooled feature (CLS on ViTs)). Retrieval evaluation takes both from one tower forward."""
         pooled, tokens = self.vision(image)
         return tokens, F.normalize(self.vision_proj(pooled), dim=-1)
 
@@ -71,10 +72,6 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
             input_ids[:, 0] = self.enc_token_id
         hidden = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
         return self.itm_head(hidden[:, 0])
-
-    def itm_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """What `itm_match_scores` reads of an image (for ITM re-ranking in retrieval evaluation)."""
-        return self.image_features(image)[0]
 
     def itm_match_scores(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] ITM "match" logits of aligned rows."""

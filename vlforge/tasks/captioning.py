@@ -28,7 +28,7 @@ class CaptionTask(ImageTextTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
-        device = next(model.buffers(), next(model.parameters())).device
+        device = next(model.parameters()).device
         local: dict[str, list[Any]] = {"image_id": [], "caption": [], "references": []}
         pixels: list[torch.Tensor] = []
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):

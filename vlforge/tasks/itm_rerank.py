@@ -33,10 +33,11 @@ def _rescore(model: nn.Module, sim: torch.Tensor, k: int, pairs_per_forward: int
     per_rank = math.ceil(sim.shape[0] / world)
     chunk = max(1, pairs_per_forward // k)
     out: dict[int, torch.Tensor] = {}
+    filler = rows[-1] if rows else 0
     for start in range(0, per_rank, chunk):
         real = rows[start : start + chunk]
-        # A rank with fewer rows repeats its last one so that every rank runs the same forwards.
-        padded = (real or rows[-1:] or [0]) + [(real or rows[-1:] or [0])[-1]] * (chunk - len(real))
+        # A rank with fewer rows repeats one so that every rank runs the same forwards (ZeRO-3).
+        padded = real + [filler] * (chunk - len(real))
         top = sim[padded].topk(k, dim=1)
         scores = score_rows(padded, top.indices).float().cpu().view(len(padded), k)
         for i, row in enumerate(real):

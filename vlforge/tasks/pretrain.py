@@ -44,15 +44,19 @@ class ImageTextPretrainTask(ImageTextTask):
         device = next(model.buffers(), torch.empty(0)).device
         tok = load_tokenizer(data.tokenizer)
         rerank = self.retrieval and self.itm_rerank_k > 0
-        if rerank and not hasattr(model, "itm_match_scores"):
+        if rerank and not (hasattr(model, "itm_match_scores") and hasattr(model, "image_features")):
             raise ValueError(f"task.itm_rerank_k needs a model with an ITM head; {type(model).__name__} has none")
         local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": [],
                                        "caption": [], "itm_tokens": []}
         pixels: list[torch.Tensor] = []  # the first few images of this rank, for the predictions table
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
-            image_embeds = model.extract_features(batch, mode="image")["image_embeds"].float().cpu()
-            itm_tokens = model.itm_image_tokens(batch["image"]).cpu() if rerank else None
+            if rerank:  # one tower forward for both: the ITC embeddings and what ITM reads
+                itm_tokens, image_embeds = model.image_features(batch["image"])
+                itm_tokens, image_embeds = itm_tokens.cpu(), image_embeds.float().cpu()
+            else:
+                itm_tokens = None
+                image_embeds = model.extract_features(batch, mode="image")["image_embeds"].float().cpu()
             text_embeds = None
             if self.retrieval and "captions" in batch:
                 flat = [c for caps in batch["captions"] for c in caps]

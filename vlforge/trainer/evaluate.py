@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlforge.trainer.run import start_session
 from vlforge.trainer.tracking import Tracker
-from vlforge.trainer.weights import consolidated_state_dict, load_full_state_dict, resolve_checkpoint
+from vlforge.trainer.weights import consolidated_state_dict, load_into_model, resolve_checkpoint
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -17,7 +17,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     session = start_session(cfg, load_init_weights=False)  # the checkpoint's weights replace them
     run, dist_env, engine = session.run, session.dist_env, session.engine
     step = int(json.loads((checkpoint / "complete.json").read_text())["step"])
-    load_full_state_dict(engine.module, consolidated_state_dict(checkpoint))
+    load_into_model(engine.module, consolidated_state_dict(checkpoint))  # strict: every key both ways
     engine.eval()
     tracker = Tracker(run.logger, session.run_dir, f"{run.name}-eval", OmegaConf.to_container(cfg, resolve=True),
                       dist_env.is_main)

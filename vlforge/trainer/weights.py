@@ -117,12 +117,6 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
     return unexpected
 
 
-def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict strictly (a missing or unexpected key is an error naming it). Under
-    ZeRO-3 the partitions are gathered, overwritten with rank 0's values and partitioned again."""
-    load_into_model(module, state_dict, allow_unexpected=False)
-
-
 def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """"package.module:function" (or "package.module.function") -> the function."""
     module, _, name = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
