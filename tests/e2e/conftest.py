@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,6 +60,18 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("VLFORGE_FAIL_AT_STEP", None)
     return env
+
+
+@pytest.fixture(autouse=True)
+def _remove_deepspeed_shm_buffers() -> Iterator[None]:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a buffer file per rank in /dev/shm, named by
+    the rendezvous port, and a killed rank cannot remove it. Each launch here takes a fresh port, so
+    without this they pile up over a session (about 66 MB a rank) until the machine runs out."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    yield
+    for leftover in (set(shm.glob("deepspeed_allreduce_buffer_*")) - before) if shm.is_dir() else ():
+        leftover.unlink(missing_ok=True)
 
 
 def python_cmd(*args: str, script: str = "launch/train.py") -> list[str]:
