@@ -111,6 +111,8 @@ def test_every_shipped_recipe_composes_validates_and_builds_its_parts(recipe, tm
     from hydra.utils import instantiate
 
     monkeypatch.setenv("VLFORGE_DATA_DIR", str(tmp_path))
+    (tmp_path / "vqav2").mkdir()  # the VQAv2 recipes' rank mode reads its candidate answers at once
+    (tmp_path / "vqav2" / "answer_list.json").write_text('["yes", "no", "2"]')
     cfg = compose_recipe(recipe)
     run = validate_config(cfg)
     assert run.name == recipe

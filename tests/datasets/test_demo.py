@@ -121,7 +121,8 @@ def test_labels_captions_and_answers_agree_with_objects(built):
     for sample in _samples(paths.train) + _samples(paths.test):
         main = sample["objects"][0]
         assert sample["class_name"] == main["shape"] == SHAPES[sample["label"]]
-        assert len(sample["captions"]) == len(set(sample["captions"])) == 5
+        # Every template caption, so equal facts give equal captions (retrieval matches by wording).
+        assert len(sample["captions"]) == len(set(sample["captions"])) == (7 if len(sample["objects"]) == 1 else 8)
         assert all(f"{main['color']} {main['shape']}" in c and c == c.lower() for c in sample["captions"])
         answers = {qa["answer_type"]: qa["answers"] for qa in sample["qa"]}
         assert all(len(qa["answers"]) == 10 for qa in sample["qa"])

@@ -53,6 +53,16 @@ def test_eval_center_crop_takes_the_middle():
     assert out[0, 16, 2] < 20 and out[0, 16, 29] > 235
 
 
+def test_clip_style_center_crop_at_ratio_one():
+    # Shorter side to exactly `size`, then the central square: a 2:1 image loses its outer quarters.
+    image = Image.new("RGB", (64, 32), (0, 0, 0))
+    image.paste((255, 255, 255), (16, 0, 48, 32))  # the central 32 x 32 square is white
+    out = build_image_transform(ImageTransformConfig(size=16, center_crop=True))(image)
+    assert out.shape == (3, 16, 16) and out.min() > 235
+    squashed = build_image_transform(ImageTransformConfig(size=16))(image)
+    assert squashed[0, 8, 0] < 20  # without center_crop the black sides are squeezed in
+
+
 def test_eval_is_deterministic():
     transform = build_image_transform(ImageTransformConfig(size=24, resize_ratio=1.2))
     assert torch.equal(transform(_image()), transform(_image()))

@@ -90,3 +90,20 @@ def test_albef_queue_position_survives_a_state_dict_round_trip() -> None:
     restored.load_state_dict(model.state_dict())
     restored(batch)
     assert int(restored.queue_ptr) == 6 and bool(restored.momentum_ready)
+
+
+def test_albef_without_mlm_trains_itc_and_itm_only() -> None:
+    # ALBEF's retrieval finetune: no masked-LM forward, so the MLM head gets no gradient.
+    from vlforge.models.albef import ALBEF
+
+    torch.manual_seed(0)
+    model = ALBEF(VISION, dict(TEXT, layers=4), embed_dim=16, fusion_layer=2, queue_size=8, mlm=False,
+                  mask_token_id=4, special_token_ids=(0, 1, 2))
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 10, 2], [1, 11, 12, 13, 2], [1, 14, 15, 16, 2]])
+    batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "text_input_ids": ids,
+             "text_attention_mask": torch.ones_like(ids)}
+    out = model(batch)
+    assert set(out.losses) == {"itc", "itm"}
+    out.loss.backward()
+    assert model.model.mlm_head.dense.weight.grad is None
+    assert model.itm_head.weight.grad is not None

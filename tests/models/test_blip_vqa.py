@@ -91,3 +91,20 @@ def test_rank_mode_picks_the_likeliest_candidate(pair, k) -> None:
         keep = first.topk(k, dim=1).indices
         scores = torch.full_like(scores, float("-inf")).scatter(1, keep, scores.gather(1, keep))
     assert best.tolist() == scores.argmax(dim=1).tolist()
+
+
+def test_albef_layout_fuses_upper_layers_and_has_a_shorter_decoder() -> None:
+    # ALBEF VQA: text-only question layers below fusion_layer, a decoder of its own depth.
+    text = dict(TEXT, layers=4)
+    model = BlipVQA(VISION, text, bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, fusion_layer=2, decoder_layers=2)
+    assert [layer.cross_attention is not None for layer in model.text_encoder.layers] == [False, False, True, True]
+    assert len(model.text_decoder.layers) == 2
+    assert all(layer.cross_attention is not None for layer in model.text_decoder.layers)
+    pixels, _, question = _inputs()
+    answer = torch.tensor([[BOS, 20, 21, SEP], [BOS, 22, SEP, PAD]])
+    out = model({"image": pixels, "question_input_ids": question, "question_attention_mask": torch.ones_like(question),
+                 "answer_input_ids": answer, "answer_attention_mask": (answer != PAD).long()})
+    out.loss.backward()
+    assert model.text_encoder.layers[0].attention.query_key_value.weight.grad is not None  # text-only layers train too
+    with pytest.raises(ValueError, match="fusion_layer"):
+        BlipVQA(VISION, text, bos_token_id=BOS, eos_token_id=SEP, fusion_layer=4)

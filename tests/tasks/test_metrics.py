@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlforge.tasks.metrics.classification import topk_accuracy
+from vlforge.tasks.metrics.classification import per_class_accuracy, topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
 
 # --- topk_accuracy ----------------------------------------------------------------------------------
@@ -33,6 +33,11 @@ def test_topk_accuracy_by_hand():
     # Per class top-1: class 0 rows {0, 1, 3} -> 2/3, class 2 row {2} -> 1; class 1 has no sample and is skipped.
     assert out["mean_per_class"] == pytest.approx((2 / 3 + 1.0) / 2)
     assert set(out) == {"top1", "top2", "top5", "mean_per_class"}
+
+
+def test_per_class_accuracy_skips_classes_without_samples():
+    # class 0: rows 0, 1 right, row 3 wrong; class 1 has no sample; class 2: row 2 right.
+    assert per_class_accuracy(SCORES, LABELS) == pytest.approx({0: 2 / 3, 2: 1.0})
 
 
 def test_topk_accuracy_default_ks():
@@ -107,3 +112,28 @@ def test_recall_at_k_image_without_caption_is_never_retrieved():
     assert out["txt_r1"] == pytest.approx(0.5)  # image 1 has no caption
     assert out["txt_r2"] == pytest.approx(0.5)
     assert out["img_r1"] == pytest.approx(1.0)
+
+
+def test_recall_at_k_matching_by_wording():
+    # 3 images; image 0 and image 2 both have the caption "a red circle" (texts 0 and 4).
+    captions = ["a red circle", "a red circle left of a square", "a blue star", "a big blue star", "a red circle"]
+    text_to_image = [0, 0, 1, 1, 2]
+    sim = torch.tensor([
+        [0.2, 0.1, 0.0, 0.0, 0.9],  # image 0's best text is image 2's "a red circle": same wording -> hit
+        [0.0, 0.0, 0.1, 0.8, 0.95],  # image 1: "a red circle" beats its own captions -> rank 1
+        [0.9, 0.0, 0.0, 0.0, 0.1],  # image 2's best text is image 0's "a red circle" -> hit
+    ])
+    by_id = recall_at_k(sim, text_to_image, ks=(1,))
+    by_wording = recall_at_k(sim, text_to_image, ks=(1,), captions=captions)
+    assert by_id["txt_r1"] == pytest.approx(0.0)
+    assert by_wording["txt_r1"] == pytest.approx(2 / 3)
+    # text -> image: text 0 ranks image 2 first (0.9): a hit by wording (image 2 has "a red circle"),
+    # a miss by id; text 1 ranks image 0 first; texts 2, 3 rank image 1 first (hits); text 4 ranks image 1
+    # (0.95) above both images worded "a red circle": a miss either way.
+    assert by_id["img_r1"] == pytest.approx(3 / 5)
+    assert by_wording["img_r1"] == pytest.approx(4 / 5)
+
+
+def test_recall_at_k_captions_must_match_texts():
+    with pytest.raises(ValueError, match="2 captions for 3 texts"):
+        recall_at_k(torch.zeros(2, 3), [0, 0, 1], captions=["a", "b"])

@@ -37,7 +37,7 @@ from vlforge.datasets.demo_tokenizer import save_wordpiece_tokenizer
 from vlforge.datasets.writer import ShardWriter
 
 # Bump whenever generation changes, so cached datasets built by older code are rebuilt.
-FORMAT_VERSION = 2  # 2: count answers are digits, as VQAv2 writes them
+FORMAT_VERSION = 3  # 2: count answers are digits, as VQAv2 writes them; 3: every template caption
 JPEG_QUALITY = 90
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 TOKENIZER_MAX_LENGTH = 128
@@ -114,7 +114,7 @@ def _generate_split(split: str, cfg: DemoConfig) -> Iterator[tuple[str, bytes, d
         key = f"{split}_{index:06d}"
         meta = {
             "image_id": key,
-            "captions": scene_captions(scene, rng),
+            "captions": scene_captions(scene),
             "label": SHAPES.index(scene.main.shape),
             "class_name": scene.main.shape,
             "qa": scene_questions(scene, rng),

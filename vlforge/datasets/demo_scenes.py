@@ -221,8 +221,10 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def scene_captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str]:
-    """`count` different lowercase captions; every one names the main object's colour and shape."""
+def scene_captions(scene: Scene) -> list[str]:
+    """Every caption the demo's templates say of `scene` (7 or 8, lowercase), each naming the main
+    object's colour and shape. All of them, not a sample: two scenes that agree on a caption's facts
+    both carry it, so retrieval can count any image with the query's wording as a hit."""
     main, others = scene.main, list(scene.objects[1:])
     bg = scene.background.kind
     templates = [
@@ -249,7 +251,7 @@ def scene_captions(scene: Scene, rng: random.Random, count: int = 5) -> list[str
             f"{NUMBER_WORDS[len(scene.objects)]} shapes: {everything}",
             f"{_name(main)} with {n_others} smaller shape{plural}",
         ]
-    return rng.sample(templates, min(count, len(templates)))
+    return templates
 
 
 def _qa(question: str, answer: str, answer_type: str) -> dict:

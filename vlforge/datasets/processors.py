@@ -23,8 +23,10 @@ class ImageTransformConfig:
     randaugment_n: int = 2
     randaugment_m: int = 9
     # Eval: resize the shorter side to size * resize_ratio, then center-crop `size`.
-    # 1.0 resizes straight to size x size (aspect ratio not kept), as BLIP-style eval does.
+    # 1.0 resizes straight to size x size (aspect ratio not kept), as BLIP-style eval does, unless
+    # center_crop is set (CLIP and timm eval: shorter side to size, then the central square).
     resize_ratio: float = 1.0
+    center_crop: bool = False
 
 
 class ConvertRGB:
@@ -57,7 +59,7 @@ def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], 
             steps.append(v2.RandomHorizontalFlip())
         if cfg.randaugment:
             steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m, interpolation=bicubic))
-    elif cfg.resize_ratio == 1.0:
+    elif cfg.resize_ratio == 1.0 and not cfg.center_crop:
         steps.append(v2.Resize((cfg.size, cfg.size), interpolation=bicubic, antialias=True))
     else:
         if cfg.resize_ratio < 1.0:

@@ -66,7 +66,8 @@ class _Encoders(nn.Module):
 
 
 class ALBEF(DualEncoderFeatures, nn.Module):
-    """Loss = ITC + ITM + MLM (logged as itc, itm, mlm).
+    """Loss = ITC + ITM + MLM (logged as itc, itm, mlm); `mlm=False` drops MLM, as ALBEF's retrieval
+    finetune does (the MLM head is then left untrained).
 
     Momentum parameters follow the model as m <- momentum * m + (1 - momentum) * p, computed on each
     rank's own storage: under ZeRO-3 that is the rank's partition, laid out as the model parameter's,
@@ -84,6 +85,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         momentum: float = 0.995,
         alpha: float = 0.4,
         mlm_probability: float = 0.15,
+        mlm: bool = True,
         mask_token_id: int = 103,
         special_token_ids: tuple[int, ...] = (0, 101, 102),
         init_temperature: float = 0.07,
@@ -94,7 +96,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self.momentum_model.requires_grad_(False)
         self.itm_head = nn.Linear(self.model.text.width, 2)
         self.logit_scale = LogitScale(init_temperature, 100.0)
-        self.momentum, self.alpha, self.mlm_probability = momentum, alpha, mlm_probability
+        self.momentum, self.alpha, self.mlm_probability, self.mlm = momentum, alpha, mlm_probability, mlm
         self.mask_token_id, self.special_token_ids = mask_token_id, tuple(special_token_ids)
         self.vocab_size = text["vocab_size"]
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
@@ -211,6 +213,8 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
         itm = F.cross_entropy(self.itm_head(fused[:, 0]).float(), labels)
 
+        if not self.mlm:  # ALBEF's retrieval finetune: ITC + ITM only
+            return ModelOutput(loss=itc + itm, losses={"itc": itc.detach(), "itm": itm.detach()})
         masked_ids, mlm_labels = self._mask_tokens(ids)
         hidden_masked, _ = self.model.text_only(masked_ids, mask)
         logits = self.model.mlm_head(self.model.fuse(hidden_masked, mask, image_tokens)).float()

@@ -10,6 +10,7 @@ import os
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -120,8 +121,12 @@ class Blip2CausalLM(nn.Module):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                             max_new_tokens=max_new_tokens, **generate_kwargs)
 
-    def generate(self, samples: Mapping[str, Any], max_new_tokens: int = 30, **generate_kwargs: Any) -> list[str]:
-        """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt."""
+    def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 5,
+                 max_length: int = 30, min_length: int = 1, top_p: float = 0.9,
+                 repetition_penalty: float = 1.0) -> list[str]:
+        """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt; LAVIS's
+        arguments (lengths count new tokens). With several ranks every rank keeps stepping until all
+        are done (transformers' synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
         if self.tokenizer_name is None:
             raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
         from vlforge.datasets.collate import load_tokenizer
@@ -130,6 +135,9 @@ class Blip2CausalLM(nn.Module):
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_new_tokens,
-                                eos_token_id=eos, pad_token_id=tok.pad_token_id, **generate_kwargs)
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_length, min_new_tokens=min_length,
+                                num_beams=num_beams, do_sample=use_nucleus_sampling,
+                                top_p=top_p if use_nucleus_sampling else None, repetition_penalty=repetition_penalty,
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=synced)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]

@@ -17,6 +17,10 @@ class BlipVQA(nn.Module):
     """Questions arrive as `question_input_ids/attention_mask`, answers (training) as
     `answer_input_ids/attention_mask`, both `[CLS] ... [SEP]` from the collator; the decoder reads
     `[DEC] answer [SEP]` and every answer token is scored.
+
+    ALBEF's VQA model is the same design with two differences, set by arguments: its question encoder
+    fuses the image only from `fusion_layer` up (layers below are text-only), and its answer decoder
+    has `decoder_layers` (6) of the encoder's 12.
     """
 
     def __init__(
@@ -28,12 +32,19 @@ class BlipVQA(nn.Module):
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
+        fusion_layer: int = 0,
+        decoder_layers: int | None = None,
     ) -> None:
         super().__init__()
         self.vision = build_vision_tower(vision)
-        self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
+        layers = text.get("layers", 12)
+        if not 0 <= fusion_layer < layers:
+            raise ValueError(f"fusion_layer must be between 0 and text.layers-1 ({layers - 1}), got {fusion_layer}")
+        self.text_encoder = BertTextModel(**{**text, "cross_attention_layers": range(fusion_layer, layers),
+                                             "encoder_width": self.vision.width})
         width = self.text_encoder.width
-        self.text_decoder = BertTextModel(**{"cross_attention_layers": "all", **text, "encoder_width": width})
+        self.text_decoder = BertTextModel(**{**text, "layers": decoder_layers or layers,
+                                             "cross_attention_layers": "all", "encoder_width": width})
         self.lm_head = BertLMHead(width, text["vocab_size"], tied_embedding=self.text_decoder.word_embeddings)
         self.tokenizer_name, self.label_smoothing = tokenizer, label_smoothing
         self.bos_token_id, self.eos_token_id, self.pad_token_id, _ = special_token_ids(

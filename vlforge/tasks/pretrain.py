@@ -11,9 +11,10 @@ from vlforge.datasets.collate import load_tokenizer
 from vlforge.models.contrastive import image_text_similarity
 from vlforge.tasks.base import EvalResult, ImageTextTask, gather_objects, lockstep, to_device
 from vlforge.tasks.itm_rerank import itm_rerank
-from vlforge.tasks.metrics.classification import topk_accuracy
+from vlforge.tasks.metrics.classification import per_class_accuracy, topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
-from vlforge.tasks.zero_shot import build_zero_shot_classifier, describe, load_class_names, zero_shot_scores
+from vlforge.tasks.zero_shot import (build_zero_shot_classifier, describe, load_class_names, load_templates,
+                                     zero_shot_scores)
 from vlforge.trainer.distributed import DistEnv
 
 
@@ -21,21 +22,28 @@ class ImageTextPretrainTask(ImageTextTask):
     """Train on (image, caption) pairs; evaluate with zero-shot classification and/or ITC retrieval.
 
     `zero_shot_classes` is a list or a JSON file of class names (samples need a `label`);
-    `zero_shot_templates` are prompts with '{}' for the class name; `retrieval` scores image<->text
+    `zero_shot_templates` are prompts with '{}' for the class name (a list, or a file of them, one per
+    line or a JSON list); `retrieval` scores image<->text
     recall@1/5/10 over every caption of the split; `itm_rerank_k` > 0 re-ranks each image's and each
     text's top-k by the model's ITM head (BLIP / ALBEF / BLIP-2 evaluation), reported as `itm_*`
-    beside the ITC recall.
+    beside the ITC recall. `retrieval_match` "image" counts only the image a caption was written for
+    (COCO, Flickr); "wording" also counts images with an identically worded caption (templated data
+    such as the demo's, where many scenes share "a large red circle").
     """
 
     def __init__(
         self,
         zero_shot_classes: Sequence[str] | str | None = None,
-        zero_shot_templates: Sequence[str] = ("a photo of a {}.",),
+        zero_shot_templates: Sequence[str] | str = ("a photo of a {}.",),
         retrieval: bool = True,
         itm_rerank_k: int = 0,
+        retrieval_match: str = "image",
     ) -> None:
+        if retrieval_match not in ("image", "wording"):
+            raise ValueError(f"task.retrieval_match must be 'image' or 'wording', got {retrieval_match!r}")
+        self.retrieval_match = retrieval_match
         self.zero_shot_classes = zero_shot_classes
-        self.zero_shot_templates = list(zero_shot_templates)
+        self.zero_shot_templates = load_templates(zero_shot_templates)
         self.retrieval = retrieval
         self.itm_rerank_k = itm_rerank_k
 
@@ -95,6 +103,9 @@ class ImageTextPretrainTask(ImageTextTask):
             scores = zero_shot_scores(image_embeds, classifier)
             labels = torch.tensor(merged["label"])
             result.metrics.update({f"zeroshot_{k}": v for k, v in topk_accuracy(scores, labels).items()})
+            counts = torch.bincount(labels, minlength=len(names)).tolist()
+            result.results = [{"class": names[c], "top1": acc, "num_images": counts[c]}
+                              for c, acc in per_class_accuracy(scores, labels).items()]
             # Rank 0's rows come first in the merged order, so its pixels line up with the first rows.
             result.table_columns = ["image", "image_id", "label", "prediction"]
             result.table_rows = [[px, i, d["label"], d["prediction"]]
@@ -103,11 +114,12 @@ class ImageTextPretrainTask(ImageTextTask):
             index = {image_id: i for i, image_id in enumerate(merged["image_id"])}
             sim = image_text_similarity(image_embeds, torch.stack(merged["text"]))
             owners = [index[owner] for owner in merged["text_owner"]]
-            result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners).items()})
+            wording = merged["caption"] if self.retrieval_match == "wording" else None
+            result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners, captions=wording).items()})
             if rerank:
                 i2t, t2i = itm_rerank(model, sim, merged["itm_tokens"], merged["caption"], tok, data.max_text_len,
                                       self.itm_rerank_k, device)
-                result.metrics.update({f"retrieval_itm_{k}": v for k, v in recall_at_k(i2t, owners, sim_t2i=t2i).items()})
+                result.metrics.update({f"retrieval_itm_{k}": v for k, v in recall_at_k(i2t, owners, sim_t2i=t2i, captions=wording).items()})
         return result
 
 

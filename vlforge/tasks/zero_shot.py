@@ -26,6 +26,21 @@ def load_class_names(classes: Sequence[str] | str) -> list[str]:
     return names
 
 
+def load_templates(templates: Sequence[str] | str) -> list[str]:
+    """Prompt templates with '{}' for the class name: a list in the recipe, or a file holding a JSON
+    list or one template per line."""
+    if isinstance(templates, str):
+        if not os.path.isfile(templates):
+            raise FileNotFoundError(f"zero-shot templates file '{templates}' does not exist")
+        with open(templates, encoding="utf-8") as handle:
+            text = handle.read()
+        templates = json.loads(text) if text.lstrip().startswith("[") else [l.strip() for l in text.splitlines() if l.strip()]
+    out = [str(t) for t in templates]
+    if not out or any("{}" not in t for t in out):
+        raise ValueError(f"zero-shot templates must each contain '{{}}', got {out}")
+    return out
+
+
 @torch.no_grad()
 def build_zero_shot_classifier(
     model: nn.Module,

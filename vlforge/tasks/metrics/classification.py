@@ -10,7 +10,12 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     order = scores.argsort(dim=1, descending=True)
     hits = order == labels[:, None]
     out = {f"top{k}": hits[:, : min(k, num_classes)].any(dim=1).float().mean().item() for k in ks}
-    top1 = hits[:, 0].float()
-    per_class = [top1[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
+    per_class = list(per_class_accuracy(scores, labels).values())
     out["mean_per_class"] = sum(per_class) / len(per_class)
     return out
+
+
+def per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Top-1 accuracy of each class that has at least one sample, by class index."""
+    top1 = (scores.argmax(dim=1) == labels).float()
+    return {c: top1[labels == c].mean().item() for c in range(scores.shape[1]) if (labels == c).any()}
