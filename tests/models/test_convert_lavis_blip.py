@@ -158,10 +158,10 @@ def test_a_lavis_pretraining_checkpoint_starts_a_captioner_at_another_image_size
     del lavis["idx_queue"]
     torch.save({"model": lavis, "config": {"note": "LAVIS keeps more than weights"}}, tmp_path / "pretrain.pth")
     captioner = BlipCaptioner({**VISION, "img_size": 48}, TEXT, bos_token_id=1, eos_token_id=2)
-    loaded, left_out = init_weights(captioner, str(tmp_path / "pretrain.pth"),
-                                    "vlforge.models.convert_lavis:blip_pretrain_from_lavis")
+    loaded, report = init_weights(captioner, str(tmp_path / "pretrain.pth"),
+                                  "vlforge.models.convert_lavis:blip_pretrain_from_lavis")
     assert loaded == len(captioner.state_dict())
-    assert {"vision_proj.weight", "itm_head.weight", "logit_scale.log_scale"} <= set(left_out)
+    assert {"vision_proj.weight", "itm_head.weight", "logit_scale.log_scale"} <= set(report.unexpected)
     assert captioner.vision.backbone.pos_embed.shape == (1, 1 + 36, VISION_WIDTH)
     reference = BlipPretrain(VISION, TEXT, embed_dim=EMBED, bos_token_id=1, eos_token_id=2)
     load_mapped(reference, blip_pretrain_from_lavis(lavis))

@@ -50,16 +50,35 @@ def test_a_finetune_starts_from_pretrained_weights(tmp_path: Path) -> None:
     pretrained, pth = _pretrained(tmp_path)
     torch.manual_seed(1)
     vqa = BlipVQA(VISION, TEXT, bos_token_id=1, eos_token_id=2)
-    loaded, left_out = init_weights(vqa, str(pth))
+    loaded, report = init_weights(vqa, str(pth))
     for name, value in vqa.state_dict().items():
         assert torch.equal(value, pretrained.state_dict()[name]), name
     assert loaded == len(vqa.state_dict())
-    assert "vision_proj.weight" in left_out and "itm_head.weight" in left_out  # pretraining heads: no place in VQA
+    assert "vision_proj.weight" in report.unexpected and "itm_head.weight" in report.unexpected  # pretraining heads
     bigger = BlipVQA(VISION, {**TEXT, "layers": 3}, bos_token_id=1, eos_token_id=2)
     with pytest.raises(CheckpointError, match=r"missing \['text_encoder.layers.2"):
         init_weights(bigger, str(pth))
     with pytest.raises(CheckpointError, match="cannot import 'vlforge.models.convert_lavis:nothing'"):
         init_weights(vqa, str(pth), "vlforge.models.convert_lavis:nothing")
+
+
+def test_a_partial_start_keeps_the_weights_the_checkpoint_lacks_or_shapes_differently(tmp_path: Path) -> None:
+    pretrained, pth = _pretrained(tmp_path)
+    torch.manual_seed(1)
+    bigger = BlipVQA(VISION, {**TEXT, "layers": 3, "intermediate": 80}, bos_token_id=1, eos_token_id=2)
+    fresh = {k: v.clone() for k, v in bigger.state_dict().items()}
+    loaded, report = init_weights(bigger, str(pth), partial=True)
+    assert report.missing and all(k.startswith(("text_encoder.layers.2.", "text_decoder.layers.2.")) for k in report.missing)
+    assert report.mismatched and all(".intermediate." in k or ".output." in k for k in report.mismatched)
+    for name, value in bigger.state_dict().items():
+        if name in report.missing or name in report.mismatched:
+            assert torch.equal(value, fresh[name]), name  # kept its initialisation
+        else:
+            assert torch.equal(value, pretrained.state_dict()[name]), name
+    assert loaded == len(bigger.state_dict()) - len(report.missing) - len(report.mismatched)
+    with pytest.raises(CheckpointError, match="no weight that fits"):
+        torch.save({"other.weight": torch.zeros(2)}, tmp_path / "unrelated.pt")
+        init_weights(bigger, str(tmp_path / "unrelated.pt"), partial=True)
 
 
 def test_vit_position_embeddings_follow_the_image_size(tmp_path: Path) -> None:

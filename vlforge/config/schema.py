@@ -38,8 +38,11 @@ class TrainerConfig:
     # (.pth/.pt/.bin/.safetensors, e.g. a LAVIS or HF checkpoint). `init_converter` ("module:function",
     # e.g. vlforge.models.convert_lavis:blip_caption_from_lavis) maps its keys to the model's first.
     # Every model weight must be found; checkpoint keys the model lacks are listed and left out.
+    # `init_partial`: model weights the checkpoint lacks or holds in another shape keep their fresh
+    # initialisation instead (listed), e.g. a task model started from another model's tower.
     init_from: Optional[str] = None
     init_converter: Optional[str] = None
+    init_partial: bool = False
     record_sample_keys: bool = False  # write the keys of every batch to samples_rank{r}.jsonl
     seed: int = 42
 

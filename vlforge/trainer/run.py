@@ -66,6 +66,10 @@ class Session:
     global_batch: int
 
 
+def _listed(what: str, keys: list[str]) -> str:
+    return f"; {len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else ""
+
+
 def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
     """`load_init_weights`: start the model from `trainer.init_from` when the recipe names one."""
     run: RunConfig = validate_config(cfg)
@@ -86,10 +90,11 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
         model = instantiate(cfg.model, _convert_="all")
     if load_init_weights and run.trainer.init_from:
         # Before deepspeed.initialize, so the optimizer's fp32 master weights start from these values.
-        loaded, left_out = init_weights(model, run.trainer.init_from, run.trainer.init_converter)
+        loaded, report = init_weights(model, run.trainer.init_from, run.trainer.init_converter, run.trainer.init_partial)
         _say(dist_env, f"vlforge: {loaded} weights from {run.trainer.init_from}"
-             + (f"; {len(left_out)} checkpoint entries the model has no place for were left out "
-                f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''})" if left_out else ""))
+             + _listed("checkpoint entries the model has no place for were left out", report.unexpected)
+             + _listed("model weights the checkpoint lacks keep their initialisation", report.missing)
+             + _listed("model weights the checkpoint shapes differently keep their initialisation", report.mismatched))
     engine = build_engine(model, run, ds_config)
     return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch)
 

@@ -2,6 +2,8 @@
 ZeRO-3 partitioned) model: what evaluation and export need, whatever stage and world size trained it."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import contextlib
 import importlib
 from pathlib import Path
@@ -90,10 +92,20 @@ def _fit_position_embeddings(state_dict: dict[str, torch.Tensor], expected: dict
     return out
 
 
-def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False) -> list[str]:
+@dataclass
+class LoadReport:
+    """What a load left aside: checkpoint keys the model lacks, and (partial loads only) model weights
+    the checkpoint lacks or holds in another shape, which keep their initialisation."""
+    unexpected: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+
+def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False,
+                    partial: bool = False) -> LoadReport:
     """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
-    has wrapped it); every model key must be there with its shape. Returns the checkpoint keys the model
-    does not have, which are an error unless `allow_unexpected`."""
+    has wrapped it). Every model key must be there with its shape unless `partial`; checkpoint keys
+    the model does not have are an error unless `allow_unexpected`."""
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
     if partitioned:
@@ -107,14 +119,17 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
         state_dict = _fit_position_embeddings(state_dict, expected)
         missing = [k for k in expected if k not in state_dict]
         unexpected = sorted(k for k in state_dict if k not in expected)
-        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-        if missing or shapes or (unexpected and not allow_unexpected):
+        mismatched = [k for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
+        if ((missing or shapes) and not partial) or (unexpected and not allow_unexpected):
             raise CheckpointError(f"checkpoint does not fit {type(module).__name__}: missing {missing[:10]} "
                                   f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), "
                                   f"shape mismatches {shapes[:10]}")
-        module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True)
-    return unexpected
+        fitting = {k: v for k, v in state_dict.items() if k in expected and k not in mismatched}
+        if not fitting:
+            raise CheckpointError(f"checkpoint has no weight that fits {type(module).__name__}")
+        module.load_state_dict(fitting, strict=not partial)
+    return LoadReport(unexpected, missing, mismatched)
 
 
 def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -126,11 +141,12 @@ def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[s
         raise CheckpointError(f"trainer.init_converter: cannot import {dotted!r} ({err})") from None
 
 
-def init_weights(module: nn.Module, init_from: str, converter: str | None = None) -> tuple[int, list[str]]:
-    """Start `module` from other weights (`trainer.init_from`); returns (weights loaded, checkpoint keys
-    left out because the model has no such weight)."""
+def init_weights(module: nn.Module, init_from: str, converter: str | None = None, partial: bool = False) -> tuple[int, LoadReport]:
+    """Start `module` from other weights (`trainer.init_from`); returns (weights loaded, what was left
+    aside). `partial` (`trainer.init_partial`) lets model weights the checkpoint lacks or shapes
+    differently keep their initialisation."""
     state = read_weights(init_from)
     if converter:
         state = resolve_converter(converter)(state)
-    left_out = load_into_model(module, state, allow_unexpected=True)
-    return len(state) - len(left_out), left_out
+    report = load_into_model(module, state, allow_unexpected=True, partial=partial)
+    return len(state) - len(report.unexpected) - len(report.mismatched), report
