@@ -107,3 +107,16 @@ def test_albef_without_mlm_trains_itc_and_itm_only() -> None:
     out.loss.backward()
     assert model.model.mlm_head.dense.weight.grad is None
     assert model.itm_head.weight.grad is not None
+
+
+def test_albef_distillation_weight_ramps_up_and_resumes_where_it_was() -> None:
+    from vlforge.models.albef import ALBEF
+
+    kwargs = dict(embed_dim=16, fusion_layer=2, queue_size=8, alpha=0.4, alpha_warmup_steps=2, mask_token_id=4,
+                  special_token_ids=(0, 1, 2))
+    model = ALBEF(VISION, dict(TEXT, layers=4), **kwargs)
+    assert [model._next_alpha() for _ in range(2)] == pytest.approx([0.0, 0.2])
+    resumed = ALBEF(VISION, dict(TEXT, layers=4), **kwargs)
+    resumed.load_state_dict(model.state_dict())
+    assert [resumed._next_alpha() for _ in range(2)] == pytest.approx([0.4, 0.4])
+    assert ALBEF(VISION, dict(TEXT, layers=4), **{**kwargs, "alpha_warmup_steps": 0})._next_alpha() == 0.4

@@ -113,20 +113,21 @@ def test_srun_launcher_maps_slurm_variables():
     assert env["LOCAL_RANK"] == "1"
     assert env["LOCAL_WORLD_SIZE"] == "4"
     assert env["MASTER_ADDR"] == "node1"
-    assert env["MASTER_PORT"] == str(20000 + 1234 % 20000)
+    assert env["MASTER_PORT"] == str(20000 + 1234 * 7 % 20000)
     dist_env = read_dist_env(env)
     assert (dist_env.rank, dist_env.world_size, dist_env.local_rank, dist_env.local_world_size) == (3, 8, 1, 4)
-    assert (dist_env.master_addr, dist_env.master_port, dist_env.launcher) == ("node1", 21234, "slurm")
+    assert (dist_env.master_addr, dist_env.master_port, dist_env.launcher) == ("node1", 28638, "slurm")
 
 
-def test_srun_port_is_job_specific():
+def test_srun_port_is_job_and_restart_specific():
     ports = set()
-    for job in ("1234", "1235"):
-        env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n1", "SLURM_JOB_ID": job}
+    for job, restart in (("1234", "0"), ("1235", "0"), ("1234", "1")):  # a requeued job keeps its id
+        env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "n1", "SLURM_JOB_ID": job,
+               "SLURM_RESTART_COUNT": restart}
         prepare_launch_env(["train.py"], env)
         ports.add(int(env["MASTER_PORT"]))
         assert 20000 <= int(env["MASTER_PORT"]) < 40000
-    assert len(ports) == 2
+    assert len(ports) == 3
 
 
 def test_plain_python_is_a_single_process_job():

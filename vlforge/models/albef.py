@@ -86,6 +86,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         alpha: float = 0.4,
         mlm_probability: float = 0.15,
         mlm: bool = True,
+        alpha_warmup_steps: int = 0,
         mask_token_id: int = 103,
         special_token_ids: tuple[int, ...] = (0, 101, 102),
         init_temperature: float = 0.07,
@@ -103,14 +104,31 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("momentum_ready", torch.zeros(1, dtype=torch.bool))
+        # Training forwards so far: distillation weight alpha ramps up over the first
+        # `alpha_warmup_steps` of them (ALBEF ramps it over its first epoch), from a momentum model
+        # that knows nothing yet to one worth imitating. A buffer, so a resumed run ramps on exactly.
+        self.alpha_warmup_steps = alpha_warmup_steps
+        self.register_buffer("forward_steps", torch.zeros(1, dtype=torch.long))
         # Host copies of the two buffers, read from the device once (after construction or a load), so
         # the step does not wait on the GPU to learn where the queue is.
         self._host_ptr: int | None = None
         self._host_ready: bool | None = None
+        self._host_steps: int | None = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._host_ptr = self._host_ready = None
+        self._host_ptr = self._host_ready = self._host_steps = None
+
+    def _next_alpha(self) -> float:
+        """This forward's distillation weight; counts the forward."""
+        if self._host_steps is None:
+            self._host_steps = int(self.forward_steps)
+        steps = self._host_steps
+        self._host_steps += 1
+        self.forward_steps.fill_(self._host_steps)
+        if not self.alpha_warmup_steps:
+            return self.alpha
+        return self.alpha * min(1.0, steps / self.alpha_warmup_steps)
 
     def _pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return zip(self.model.parameters(), self.momentum_model.parameters())
@@ -185,6 +203,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask, image = batch["text_input_ids"], batch["text_attention_mask"], batch["image"]
         scale = self.logit_scale()
+        alpha = self._next_alpha()
         image_tokens, image_feat = self.model.image(image)
         text_hidden, text_feat = self.model.text_only(ids, mask)
 
@@ -196,8 +215,8 @@ class ALBEF(DualEncoderFeatures, nn.Module):
             text_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
             targets = torch.zeros(ids.shape[0], image_all.shape[1], device=ids.device)
             targets.fill_diagonal_(1)
-            i2t_targets = self.alpha * (scale * image_feat_m @ text_all).softmax(1) + (1 - self.alpha) * targets
-            t2i_targets = self.alpha * (scale * text_feat_m @ image_all).softmax(1) + (1 - self.alpha) * targets
+            i2t_targets = alpha * (scale * image_feat_m @ text_all).softmax(1) + (1 - alpha) * targets
+            t2i_targets = alpha * (scale * text_feat_m @ image_all).softmax(1) + (1 - alpha) * targets
         i2t = -(F.log_softmax(scale * image_feat @ text_all, dim=1) * i2t_targets).sum(1).mean()
         t2i = -(F.log_softmax(scale * text_feat @ image_all, dim=1) * t2i_targets).sum(1).mean()
         itc = (i2t + t2i) / 2
@@ -229,6 +248,6 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         hard = (F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=-100, reduction="none")
                 * scored.flatten()).sum() / count
         distilled = (-(soft * logits.log_softmax(-1)).sum(-1) * scored).sum() / count
-        mlm = (1 - self.alpha) * hard + self.alpha * distilled
+        mlm = (1 - alpha) * hard + alpha * distilled
         loss = itc + itm + mlm
         return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()})

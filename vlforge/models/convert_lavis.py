@@ -251,6 +251,7 @@ def albef_from_lavis(state_dict: Mapping[str, torch.Tensor], token_types: str = 
     out.update(_prefixed("itm_head.", _linear(ckpt, "itm_head")))
     out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
     out["momentum_ready"] = torch.tensor([has_momentum])
+    out["forward_steps"] = torch.zeros(1, dtype=torch.long)  # a finetune ramps alpha up again, as LAVIS's does
     if queues:
         for name in ("image_queue", "text_queue", "queue_ptr"):
             out[name] = ckpt.get(name)

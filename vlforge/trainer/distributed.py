@@ -69,6 +69,13 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_master_port(env: MutableMapping[str, str]) -> int:
+    """A port unique to the job and to each of its restarts: two jobs sharing a node do not collide,
+    and a requeued job (same id) does not wait on its previous run's socket."""
+    job, restart = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0"))
+    return 20000 + (job * 7 + restart) % 20000
+
+
 def _detect_launcher(env: MutableMapping[str, str], argv_local_rank: int | None) -> str:
     if argv_local_rank is not None:
         return "deepspeed"
@@ -100,8 +107,7 @@ def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, s
         env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
         nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
         env.setdefault("MASTER_ADDR", nodes[0] if nodes else "localhost")
-        # A job-unique port so that two jobs sharing a node do not collide.
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env)))
     elif launcher == "python":
         env.setdefault("RANK", "0")
         env.setdefault("WORLD_SIZE", "1")

@@ -18,6 +18,7 @@ from vlforge.datasets.loader import ShardLoader
 from vlforge.tasks.base import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
 from vlforge.trainer.distributed import DistEnv
+from vlforge.trainer.preemption import StopRequest
 from vlforge.trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class Trainer:
         fail_at = os.environ.get(FAIL_AT_STEP_ENV)
         self.fail_at_step = int(fail_at) if fail_at else None
         self._keys_file = None
+        self.stopped_by: signal.Signals | None = None
+        self.stopped_at: int | None = None
         if run.trainer.record_sample_keys:
             self._keys_file = open(self.run_dir / f"samples_rank{dist_env.rank}.jsonl", "a", encoding="utf-8")
 
@@ -157,6 +160,17 @@ class Trainer:
         return metrics
 
     def fit(self, start_step: int) -> dict[str, float]:
+        """Train to max_steps, or until a stop signal (`preemption.py`): then `stopped_by` names it and
+        the step reached is saved, with no final evaluation."""
+        stop_request = StopRequest(self.device)  # before the loader's workers fork
+        try:
+            return self._fit(start_step, stop_request)
+        finally:
+            stop_request.restore()
+            if self._keys_file is not None:
+                self._keys_file.close()
+
+    def _fit(self, start_step: int, stop_request: StopRequest) -> dict[str, float]:
         cfg = self.run.trainer
         meter = LossMeter(self.device)
         batches = iter(self.loader)
@@ -179,14 +193,20 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 self._evaluate(step, ("val",))
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            saved = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
+            if saved:
                 self.save(step)
+            self.stopped_by = stop_request.agreed()
+            if self.stopped_by is not None:
+                progress.close()
+                if not saved:
+                    self.save(step)
+                self.stopped_at = step
+                return {}
         progress.close()
         final: dict[str, float] = {}
         if cfg.save_at_end:
             self.save(step)
         if cfg.eval_at_end:
             final = self._evaluate(step, ("val", "test"))
-        if self._keys_file is not None:
-            self._keys_file.close()
         return final

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_
 from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
 from vlforge.trainer.loop import Trainer
+from vlforge.trainer.preemption import requeue_slurm_job
 from vlforge.trainer.tracking import Tracker
 from vlforge.trainer.weights import init_weights
 
@@ -64,6 +66,19 @@ class Session:
     engine: Any
     grad_accum: int
     global_batch: int
+
+
+def _stopped(trainer: Trainer, tracker: Tracker, run: RunConfig, dist_env: DistEnv, report: Any) -> dict[str, float]:
+    """After a stop signal: the checkpoint is saved; requeue the SLURM job on SIGUSR1 (rank 0)."""
+    tracker.finish()
+    requeued = None
+    if trainer.stopped_by == signal.SIGUSR1 and dist_env.is_main:
+        requeued = requeue_slurm_job()
+    _say(dist_env, f"vlforge: stopped by {trainer.stopped_by.name} at step {trainer.stopped_at} "
+         f"(checkpoint saved; resume=auto continues from it)"
+         + (f" | requeued SLURM job {requeued}" if requeued else ""))
+    print(f"vlforge: rank {dist_env.rank} data: {report.summary()}", flush=True)
+    return {}
 
 
 def _listed(what: str, keys: list[str]) -> str:
@@ -135,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = Trainer(engine, loader, run, dist_env, tracker, evaluate, grad_accum, global_batch)
     final = trainer.fit(start_step)
     report = loader.report
+    if trainer.stopped_by is not None:
+        return _stopped(trainer, tracker, run, dist_env, report)
     tracker.log({"data/skipped_samples": float(len(report.skipped_samples)),
                  "data/unreadable_shards": float(len(report.unreadable_shards))}, run.trainer.max_steps)
     tracker.finish()
