@@ -89,11 +89,6 @@ def deepspeed_cmd(num: int, *args: str, script: str = "launch/train.py") -> list
     return [str(BIN / "deepspeed"), "--num_gpus", str(num), "--master_port", str(free_port()), script, *args]
 
 
-def torchrun_cmd(num: int, *args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", str(num), "--master_port", str(free_port()),
-            "launch/train.py", *args]
-
-
 def check(result: Launch) -> Launch:
     assert result.returncode == 0, result.output[-6000:]
     return result

@@ -1,11 +1,14 @@
-"""The same global batch gives the same losses on 1 rank (python), 2 ranks (deepspeed) and torchrun."""
+"""The same global batch gives the same losses on 1 rank (python), 2 ranks (deepspeed) and 2 nodes of
+one rank each (two torchrun processes rendezvousing over loopback, as on two machines)."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series, torchrun_cmd
+from tests.e2e.conftest import (BIN, REPO, SMALL_DEMO, check, deepspeed_cmd, free_port, launch, python_cmd, read_metrics,
+                                series)
 
 STEPS = 10
 GLOBAL_BATCH = 16
@@ -42,8 +45,16 @@ def test_zero3_two_ranks_match_one_rank(e2e_env: dict[str, str], tmp_path: Path)
     assert abs(params["run/parameters_rank0"] / params["run/parameters"] - 0.5) < 0.01
     assert "2 rank(s) via deepspeed" in two.output and "1 rank(s) via python" in one.output
 
-    three = check(launch(torchrun_cmd(2, *_args(tmp_path / "torchrun", 2)), e2e_env))
-    assert "2 rank(s) via torchrun" in three.output
+    # torchrun as two nodes of one process each, on loopback (node 0 hosts the rendezvous).
+    port = free_port()
+    nodes = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
+                               *_args(tmp_path / "torchrun", 2)],
+                              cwd=REPO, env=e2e_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in nodes]
+    assert [proc.returncode for proc in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 rank(s) via torchrun" in outputs[0]
     via_torchrun = series(read_metrics(tmp_path / "torchrun"), "train/loss")
     for step, value in ref.items():
         assert abs(via_torchrun[step] - value) <= 1e-4 * abs(value), (step, value, via_torchrun[step])
