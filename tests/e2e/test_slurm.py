@@ -1,7 +1,8 @@
 """SLURM, for real: a two-node cluster on this machine (tests/e2e/slurm_cluster.py) runs the script
 `python -m vlforge.launch.slurm --submit` writes. A 2-node x 1-task ZeRO-3 job trains and checkpoints;
 a second, identical job gets SIGUSR1 mid-run (as `--signal=USR1@120` sends it before the time limit),
-saves, requeues itself, resumes and ends with exactly the first job's weights."""
+saves, requeues itself, resumes and ends with exactly the first job's weights. Then the same recipe
+through Hydra's submitit launcher (hydra/launcher=vlforge_slurm)."""
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ from tests.e2e.conftest import REPO, SMALL_DEMO
 from tests.e2e.slurm_cluster import LocalSlurm, missing_requirements
 from vlforge.trainer.weights import read_weights
 
-RUN = ["recipe=clip_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=16", "trainer.max_steps=24",
-       "trainer.log_every=4", "trainer.save_every=8", "trainer.eval_every=0", "trainer.eval_at_end=false",
-       "optim.warmup_steps=5"]
+BASE = ["recipe=clip_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=16", "trainer.log_every=4",
+        "trainer.eval_every=0", "trainer.eval_at_end=false", "optim.warmup_steps=5"]
+RUN = [*BASE, "trainer.max_steps=24", "trainer.save_every=8"]
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,17 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(slurm: LocalS
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key  # the weights: bit for bit
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_a_two_node_job(slurm: LocalSlurm, e2e_env: dict[str, str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "submitit"
+    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=vlforge_slurm", "hydra.launcher.nodes=2",
+           "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=20", *BASE, "trainer.max_steps=6", f"run_dir={run_dir}"]
+    done = subprocess.run(cmd, cwd=REPO, env={**e2e_env, **slurm.env}, capture_output=True, text=True, timeout=600)
+    logs = "".join(path.read_text() for path in sorted(run_dir.glob("submitit/*/*_log.*")))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + logs[-3000:]
+    # The submitting process ran as one rank; each task re-read its place from SLURM.
+    assert "2 rank(s) via slurm" in logs and "ZeRO-3" in logs, logs[-3000:]
+    assert json.loads((run_dir / "checkpoints" / "step_00000006" / "complete.json").read_text())["world_size"] == 2

@@ -204,3 +204,14 @@ def test_read_dist_env_explicit_local_world_size_wins():
 def test_local_rank_without_a_value_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="--local_rank needs a rank number"):
         strip_local_rank_arg(["train.py", "--local_rank"])
+
+
+def test_a_submitit_job_forgets_the_submitting_processs_launch_variables():
+    # What `python launch/train.py -m hydra/launcher=vlforge_slurm` left in the environment it passes on.
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "41000", "VLFORGE_LAUNCHER": "python", "DS_ACCELERATOR": "cpu", "VLFORGE_AUTO_DS_ACCELERATOR": "1",
+           "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NODELIST": "node[1-2]",
+           "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_JOB_ID": "9"}
+    prepare_launch_env([], env, fresh=True)
+    assert (env["RANK"], env["WORLD_SIZE"], env["VLFORGE_LAUNCHER"]) == ("1", "2", "slurm")
+    assert env["MASTER_PORT"] == str(20000 + 9 * 7) and env["MASTER_ADDR"] != "127.0.0.1"

@@ -51,3 +51,15 @@ def test_requeue_outside_slurm_and_a_refusal(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     with pytest.raises(RuntimeError, match="scontrol requeue 77 failed: Requested operation is presently disabled"):
         requeue_slurm_job({"SLURM_JOB_ID": "77"})
+
+
+def test_submitits_signal_also_stops_and_sigterm_wins() -> None:
+    from vlforge.trainer.preemption import REQUEUE_SIGNALS
+
+    request = StopRequest(torch.device("cpu"))
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's time-limit signal
+        assert request.agreed() == signal.SIGUSR2 and signal.SIGUSR2 in REQUEUE_SIGNALS
+        assert signal.SIGTERM not in REQUEUE_SIGNALS  # preemption and scancel: save, no requeue
+    finally:
+        request.restore()

@@ -69,6 +69,19 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
+def slurm_node_address(node: str) -> str:
+    """The address SLURM reaches `node` by (its NodeAddr), which may differ from a name that does not
+    resolve; the name itself when scontrol cannot say."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    found = re.search(r"\bNodeAddr=(\S+)", out)
+    return found.group(1) if found else node
+
+
 def slurm_master_port(env: MutableMapping[str, str]) -> int:
     """A port unique to the job and to each of its restarts: two jobs sharing a node do not collide,
     and a requeued job (same id) does not wait on its previous run's socket."""
@@ -89,13 +102,27 @@ def _detect_launcher(env: MutableMapping[str, str], argv_local_rank: int | None)
     return "python"
 
 
-def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, str] | None = None) -> list[str]:
+# What prepare_launch_env fills in; `fresh` drops these first (values that came from elsewhere).
+_FILLED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLFORGE_LAUNCHER")
+_AUTO_ACCELERATOR = "VLFORGE_AUTO_DS_ACCELERATOR"  # set when DS_ACCELERATOR=cpu was our choice, not the user's
+
+
+def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, str] | None = None,
+                       fresh: bool = False) -> list[str]:
     """Normalise every launcher to RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; return argv without --local_rank.
 
     Also selects DeepSpeed's CPU accelerator when there is no CUDA device, before deepspeed is imported.
+    `fresh` first forgets what an earlier call filled in: a job that submitit starts on a compute
+    node inherits the environment of the process that submitted it (one rank, a local port, and
+    the CPU accelerator of a login node without GPUs).
     """
     argv = list(sys.argv if argv is None else argv)
     env = os.environ if env is None else env
+    if fresh and env.get("VLFORGE_LAUNCHER"):
+        for name in _FILLED:
+            env.pop(name, None)
+        if env.pop(_AUTO_ACCELERATOR, None):
+            env.pop("DS_ACCELERATOR", None)
     argv, argv_local_rank = strip_local_rank_arg(argv)
     launcher = _detect_launcher(env, argv_local_rank)
     if launcher == "deepspeed":
@@ -106,7 +133,7 @@ def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, s
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
         nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
-        env.setdefault("MASTER_ADDR", nodes[0] if nodes else "localhost")
+        env.setdefault("MASTER_ADDR", slurm_node_address(nodes[0]) if nodes else "localhost")
         env.setdefault("MASTER_PORT", str(slurm_master_port(env)))
     elif launcher == "python":
         env.setdefault("RANK", "0")
@@ -118,6 +145,7 @@ def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, s
     env["VLFORGE_LAUNCHER"] = launcher
     if "DS_ACCELERATOR" not in env and not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
+        env[_AUTO_ACCELERATOR] = "1"
     return argv
 
 

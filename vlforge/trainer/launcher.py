@@ -3,6 +3,7 @@ point under Hydra with a root config of recipes/."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from vlforge.trainer.distributed import prepare_launch_env
@@ -22,6 +23,10 @@ def launch(config_name: str, entry: str) -> None:
 
     @hydra.main(config_path=str(RECIPES_DIR), config_name=config_name, version_base=None)
     def main(cfg: DictConfig) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # Running as a job of hydra/launcher=vlforge_slurm: this task's place comes from SLURM, not
+            # from the environment of the process that submitted it.
+            prepare_launch_env([], fresh=True)
         getattr(importlib.import_module(module), function)(cfg)
 
     main()

@@ -1,10 +1,11 @@
 """Stopping cleanly when the scheduler asks: finish the step, save a checkpoint, requeue.
 
 SLURM sends SIGUSR1 ahead of the time limit when the job asks for it (`#SBATCH --signal=USR1@120`,
-or `scancel --signal=USR1 <job>` by hand), and SIGTERM when it preempts or cancels the job. Each
+or `scancel --signal=USR1 <job>` by hand; submitit asks for SIGUSR2), and SIGTERM when it preempts or
+cancels the job. Each
 rank notes the signal; after every step the ranks agree (an all-reduce of what they received, since
 a signal reaches ranks at slightly different moments) and, if any rank was signalled, all of them
-save the same step. On SIGUSR1 under SLURM rank 0 then requeues the job (`scontrol requeue`), and the
+save the same step. On SIGUSR1 or SIGUSR2 under SLURM rank 0 then requeues the job (`scontrol requeue`), and the
 requeued job resumes from that checkpoint with `trainer.resume=auto`. On SIGTERM the run only saves:
 a preempting SLURM requeues the job itself when its PreemptMode says so, and a cancelled job should
 stay cancelled.
@@ -20,11 +21,12 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
-    """Installs handlers for SIGUSR1 and SIGTERM (main thread only) until `restore`.
+    """Installs handlers for SIGUSR1, SIGUSR2 and SIGTERM (main thread only) until `restore`.
 
     Install it before data-loader workers start: forked workers inherit the handler, where the
     default action of either signal (which SLURM delivers to every process of the step) would kill
@@ -42,7 +44,8 @@ class StopRequest:
         self.received = self.received or signum
 
     def agreed(self) -> signal.Signals | None:
-        """The signal any rank received (SIGTERM over SIGUSR1), the same on every rank; None if none."""
+        """The signal any rank received (the highest number: SIGTERM over SIGUSR2 over SIGUSR1), the
+        same on every rank; None if none."""
         flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

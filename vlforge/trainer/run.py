@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_
 from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
 from vlforge.trainer.loop import Trainer
-from vlforge.trainer.preemption import requeue_slurm_job
+from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job
 from vlforge.trainer.tracking import Tracker
 from vlforge.trainer.weights import init_weights
 
@@ -69,10 +68,10 @@ class Session:
 
 
 def _stopped(trainer: Trainer, tracker: Tracker, run: RunConfig, dist_env: DistEnv, report: Any) -> dict[str, float]:
-    """After a stop signal: the checkpoint is saved; requeue the SLURM job on SIGUSR1 (rank 0)."""
+    """After a stop signal: the checkpoint is saved; requeue the SLURM job on SIGUSR1/SIGUSR2 (rank 0)."""
     tracker.finish()
     requeued = None
-    if trainer.stopped_by == signal.SIGUSR1 and dist_env.is_main:
+    if trainer.stopped_by in REQUEUE_SIGNALS and dist_env.is_main:
         requeued = requeue_slurm_job()
     _say(dist_env, f"vlforge: stopped by {trainer.stopped_by.name} at step {trainer.stopped_at} "
          f"(checkpoint saved; resume=auto continues from it)"
