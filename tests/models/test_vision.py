@@ -96,6 +96,19 @@ def test_cnn_mean_pool_is_over_all_positions_and_cls_is_refused():
         _tower(VIT, pool="max")
 
 
+def test_cnn_token_norm_normalises_tokens_and_leaves_the_pooled_feature():
+    torch.manual_seed(0)
+    plain = _tower(CNN).eval()
+    normed = _tower(CNN, token_norm=True).eval()
+    normed.load_state_dict(plain.state_dict(), strict=False)  # same trunk; the norm starts as identity affine
+    with torch.no_grad():
+        pooled, tokens = normed(_pixels(size=64))
+        plain_pooled, plain_tokens = plain(_pixels(size=64))
+    torch.testing.assert_close(pooled, plain_pooled)
+    torch.testing.assert_close(tokens, torch.nn.functional.layer_norm(plain_tokens, (plain.width,)))
+    assert tokens.mean(dim=-1).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", sorted(TOWERS))
 def test_attention_pool_trains(kind):
     tower = _tower(TOWERS[kind], pool="attention").train()

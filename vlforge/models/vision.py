@@ -217,9 +217,11 @@ class TimmVisionTower(VisionTowerBase):
         freeze: bool = False,
         dtype: str | None = None,
         grad_checkpointing: bool = False,
+        token_norm: bool = False,
         **timm_kwargs: Any,
     ) -> None:
-        """`norm_eps` sets the LayerNorm epsilon of ViT-style backbones (BLIP and HF ViTs use 1e-5,
+        """`token_norm` puts a LayerNorm on the tokens (a ViT's end with one; a CNN's map does not).
+        `norm_eps` sets the LayerNorm epsilon of ViT-style backbones (BLIP and HF ViTs use 1e-5,
         timm's default is 1e-6); `pool_heads` the attention pool's heads (width // 64 by default);
         other keyword arguments go to `timm.create_model`."""
         super().__init__()
@@ -249,6 +251,7 @@ class TimmVisionTower(VisionTowerBase):
         if pool == "cls" and not getattr(self.backbone, "has_class_token", self.num_prefix_tokens > 0):
             raise ValueError(f"vision pool=cls: timm model {name!r} has no class token; use mean or attention")
         self.attention_pool = AttentionPool(self.width, pool_heads) if pool == "attention" else None
+        self.token_norm = nn.LayerNorm(self.width) if token_norm else None
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled [B, D], tokens [B, N, D])."""
@@ -260,6 +263,8 @@ class TimmVisionTower(VisionTowerBase):
             (tokens,) = self.finish(tokens)
         else:
             pooled, tokens = self.finish(pooled, tokens)
+        if self.token_norm is not None:
+            tokens = self.token_norm(tokens)
         if self.pool == "cls":
             pooled = tokens[:, 0]
         elif self.pool == "mean":
