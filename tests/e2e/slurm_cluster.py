@@ -131,9 +131,19 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.5)
         raise TimeoutError(f"job {job} not in {states} after {timeout:.0f} s (state {self.job_field(job, 'JobState')})")
 
-    def start_now(self, job: str) -> None:
-        """A requeued job waits about two minutes (SLURM's requeue delay); let it start at once."""
-        self._run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    def start_now(self, job: str, timeout: float = 120) -> None:
+        """A requeued job waits about two minutes (SLURM's requeue delay); let it start at once. The
+        delay is set when the requeue completes, after the old processes are gone, so wait for the
+        job to be pending again and repeat until it runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.job_field(job, "JobState")
+            if state in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
+                return
+            if state == "PENDING":
+                self._run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            time.sleep(1)
+        raise TimeoutError(f"requeued job {job} did not start within {timeout:.0f} s")
 
     def signal(self, job: str, name: str) -> None:
         self._run("scancel", f"--signal={name}", job)

@@ -21,7 +21,7 @@ from vlforge.trainer.weights import read_weights
 
 BASE = ["recipe=clip_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=16", "trainer.log_every=4",
         "trainer.eval_every=0", "trainer.eval_at_end=false", "optim.warmup_steps=5"]
-RUN = [*BASE, "trainer.max_steps=24", "trainer.save_every=8"]
+RUN = [*BASE, "trainer.max_steps=16", "trainer.save_every=4"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(slurm: LocalS
     straight = _submit(slurm, e2e_env, logs, "straight", tmp_path / "straight")
     preempted = _submit(slurm, e2e_env, logs, "preempted", tmp_path / "preempted")
 
-    first_save = tmp_path / "preempted" / "checkpoints" / "step_00000008" / "complete.json"
+    first_save = tmp_path / "preempted" / "checkpoints" / "step_00000004" / "complete.json"
     deadline = time.monotonic() + 300
     while not first_save.exists():
         assert time.monotonic() < deadline, _log(logs, "preempted", preempted)[-3000:]
@@ -75,12 +75,12 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(slurm: LocalS
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400) == "COMPLETED", \
             _log(logs, "straight" if job == straight else "preempted", job)[-4000:]
     log_a, log_b = _log(logs, "straight", straight), _log(logs, "preempted", preempted)
-    assert "2 rank(s) via slurm" in log_a and "ZeRO-3" in log_a and "vlforge: done at step 24" in log_a
+    assert "2 rank(s) via slurm" in log_a and "ZeRO-3" in log_a and "vlforge: done at step 16" in log_a
     assert "stopped by SIGUSR1 at step" in log_b and f"requeued SLURM job {preempted}" in log_b, log_b[-4000:]
-    assert "(restart 1)" in log_b and "resuming from" in log_b and "vlforge: done at step 24" in log_b
+    assert "(restart 1)" in log_b and "resuming from" in log_b and "vlforge: done at step 16" in log_b
     stopped_at = int(log_b.split("stopped by SIGUSR1 at step ")[1].split()[0])
-    assert 8 <= stopped_at < 24
-    final = json.loads((tmp_path / "preempted" / "checkpoints" / "step_00000024" / "complete.json").read_text())
+    assert 4 <= stopped_at < 16
+    final = json.loads((tmp_path / "preempted" / "checkpoints" / "step_00000016" / "complete.json").read_text())
     assert final["world_size"] == 2
     a, b = read_weights(tmp_path / "straight"), read_weights(tmp_path / "preempted")
     assert a.keys() == b.keys()
