@@ -80,16 +80,11 @@ def render(job: SlurmJob) -> str:
         "# python -m vlforge.launch.slurm writes the same script with the numbers and the recipe filled in."]
     lines = ["#!/bin/bash", *usage, *(f"#SBATCH {d}" for d in directives), "", "set -euo pipefail",
              'cd "${SLURM_SUBMIT_DIR:-.}"',
-             "# Rank 0's node hosts the rendezvous, at the address SLURM itself reaches it by; the port is",
-             "# unique to the job and to each requeue.",
-             'first_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-             'node_addr="$(scontrol show node "$first_node" | sed -n \'s/.*NodeAddr=\([^ ]*\).*/\\1/p\')"',
-             'export MASTER_ADDR="${node_addr:-$first_node}"',
-             'export MASTER_PORT="$(( 20000 + (SLURM_JOB_ID * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000 ))"',
              'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
-             'echo "vlforge: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
-             ' rendezvous $MASTER_ADDR:$MASTER_PORT"',
-             "# One task per GPU; each reads its rank from SLURM_PROCID / SLURM_LOCALID / SLURM_NODEID.",
+             'echo "vlforge: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
+             "# One task per GPU. Each task reads its rank from SLURM_PROCID / SLURM_LOCALID, and the",
+             "# rendezvous from the first node's NodeAddr and a port unique to the job and each requeue",
+             "# (vlforge/trainer/distributed.py: prepare_launch_env).",
              f"srun --kill-on-bad-exit=1 --cpu-bind=none {shlex.quote(job.python)} launch/train.py {arguments} "
              "trainer.resume=auto", ""]
     return "\n".join(lines)

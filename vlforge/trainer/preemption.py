@@ -46,10 +46,11 @@ class StopRequest:
     def agreed(self) -> signal.Signals | None:
         """The signal any rank received (the highest number: SIGTERM over SIGUSR2 over SIGUSR1), the
         same on every rank; None if none."""
-        flag = torch.tensor([self.received], dtype=torch.int64, device=self.device)
+        value = self.received
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([value], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        value = int(flag.item())
+            value = int(flag.item())
         return signal.Signals(value) if value else None
 
     def restore(self) -> None:
@@ -62,7 +63,7 @@ def requeue_slurm_job(env: Mapping[str, str] | None = None) -> str | None:
     """Requeue this SLURM job (`scontrol requeue`); returns its id, or None outside SLURM.
     Raises RuntimeError naming the job and scontrol's message when SLURM refuses."""
     env = os.environ if env is None else env
-    job = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" or env.get("SLURM_JOB_ID")
+    job = env.get("SLURM_JOB_ID")  # an array task has its own
     if not job:
         return None
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
