@@ -158,3 +158,15 @@ def test_data_prompts_reach_the_training_batches(tmp_path: Path) -> None:
     prefix = [tok.cls_token_id] + tok("a picture of", add_special_tokens=False).input_ids
     assert batch["text_prompt_length"].tolist() == [len(prefix)] * 4
     assert batch["text_input_ids"][:, : len(prefix)].tolist() == [prefix] * 4
+
+
+def test_texts_listed_per_sample_are_flattened_with_their_sample_index(tokenizer_dir: str) -> None:
+    # Every question of an image in one sample: the texts are flattened, each knowing its image row.
+    samples = [{"image": torch.zeros(3), "question": ["what shape is it", "two shapes"], "answer": ["a red circle", "2"]},
+               {"image": torch.ones(3), "question": ["what shape is it"], "answer": ["a circle"]}]
+    batch = Collator(tokenizer_dir, 32, text_keys=("question", "answer"))(samples)
+    assert batch["image"].shape == (2, 3)
+    assert batch["question_sample_index"].tolist() == [0, 0, 1]
+    assert batch["answer_sample_index"].tolist() == [0, 0, 1]
+    assert _rows(batch, "question")[1][1:-1] == _bare(tokenizer_dir, "two shapes")
+    assert _rows(batch, "answer")[2][1:-1] == _bare(tokenizer_dir, "a circle")

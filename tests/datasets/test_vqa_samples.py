@@ -39,11 +39,19 @@ def test_evaluation_keeps_every_question_with_its_answers() -> None:
 def test_training_draws_answers_by_annotator_count() -> None:
     sample = VQASample(lambda image: image.size, str.lower, train=True)
     random.seed(0)
-    drawn = [sample(_raw({"image_id": "i", "question": "q", "answers": ["red"] * 9 + ["pink"]}))["answer"]
+    drawn = [sample(_raw({"image_id": "i", "question": "Q", "answers": ["red"] * 9 + ["pink"]}))["answer"]
              for _ in range(400)]
+    assert all(len(answers) == 1 for answers in drawn)  # a per-question shard: one question per sample
+    drawn = [answers[0] for answers in drawn]
     assert 0.8 < drawn.count("red") / len(drawn) < 0.97
+
+
+def test_training_takes_every_question_of_an_image() -> None:
+    sample = VQASample(lambda image: image.size, str.lower, train=True)
     out = sample(_raw(PER_IMAGE))
     assert set(out) == {"image", "image_id", "question", "answer"}
+    assert out["question"] == ["what color is it?", "how many shapes?"]
+    assert out["answer"][0] in ("red", "pink") and out["answer"][1] == "two"
 
 
 def test_a_sample_without_questions_is_named() -> None:

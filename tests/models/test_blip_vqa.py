@@ -108,3 +108,17 @@ def test_albef_layout_fuses_upper_layers_and_has_a_shorter_decoder() -> None:
     assert model.text_encoder.layers[0].attention.query_key_value.weight.grad is not None  # text-only layers train too
     with pytest.raises(ValueError, match="fusion_layer"):
         BlipVQA(VISION, text, bos_token_id=BOS, eos_token_id=SEP, fusion_layer=4)
+
+
+def test_questions_about_one_image_share_its_encoding(pair) -> None:
+    # question_sample_index: several questions per image give the same states as the image repeated.
+    _, ours = pair
+    pixels, _, question = _inputs()
+    q_mask = torch.ones_like(question)
+    index = torch.tensor([1, 0, 1])
+    questions = question[[0, 1, 0]]
+    with torch.no_grad():
+        shared = ours.question_states(pixels, questions, q_mask[[0, 1, 0]], index)
+        repeated = ours.question_states(pixels[index], questions, q_mask[[0, 1, 0]])
+    torch.testing.assert_close(shared, repeated)
+    assert ours.generate_answer_ids(pixels, questions, q_mask[[0, 1, 0]], max_length=5, image_index=index).shape[0] == 3

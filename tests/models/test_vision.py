@@ -379,3 +379,22 @@ def test_deepspeed_tower_dtypes(tmp_path):
         assert result["trunk_dtypes"] == [low if vision.get("dtype") == "bf16" or bf16 else "torch.float32"], name
         assert result["output_dtype"] == result["head_dtype"] == (low if bf16 else "torch.float32"), (name, result)
         assert result["changed"] == (["head"] if vision.get("freeze") else ["head", "tower"]), (name, result)
+
+
+def test_token_position_tells_places_apart() -> None:
+    # A CNN map's tokens get a fixed 2-D code: equal images give tokens that differ by place.
+    from vlforge.models.vision import TimmVisionTower, sincos_position_code
+
+    tower = TimmVisionTower("resnet10t", token_norm=True, token_position=True)
+    plain = TimmVisionTower("resnet10t", token_norm=True)
+    plain.load_state_dict(tower.state_dict())
+    pixels = torch.full((1, 3, 64, 64), 128, dtype=torch.uint8)
+    with torch.no_grad():
+        _, coded = tower.eval()(pixels)
+        _, bare = plain.eval()(pixels)
+    code = coded - bare
+    assert code.shape == (1, 4, 512)  # 64 px / stride 32: a 2x2 map
+    assert not torch.allclose(code[0, 0], code[0, 1]) and not torch.allclose(code[0, 0], code[0, 2])
+    torch.testing.assert_close(code[0], sincos_position_code(2, 2, 512))
+    with pytest.raises(ValueError, match="token_position"):
+        TimmVisionTower("vit_tiny_patch16_224", img_size=32, token_position=True)

@@ -39,6 +39,10 @@ class Collator:
     `{key}_prompt_length` [B]: the number of tokens before the text (leading special tokens included),
     the positions a model leaves out of its loss (with the default right padding they are the first
     ones). A prompt that leaves no room for any text within `max_len` is refused here.
+
+    A text key whose values are lists (several texts per sample, e.g. every question of an image) is
+    flattened, in sample order, and the batch gets `{key}_sample_index` [T]: the sample (row of the
+    stacked tensors) each text belongs to. Text keys listed together must have equally long lists.
     """
 
     def __init__(self, tokenizer: str, max_len: int, text_keys: Sequence[str] = ("text",),
@@ -83,8 +87,16 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch: dict[str, Any] = {}
+        listed = [key for key in self.text_keys if key in samples[0] and isinstance(samples[0][key], list)]
+        for sample in samples:
+            if len({len(sample[key]) for key in listed}) > 1:
+                counts = ", ".join(f"{len(sample[key])} {key}" for key in listed)
+                raise ValueError(f"sample {sample.get('image_id', '?')}: {counts}; texts listed together must pair up")
         for key in samples[0]:
             values = [sample[key] for sample in samples]
+            if key in self.text_keys and isinstance(values[0], list):
+                batch[f"{key}_sample_index"] = torch.tensor([row for row, texts in enumerate(values) for _ in texts])
+                values = [text for texts in values for text in texts]
             if key in self._frames:
                 batch.update(self._prompted(key, values))
             elif key in self.text_keys:

@@ -93,8 +93,11 @@ def questions_of(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 
 class VQASample:
-    """Training: the image, one of its questions and one of that question's human answers, both drawn
-    at random (an answer given by more annotators is drawn more often, as LAVIS weights it).
+    """Training: the image with every one of its questions (`question`, a list) and, per question, one
+    of its human answers drawn at random (`answer`, a list; an answer given by more annotators is drawn
+    more often, as LAVIS weights it). A per-question shard gives lists of one, LAVIS's sample; a
+    per-image shard trains on all its questions in one step, so the image is encoded once for them
+    and each step contrasts different questions about one image (the collator flattens the lists).
 
     Evaluation: the image and all its questions, as lists under `questions`, `answers` (the human
     answers of each), `question_ids` and `answer_types`.
@@ -110,9 +113,8 @@ class VQASample:
         questions = questions_of(meta, raw.key)
         sample: dict[str, Any] = {"image": image, "image_id": str(meta.get("image_id", raw.key))}
         if self.train:
-            chosen = random.choice(questions)
-            sample["question"] = self.text_processor(chosen["question"])
-            sample["answer"] = random.choice(chosen["answers"])
+            sample["question"] = [self.text_processor(q["question"]) for q in questions]
+            sample["answer"] = [random.choice(q["answers"]) for q in questions]
             return sample
         sample["questions"] = [self.text_processor(q["question"]) for q in questions]
         sample["answers"] = [q["answers"] for q in questions]

@@ -16,7 +16,8 @@ from vlforge.models.vision import build_vision_tower
 class BlipVQA(nn.Module):
     """Questions arrive as `question_input_ids/attention_mask`, answers (training) as
     `answer_input_ids/attention_mask`, both `[CLS] ... [SEP]` from the collator; the decoder reads
-    `[DEC] answer [SEP]` and every answer token is scored.
+    `[DEC] answer [SEP]` and every answer token is scored. With several questions per image the batch
+    carries `question_sample_index` (the image row of each question): each image is encoded once.
 
     ALBEF's VQA model is the same design with two differences, set by arguments: its question encoder
     fuses the image only from `fusion_layer` up (layers below are text-only), and its answer decoder
@@ -50,8 +51,13 @@ class BlipVQA(nn.Module):
         self.bos_token_id, self.eos_token_id, self.pad_token_id, _ = special_token_ids(
             tokenizer, "", bos_token_id, eos_token_id, pad_token_id, 1)
 
-    def question_states(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def question_states(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Question encoder states [Q, L, D]; `image_index` [Q] picks each question's image row
+        (default: question i asks about image i)."""
         _, image_tokens = self.vision(image)
+        if image_index is not None:
+            image_tokens = image_tokens[image_index]
         return self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
 
     def answer_logits(self, question: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
@@ -62,7 +68,7 @@ class BlipVQA(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         q_ids, q_mask = batch["question_input_ids"], batch["question_attention_mask"]
-        question = self.question_states(batch["image"], q_ids, q_mask)
+        question = self.question_states(batch["image"], q_ids, q_mask, batch.get("question_sample_index"))
         answer_ids = batch["answer_input_ids"].clone()
         answer_ids[:, 0] = self.bos_token_id
         answer_mask = batch["answer_attention_mask"]
@@ -72,23 +78,25 @@ class BlipVQA(nn.Module):
 
     @torch.no_grad()
     def generate_answer_ids(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                            max_length: int = 10, num_beams: int = 1) -> torch.Tensor:
-        """Answers [B, <= max_length] starting with the bos id, padded after [SEP] (greedy, or beam search)."""
-        question = self.question_states(image, question_ids, question_mask)
+                            max_length: int = 10, num_beams: int = 1,
+                            image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Answers [Q, <= max_length] starting with the bos id, padded after [SEP] (greedy, or beam search)."""
+        question = self.question_states(image, question_ids, question_mask, image_index)
         context = question.repeat_interleave(num_beams, dim=0)
         context_mask = question_mask.repeat_interleave(num_beams, dim=0)
-        start = torch.full((image.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
+        start = torch.full((question.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
         return generate(decoder_step(self.text_decoder, self.lm_head, context, context_mask), self.text_decoder.new_cache(),
                         start, GenerationConfig(max_length=max_length, num_beams=num_beams), self.eos_token_id,
                         self.pad_token_id)
 
     @torch.no_grad()
     def rank_answers(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int | None = 128) -> torch.Tensor:
-        """Index [B] of the best candidate answer per question: BLIP's rank mode. Candidates
+                     answer_ids: torch.Tensor, answer_mask: torch.Tensor, k: int | None = 128,
+                     image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Index [Q] of the best candidate answer per question: BLIP's rank mode. Candidates
         (`answer_ids` [C, L], `[CLS] answer [SEP]` from the tokenizer) are pre-filtered to the `k`
         whose first token is likeliest, then ranked by the log-likelihood of all their tokens."""
-        question = self.question_states(image, question_ids, question_mask)
+        question = self.question_states(image, question_ids, question_mask, image_index)
         batch, count = question.shape[0], answer_ids.shape[0]
         answer_ids = answer_ids.clone()
         answer_ids[:, 0] = self.bos_token_id
@@ -106,11 +114,13 @@ class BlipVQA(nn.Module):
         return top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
     def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1) -> list[str]:
-        """Free-form answers for `samples["image"]` and `samples["question_input_ids/attention_mask"]`."""
+        """Free-form answers for `samples["question_input_ids/attention_mask"]` about `samples["image"]`
+        (the row in `samples["question_sample_index"]` when present)."""
         if self.tokenizer_name is None:
             raise ValueError("predict_answers needs the model's tokenizer; use generate_answer_ids with ids")
         from vlforge.datasets.collate import load_tokenizer
 
         ids = self.generate_answer_ids(samples["image"], samples["question_input_ids"],
-                                       samples["question_attention_mask"], max_length, num_beams)
+                                       samples["question_attention_mask"], max_length, num_beams,
+                                       samples.get("question_sample_index"))
         return [a.strip() for a in load_tokenizer(self.tokenizer_name).batch_decode(ids[:, 1:], skip_special_tokens=True)]

@@ -193,6 +193,20 @@ def _check_pool(pool: str) -> None:
         raise ValueError(f"vision pool={pool!r}: expected one of {', '.join(POOLS)}")
 
 
+def sincos_position_code(height: int, width: int, dim: int) -> torch.Tensor:
+    """[height*width, dim] fixed position code, rows first: half the channels encode the row, half the
+    column, each as sines and cosines at geometrically spaced frequencies (MAE's 2-D code)."""
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for coordinate in (rows.flatten(), cols.flatten()):
+        angles = coordinate[:, None] * frequencies[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1)
+
+
 class TimmVisionTower(VisionTowerBase):
     """A timm backbone without its classifier; `forward` gives (pooled [B,D], tokens [B,N,D]).
 
@@ -218,9 +232,13 @@ class TimmVisionTower(VisionTowerBase):
         dtype: str | None = None,
         grad_checkpointing: bool = False,
         token_norm: bool = False,
+        token_position: bool = False,
         **timm_kwargs: Any,
     ) -> None:
         """`token_norm` puts a LayerNorm on the tokens (a ViT's end with one; a CNN's map does not).
+        `token_position` adds a fixed 2-D sine-cosine code of each token's place to a CNN map's tokens
+        (after `token_norm`), so text attending to them can tell where things are (ViT tokens carry
+        learned position embeddings already, and the option is refused for them).
         `norm_eps` sets the LayerNorm epsilon of ViT-style backbones (BLIP and HF ViTs use 1e-5,
         timm's default is 1e-6); `pool_heads` the attention pool's heads (width // 64 by default);
         other keyword arguments go to `timm.create_model`."""
@@ -252,12 +270,18 @@ class TimmVisionTower(VisionTowerBase):
             raise ValueError(f"vision pool=cls: timm model {name!r} has no class token; use mean or attention")
         self.attention_pool = AttentionPool(self.width, pool_heads) if pool == "attention" else None
         self.token_norm = nn.LayerNorm(self.width) if token_norm else None
+        if token_position and self.num_prefix_tokens:
+            raise ValueError(f"vision token_position: timm model {name!r} is a ViT; its tokens carry positions already")
+        if token_position and self.width % 4:
+            raise ValueError(f"vision token_position needs a width divisible by 4, {name!r} has {self.width}")
+        self.token_position = token_position
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled [B, D], tokens [B, N, D])."""
         with self.trunk_context():
             features = self.backbone.forward_features(self.normalize(pixels).to(self.trunk_dtype()))
             tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+            grid = features.shape[-2:] if features.ndim == 4 else None
             pooled = self.backbone.forward_head(features, pre_logits=True) if self.pool == "default" else None
         if pooled is None:
             (tokens,) = self.finish(tokens)
@@ -265,6 +289,11 @@ class TimmVisionTower(VisionTowerBase):
             pooled, tokens = self.finish(pooled, tokens)
         if self.token_norm is not None:
             tokens = self.token_norm(tokens)
+        if self.token_position:
+            if grid is None:  # a ViT without a class token passes the constructor's check
+                raise ValueError("vision token_position: the backbone gives tokens, not a CNN map; "
+                                 "its tokens carry positions already")
+            tokens = tokens + sincos_position_code(*grid, self.width).to(tokens)
         if self.pool == "cls":
             pooled = tokens[:, 0]
         elif self.pool == "mean":

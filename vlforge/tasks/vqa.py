@@ -59,7 +59,8 @@ class VQATask(Task):
             return model.predict_answers({"image": image, **questions}, max_length=self.max_answer_length,
                                          num_beams=self.num_beams)
         best = model.rank_answers(image, questions["question_input_ids"], questions["question_attention_mask"],
-                                  candidates["input_ids"], candidates["attention_mask"], k=self.rank_k)
+                                  candidates["input_ids"], candidates["attention_mask"], k=self.rank_k,
+                                  image_index=questions["question_sample_index"])
         return [self.answer_list[i] for i in best.tolist()]
 
     @torch.no_grad()
@@ -80,8 +81,9 @@ class VQATask(Task):
             flat = [q for qs in batch["questions"] for q in qs]
             tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
             questions = {"question_input_ids": tokens["input_ids"].to(device),
-                         "question_attention_mask": tokens["attention_mask"].to(device)}
-            predictions = self._answer(model, batch["image"][owner], questions, candidates)
+                         "question_attention_mask": tokens["attention_mask"].to(device),
+                         "question_sample_index": owner}
+            predictions = self._answer(model, batch["image"], questions, candidates)
             if not real:
                 continue
             flat_ids = [i for ids in batch["question_ids"] for i in ids]
