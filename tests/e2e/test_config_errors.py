@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.e2e.conftest import launch, python_cmd
+from tests.e2e.conftest import SMALL_DEMO, launch, python_cmd
 
 
 def test_misspelled_override_names_the_key(e2e_env: dict[str, str], tmp_path: Path) -> None:
@@ -38,3 +38,12 @@ def test_tower_dtype_with_a_low_precision_run_names_both_keys(e2e_env: dict[str,
                                f"run_dir={tmp_path}"), e2e_env, timeout=60)
     assert result.returncode != 0
     assert "model.vision.dtype=bf16" in result.output and "trainer.precision=fp32" in result.output
+
+
+def test_a_finetune_without_its_starting_weights_names_the_key(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    # The VQA and retrieval demos start from runs/clip_demo; without it the error says which key and path.
+    result = launch(python_cmd("recipe=blip_vqa_demo", *SMALL_DEMO, f"trainer.init_from={tmp_path}/clip_demo",
+                               f"run_dir={tmp_path}/run"), e2e_env, timeout=120)
+    assert result.returncode != 0
+    assert f"trainer.init_from={tmp_path}/clip_demo: no weights at {tmp_path}/clip_demo" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -81,6 +81,30 @@ def test_a_partial_start_keeps_the_weights_the_checkpoint_lacks_or_shapes_differ
         init_weights(bigger, str(tmp_path / "unrelated.pt"), partial=True)
 
 
+def test_albef_starts_both_towers_from_a_dual_encoder(tmp_path: Path) -> None:
+    # albef_retrieval_demo: the CLIP demo's tower into ALBEF's model and momentum copies, text fresh.
+    from vlforge.models.albef import ALBEF
+    from vlforge.models.clip import CLIP
+
+    vision = dict(name="resnet10t")
+    clip = CLIP(vision, dict(vocab_size=50, width=32, layers=2, heads=4, max_len=16), embed_dim=16)
+    clip.vision.backbone.conv1[1].running_mean.uniform_()  # a buffer too: BatchNorm statistics
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    albef = ALBEF(vision, dict(TEXT, layers=3), embed_dim=16, fusion_layer=1, queue_size=8)
+    text_before = albef.model.text.word_embeddings.weight.clone()
+    _, report = init_weights(albef, str(tmp_path / "clip.pt"), "vlforge.models.convert:albef_towers_from_dual_encoder",
+                             partial=True)
+    for name, value in clip.vision.state_dict().items():
+        assert torch.equal(albef.model.vision.state_dict()[name], value), name
+        assert torch.equal(albef.momentum_model.vision.state_dict()[name], value), name
+    assert torch.equal(albef.model.text.word_embeddings.weight, text_before)
+    assert not report.mismatched and all(".vision." not in k for k in report.missing)
+    with pytest.raises(KeyError, match="no 'vision.' weights"):
+        torch.save({"text.weight": torch.zeros(2)}, tmp_path / "text_only.pt")
+        init_weights(albef, str(tmp_path / "text_only.pt"), "vlforge.models.convert:albef_towers_from_dual_encoder",
+                     partial=True)
+
+
 def test_vit_position_embeddings_follow_the_image_size(tmp_path: Path) -> None:
     _, pth = _pretrained(tmp_path)  # 32 px images: a 4x4 grid + class token
     bigger = BlipVQA({**VISION, "img_size": 48}, TEXT, bos_token_id=1, eos_token_id=2)  # 6x6 + class token

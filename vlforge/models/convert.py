@@ -201,6 +201,17 @@ def clip_from_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
+def albef_towers_from_dual_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A vlforge dual encoder's (CLIP's, BLIP retrieval's) image tower -> ALBEF's two copies of it,
+    `model.vision` and `momentum_model.vision` (`trainer.init_converter` with `init_partial`: the
+    text side starts fresh). Both copies, because the momentum model's running statistics are
+    buffers, which the first momentum update (parameters only) does not copy."""
+    tower = {key.removeprefix("vision."): value for key, value in state_dict.items() if key.startswith("vision.")}
+    if not tower:
+        raise KeyError("albef_towers_from_dual_encoder: the checkpoint has no 'vision.' weights")
+    return {f"{copy}.vision.{key}": value for copy in ("model", "momentum_model") for key, value in tower.items()}
+
+
 def load_mapped(module: nn.Module, state_dict: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()) -> None:
     """Strict load that names every missing or unexpected key (and shape mismatches)."""
     ignore = tuple(ignore)

@@ -16,7 +16,7 @@ from vlforge.config.schema import RunConfig, validate_config
 from vlforge.datasets.prepare import prepare_data
 from vlforge.models.vision import check_tower_precision
 from vlforge.tasks.base import Task
-from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+from vlforge.trainer.checkpoint import CheckpointError, load_checkpoint, resolve_resume, set_rng_state
 from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
 from vlforge.trainer.loop import Trainer
@@ -104,7 +104,12 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
         model = instantiate(cfg.model, _convert_="all")
     if load_init_weights and run.trainer.init_from:
         # Before deepspeed.initialize, so the optimizer's fp32 master weights start from these values.
-        loaded, report = init_weights(model, run.trainer.init_from, run.trainer.init_converter, run.trainer.init_partial)
+        try:
+            loaded, report = init_weights(model, run.trainer.init_from, run.trainer.init_converter,
+                                          run.trainer.init_partial)
+        except (CheckpointError, KeyError, ValueError) as err:  # converters name a key they cannot map
+            detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise CheckpointError(f"trainer.init_from={run.trainer.init_from}: {detail}") from None
         _say(dist_env, f"vlforge: {loaded} weights from {run.trainer.init_from}"
              + _listed("checkpoint entries the model has no place for were left out", report.unexpected)
              + _listed("model weights the checkpoint lacks keep their initialisation", report.missing)
