@@ -120,3 +120,24 @@ def test_albef_distillation_weight_ramps_up_and_resumes_where_it_was() -> None:
     resumed.load_state_dict(model.state_dict())
     assert [resumed._next_alpha() for _ in range(2)] == pytest.approx([0.4, 0.4])
     assert ALBEF(VISION, dict(TEXT, layers=4), **{**kwargs, "alpha_warmup_steps": 0})._next_alpha() == 0.4
+
+
+def test_albef_identical_texts_are_queued_with_their_wording() -> None:
+    # match_identical_texts: the queue remembers each text's wording, so a later batch's identical
+    # caption counts as a positive there too; off (ALBEF's own rule), no such state exists.
+    from vlforge.models.albef import ALBEF
+    from vlforge.models.contrastive import text_groups
+
+    kwargs = dict(embed_dim=16, fusion_layer=2, queue_size=8, mlm=False)
+    assert "group_queue" not in ALBEF(VISION, dict(TEXT, layers=4), **kwargs).state_dict()
+    torch.manual_seed(0)
+    model = ALBEF(VISION, dict(TEXT, layers=4), match_identical_texts=True, **kwargs)
+    ids = torch.tensor([[1, 5, 6, 2], [1, 5, 6, 2], [1, 8, 9, 2], [1, 11, 2, 0]])
+    batch = {"image": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), "text_input_ids": ids,
+             "text_attention_mask": (ids != 0).long()}
+    assert model.group_queue.tolist() == [-1] * 8
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    assert model.group_queue[:4].tolist() == text_groups(ids, batch["text_attention_mask"]).tolist()
+    assert model.group_queue[0] == model.group_queue[1] != model.group_queue[2]
+    assert "group_queue" in model.state_dict()  # a resumed run keeps it with the feature queues

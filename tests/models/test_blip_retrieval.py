@@ -69,3 +69,12 @@ def test_hard_negatives_are_never_the_positive_and_prefer_similar() -> None:
     draws = torch.stack([sample_hard_negatives(sim, gen) for _ in range(200)])
     assert (draws != torch.arange(3)).all()
     assert (draws[:, 0] == 1).float().mean() > 0.95  # row 0: column 1 is far more similar than column 2
+
+
+def test_hard_negatives_skip_identical_texts() -> None:
+    # Column 1 is row 0's most similar, but its text reads like row 0's: it is no negative.
+    sim = torch.tensor([[5.0, 4.9, 0.0, -1.0], [4.9, 5.0, 0.0, -1.0], [0.0, 0.0, 5.0, 1.0], [-1.0, -1.0, 1.0, 5.0]])
+    same = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, gen, positives=same) for _ in range(200)])
+    assert not same[torch.arange(4), draws].any()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlforge.models.contrastive import contrastive_loss, gather_with_grad
+from vlforge.models.contrastive import contrastive_loss, gather_with_grad, text_groups
 
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 TEXT = dict(vocab_size=100, width=64, layers=2, heads=2, max_len=16)
@@ -54,6 +54,30 @@ def test_contrastive_loss_rewards_alignment():
     assert aligned < contrastive_loss(image, image.roll(1, dims=0), scale)
 
 
+def test_identical_texts_are_positives_of_each_others_images():
+    image, text, scale = _embeddings(5)
+    distinct = torch.arange(5)
+    plain = contrastive_loss(image, text, scale)
+    torch.testing.assert_close(contrastive_loss(image, text, scale, distinct), plain.float())  # scored in fp32
+    groups = torch.tensor([7, 3, 7, 1, 3])  # texts 0 and 2 read alike, as do 1 and 4
+    same = (groups[:, None] == groups[None, :]).double()
+    logits = scale * image @ text.t()
+    # Written out: the target of each row spread evenly over the columns of its group.
+    i2t = -((logits.log_softmax(dim=1) * same).sum(1) / same.sum(1)).mean()
+    t2i = -((logits.t().log_softmax(dim=1) * same).sum(1) / same.sum(1)).mean()
+    torch.testing.assert_close(contrastive_loss(image, text, scale, groups), (0.5 * (i2t + t2i)).float())
+
+
+def test_text_groups_ignore_padding_and_tell_texts_apart():
+    ids = torch.tensor([[2, 11, 12, 3, 0, 0], [2, 11, 12, 3, 0, 0], [2, 11, 13, 3, 0, 0], [2, 12, 11, 3, 0, 0]])
+    mask = (ids != 0).long()
+    groups = text_groups(ids, mask)
+    assert groups[0] == groups[1] and len(set(groups[1:].tolist())) == 3
+    # The same text padded to another length (another rank's batch) keeps its group.
+    longer = torch.cat([ids, torch.zeros(4, 3, dtype=torch.long)], dim=1)
+    assert text_groups(longer, (longer != 0).long()).tolist() == groups.tolist()
+
+
 def test_gather_without_process_group_is_identity():
     x = torch.randn(3, 4)
     assert gather_with_grad(x) is x
@@ -68,7 +92,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _dist_worker(rank: int, world: int, port: int, image, text, scale, out_dir: str) -> None:
+def _dist_worker(rank: int, world: int, port: int, image, text, scale, groups, out_dir: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -83,7 +107,7 @@ def _dist_worker(rank: int, world: int, port: int, image, text, scale, out_dir: 
         txt = text[local].clone().requires_grad_(True)
         s = scale.clone().requires_grad_(True)
         gathered = gather_with_grad(img)
-        loss = contrastive_loss(img, txt, s)
+        loss = contrastive_loss(img, txt, s, None if groups is None else groups[local])
         loss.backward()
         torch.save(
             {
@@ -99,19 +123,22 @@ def _dist_worker(rank: int, world: int, port: int, image, text, scale, out_dir: 
         dist.destroy_process_group()
 
 
-def test_contrastive_loss_two_ranks_matches_one(tmp_path):
+@pytest.mark.parametrize("groups", [None, torch.tensor([0, 1, 2, 0, 4, 1, 6, 7])], ids=["plain", "identical-texts"])
+def test_contrastive_loss_two_ranks_matches_one(tmp_path, groups):
     import torch.multiprocessing as mp
 
     world = 2
     image, text, scale = _embeddings(8, seed=1)
-    mp.spawn(_dist_worker, args=(world, _free_port(), image, text, scale, str(tmp_path)), nprocs=world, join=True)
+    # With groups, texts alike sit on both ranks (0 and 3, 1 and 5): the targets span ranks.
+    mp.spawn(_dist_worker, args=(world, _free_port(), image, text, scale, groups, str(tmp_path)), nprocs=world,
+             join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # One process, the whole batch.
     img = image.clone().requires_grad_(True)
     txt = text.clone().requires_grad_(True)
     s = scale.clone().requires_grad_(True)
-    full = contrastive_loss(img, txt, s)
+    full = contrastive_loss(img, txt, s, groups)
     full.backward()
 
     for r in results:

@@ -8,13 +8,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from vlforge.models.bert import BertLMHead, BertTextModel
 from vlforge.models.blip_retrieval import sample_hard_negatives
-from vlforge.models.contrastive import DualEncoderFeatures, LogitScale
+from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, all_gather_rows, text_groups
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import build_vision_tower
 
@@ -26,14 +25,6 @@ def _storages(param: torch.Tensor) -> list[torch.Tensor]:
         return [param.data]
     full = param.data.numel() == param.ds_numel and param.data.numel() > 0
     return [param.ds_tensor, param.data] if full else [param.ds_tensor]
-
-
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 class _Encoders(nn.Module):
@@ -90,6 +81,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         mask_token_id: int = 103,
         special_token_ids: tuple[int, ...] = (0, 101, 102),
         init_temperature: float = 0.07,
+        match_identical_texts: bool = False,
     ) -> None:
         super().__init__()
         self.model = _Encoders(vision, text, embed_dim, fusion_layer)
@@ -103,6 +95,13 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # `match_identical_texts`: identically worded texts (`text_groups`) are positives of each
+        # other's images, in the batch and in the queue, in ITC's targets and never ITM negatives. It
+        # is LAVIS's `idx` / `idx_queue` rule with the text's wording as the id: for template captions
+        # (the demo's), which repeat across images; off by default, as in ALBEF.
+        self.match_identical_texts = match_identical_texts
+        if match_identical_texts:
+            self.register_buffer("group_queue", torch.full((queue_size,), -1, dtype=torch.long))  # -1: no text
         self.register_buffer("momentum_ready", torch.zeros(1, dtype=torch.bool))
         # Training forwards so far: distillation weight alpha ramps up over the first
         # `alpha_warmup_steps` of them (ALBEF ramps it over its first epoch), from a momentum model
@@ -160,8 +159,8 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         self._host_ready = True
 
     @torch.no_grad()
-    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        images, texts = _gather(image_feat), _gather(text_feat)
+    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, groups: torch.Tensor | None) -> None:
+        images, texts = all_gather_rows(image_feat), all_gather_rows(text_feat)
         if self._host_ptr is None:
             self._host_ptr = int(self.queue_ptr)
         size, ptr = self.image_queue.shape[1], self._host_ptr
@@ -169,6 +168,8 @@ class ALBEF(DualEncoderFeatures, nn.Module):
             raise ValueError(f"queue_size {size} is not a multiple of the global batch {images.shape[0]}")
         self.image_queue[:, ptr : ptr + images.shape[0]] = images.t()
         self.text_queue[:, ptr : ptr + texts.shape[0]] = texts.t()
+        if groups is not None:
+            self.group_queue[ptr : ptr + texts.shape[0]] = all_gather_rows(groups)
         self._host_ptr = (ptr + images.shape[0]) % size
         self.queue_ptr.fill_(self._host_ptr)
 
@@ -213,18 +214,26 @@ class ALBEF(DualEncoderFeatures, nn.Module):
             _, text_feat_m = self.momentum_model.text_only(ids, mask)
             image_all = torch.cat([image_feat_m.t(), self.image_queue.clone()], dim=1)
             text_all = torch.cat([text_feat_m.t(), self.text_queue.clone()], dim=1)
-            targets = torch.zeros(ids.shape[0], image_all.shape[1], device=ids.device)
-            targets.fill_diagonal_(1)
+            if self.match_identical_texts:
+                groups = text_groups(ids, mask)
+                positive = groups[:, None] == torch.cat([groups, self.group_queue.clone()])[None, :]
+                targets = positive.float() / positive.sum(dim=1, keepdim=True)
+                same = positive[:, : ids.shape[0]]
+            else:
+                groups = same = None
+                targets = torch.zeros(ids.shape[0], image_all.shape[1], device=ids.device)
+                targets.fill_diagonal_(1)
             i2t_targets = alpha * (scale * image_feat_m @ text_all).softmax(1) + (1 - alpha) * targets
             t2i_targets = alpha * (scale * text_feat_m @ image_all).softmax(1) + (1 - alpha) * targets
         i2t = -(F.log_softmax(scale * image_feat @ text_all, dim=1) * i2t_targets).sum(1).mean()
         t2i = -(F.log_softmax(scale * text_feat @ image_all, dim=1) * t2i_targets).sum(1).mean()
         itc = (i2t + t2i) / 2
-        self._enqueue(image_feat_m, text_feat_m)
+        self._enqueue(image_feat_m, text_feat_m, groups)
 
         with torch.no_grad():
             sim = image_feat @ text_feat.t()
-            neg_text, neg_image = sample_hard_negatives(sim), sample_hard_negatives(sim.t())
+            neg_text = sample_hard_negatives(sim, positives=same)
+            neg_image = sample_hard_negatives(sim.t(), positives=same)
         batch_size = ids.shape[0]
         fused = self.model.fuse(torch.cat([text_hidden, text_hidden[neg_text], text_hidden]),
                                 torch.cat([mask, mask[neg_text], mask]),

@@ -8,17 +8,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.models.bert import BertTextModel
-from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss
+from vlforge.models.contrastive import DualEncoderFeatures, LogitScale, contrastive_loss, text_groups
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import build_vision_tower
 
 
-def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None,
+                          positives: torch.Tensor | None = None) -> torch.Tensor:
     """For each row, a column other than its own, drawn with probability softmax(similarity).
 
     Harder negatives (more similar, yet wrong) are drawn more often, as in ALBEF/BLIP ITM training.
+    `positives` [rows, cols] bool marks further columns that are no negatives (an identical text:
+    LAVIS masks by `idx` likewise); a row with no other column left falls back to any other.
     """
     weights = sim.float().softmax(dim=1).clone()
+    if positives is not None:
+        weights = weights.masked_fill(positives, 0)
     weights.fill_diagonal_(0)
     weights = weights + 1e-12 * (1 - torch.eye(*weights.shape, device=weights.device))  # never all-zero rows
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
@@ -29,7 +34,10 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
     in every layer when given image tokens (ITM) and is unimodal without them (ITC).
 
     Loss: ITC, exact across ranks, plus ITM on each positive pair, one hard negative text per image and
-    one hard negative image per text (mined within the rank's batch).
+    one hard negative image per text (mined within the rank's batch). With `match_identical_texts`,
+    identically worded texts are positives of each other's images, in ITC's targets (across ranks)
+    and never drawn as ITM negatives: LAVIS's `idx` rule with the wording as the id, for template
+    captions (the demo's) that repeat across images; off by default, as in BLIP.
     """
 
     def __init__(
@@ -40,6 +48,7 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         enc_token_id: int | None = None,
+        match_identical_texts: bool = False,
     ) -> None:
         super().__init__()
         self.vision = build_vision_tower(vision)
@@ -51,6 +60,7 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         self.logit_scale = LogitScale(init_temperature, max_logit_scale)
         # BLIP marks image-grounded encoding with an [ENC] token in place of [CLS]; None keeps [CLS].
         self.enc_token_id = enc_token_id
+        self.match_identical_texts = match_identical_texts
 
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens [B, N, D], what `itm_match_scores` reads; normalised ITC embedding [B, E] from the
@@ -81,12 +91,14 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, image_emb = self.image_features(batch["image"])
         text_emb = self.encode_text(ids, mask)
-        itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
+        groups = text_groups(ids, mask) if self.match_identical_texts else None
+        itc = contrastive_loss(image_emb, text_emb, self.logit_scale(), groups)
 
         with torch.no_grad():
             sim = image_emb @ text_emb.t()
-            neg_text = sample_hard_negatives(sim)
-            neg_image = sample_hard_negatives(sim.t())
+            same = None if groups is None else groups[:, None] == groups[None, :]
+            neg_text = sample_hard_negatives(sim, positives=same)
+            neg_image = sample_hard_negatives(sim.t(), positives=same)
         batch_size = ids.shape[0]
         tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
         all_ids = torch.cat([ids, ids[neg_text], ids])

@@ -37,6 +37,28 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(tensor)
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order, without gradient (labels, momentum features)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+_HASH_BASE, _HASH_MODULUS = 1_000_003, 2_147_483_647
+
+
+def text_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] int64, equal for texts with equal token ids (padding ignored, so across ranks too): a
+    polynomial hash; two different texts of a batch share one with probability ~B^2 / 2^32."""
+    groups = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    for column in range(input_ids.shape[1]):
+        extended = (groups * _HASH_BASE + input_ids[:, column].long() + 1) % _HASH_MODULUS
+        groups = torch.where(attention_mask[:, column].bool(), extended, groups)
+    return groups
+
+
 def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
     """[N_image, N_text] cosine similarities of normalised embeddings.
 
@@ -48,20 +70,30 @@ def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> to
     return image_emb @ text_emb.t()
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+                     groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of local rows against global columns; inputs are L2-normalised, text
     [B_local, D] and image [B_local, D] or [B_local, Q, D] (see `image_text_similarity`).
 
-    Ranks must hold equal micro batches. DeepSpeed averages gradients over ranks, which turns the
-    per-rank means into the mean over the global batch.
+    `groups` [B_local] (e.g. `text_groups`): pairs whose image and text share a group are all
+    positives, the target spread evenly over them (as LAVIS's BLIP / ALBEF retrieval finetunes spread
+    it over an image's captions by `idx`); with every group distinct this is the plain loss. Ranks must hold equal micro batches. DeepSpeed
+    averages gradients over ranks, which turns the per-rank means into the mean over the global batch.
     """
     all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     local = image_emb.shape[0]
-    targets = torch.arange(local, device=image_emb.device) + rank * local
     logits_per_image = logit_scale * image_text_similarity(image_emb, all_text)
     logits_per_text = logit_scale * image_text_similarity(all_image, text_emb).t()
-    return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+    if groups is None:
+        targets = torch.arange(local, device=image_emb.device) + rank * local
+        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+    same = (groups[:, None] == all_gather_rows(groups)[None, :]).float()
+    targets = same / same.sum(dim=1, keepdim=True)
+    # An image and its text share a group, so one [B_local, B_global] target serves both directions.
+    i2t = -(logits_per_image.float().log_softmax(dim=1) * targets).sum(dim=1).mean()
+    t2i = -(logits_per_text.float().log_softmax(dim=1) * targets).sum(dim=1).mean()
+    return 0.5 * (i2t + t2i)
 
 
 class LogitScale(nn.Module):
