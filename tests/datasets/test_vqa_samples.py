@@ -28,11 +28,11 @@ PER_QUESTION = {"image_id": "img3", "question_id": 4031, "question": "Is it sunn
 def test_evaluation_keeps_every_question_with_its_answers() -> None:
     sample = VQASample(lambda image: image.size, str.lower, train=False)
     out = sample(_raw(PER_IMAGE))
-    assert out["questions"] == ["what color is it?", "how many shapes?"]
+    assert out["question"] == ["what color is it?", "how many shapes?"]
     assert out["question_ids"] == ["img7_q0", "img7_q1"] and out["answer_types"] == ["color", "number"]
     assert out["answers"][0].count("red") == 9
     single = sample(_raw(PER_QUESTION))
-    assert single["question_ids"] == ["4031"] and single["questions"] == ["is it sunny?"]
+    assert single["question_ids"] == ["4031"] and single["question"] == ["is it sunny?"]
     assert single["answer_types"] == ["other"]
 
 

@@ -99,8 +99,8 @@ class VQASample:
     per-image shard trains on all its questions in one step, so the image is encoded once for them
     and each step contrasts different questions about one image (the collator flattens the lists).
 
-    Evaluation: the image and all its questions, as lists under `questions`, `answers` (the human
-    answers of each), `question_ids` and `answer_types`.
+    Evaluation: the image and all its questions, as lists under `question` (tokenized by the
+    collator as in training), `answers` (the human answers of each), `question_ids` and `answer_types`.
     """
 
     def __init__(self, image_transform: Callable[[Image.Image], Any], text_processor: Callable[[str], str],
@@ -116,7 +116,7 @@ class VQASample:
             sample["question"] = [self.text_processor(q["question"]) for q in questions]
             sample["answer"] = [random.choice(q["answers"]) for q in questions]
             return sample
-        sample["questions"] = [self.text_processor(q["question"]) for q in questions]
+        sample["question"] = [self.text_processor(q["question"]) for q in questions]
         sample["answers"] = [q["answers"] for q in questions]
         sample["question_ids"] = [q["question_id"] for q in questions]
         sample["answer_types"] = [q["answer_type"] for q in questions]

@@ -275,6 +275,7 @@ class TimmVisionTower(VisionTowerBase):
         if token_position and self.width % 4:
             raise ValueError(f"vision token_position needs a width divisible by 4, {name!r} has {self.width}")
         self.token_position = token_position
+        self._position_codes: dict[tuple, torch.Tensor] = {}  # per (grid, device, dtype): built once
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pooled [B, D], tokens [B, N, D])."""
@@ -293,7 +294,10 @@ class TimmVisionTower(VisionTowerBase):
             if grid is None:  # a ViT without a class token passes the constructor's check
                 raise ValueError("vision token_position: the backbone gives tokens, not a CNN map; "
                                  "its tokens carry positions already")
-            tokens = tokens + sincos_position_code(*grid, self.width).to(tokens)
+            key = (tuple(grid), tokens.device, tokens.dtype)
+            if key not in self._position_codes:
+                self._position_codes[key] = sincos_position_code(*grid, self.width).to(tokens)
+            tokens = tokens + self._position_codes[key]
         if self.pool == "cls":
             pooled = tokens[:, 0]
         elif self.pool == "mean":

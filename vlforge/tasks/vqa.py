@@ -75,14 +75,13 @@ class VQATask(Task):
         rows: list[list[Any]] = []
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
-            if "questions" not in batch:
+            if "question_input_ids" not in batch:
                 raise ValueError(f"VQA evaluation needs questions in every sample of data.{split}")
-            owner = torch.tensor([row for row, qs in enumerate(batch["questions"]) for _ in qs], device=device)
-            flat = [q for qs in batch["questions"] for q in qs]
-            tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
-            questions = {"question_input_ids": tokens["input_ids"].to(device),
-                         "question_attention_mask": tokens["attention_mask"].to(device),
-                         "question_sample_index": owner}
+            # The collator tokenized every question of each image (prompts included, as in training)
+            # and recorded each one's image row.
+            owner = batch["question_sample_index"]
+            questions = {key: batch[key] for key in ("question_input_ids", "question_attention_mask",
+                                                     "question_sample_index")}
             predictions = self._answer(model, batch["image"], questions, candidates)
             if not real:
                 continue
@@ -91,9 +90,11 @@ class VQATask(Task):
             local["prediction"] += predictions
             local["answers"] += [a for answers in batch["answers"] for a in answers]
             local["answer_type"] += [t for types in batch["answer_types"] for t in types]
-            for row, question, prediction, answers in zip(owner.tolist(), flat, predictions, local["answers"][-len(flat):]):
-                if len(rows) < self.report_images:
-                    rows.append([batch["image"][row].cpu(), question, prediction, answers[0]])
+            shown = max(0, min(len(predictions), self.report_images - len(rows)))
+            texts = tok.batch_decode(batch["question_input_ids"][:shown], skip_special_tokens=True)
+            for row, question, prediction, answers in zip(owner.tolist(), texts, predictions,
+                                                          local["answers"][-len(predictions):]):
+                rows.append([batch["image"][row].cpu(), question, prediction, answers[0]])
         parts = gather_objects(local)
         merged = {key: [v for part in parts for v in part[key]] for key in local}
         metrics = None
