@@ -35,7 +35,5 @@ setup(
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "open_clip_torch>=2.24",  # open_clip: parity tests
                 "hydra-submitit-launcher>=1.2"],  # the SLURM tests launch through submitit too
         "slurm": ["hydra-submitit-launcher>=1.2"],  # hydra/launcher=vlforge_slurm
-        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
-        "quant": ["bitsandbytes>=0.43", "accelerate>=0.30"],
     },
 )
