@@ -5,9 +5,15 @@ from __future__ import annotations
 import html
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from vlforge.datasets.samples import decode_image, decode_meta
+from vlforge.datasets.shards import iter_shard
+from vlforge.models import load_model, load_model_and_preprocess
 
 from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series
 
@@ -41,6 +47,33 @@ def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dic
                                      "task.generate.num_beams=2", script="launch/evaluate.py"), e2e_env))
     assert "(step 60) on 1 rank(s)" in result.output
     assert json.loads((out / "eval.json").read_text())["metrics"] == pytest.approx(trained, abs=1e-6)
+
+    # Exported, then loaded through the inference API: the captions training's evaluation wrote.
+    exported = tmp_path / "export"
+    result = check(launch([sys.executable, "-m", "vlforge.export", str(run_dir), str(exported)], e2e_env))
+    assert "exported step 60" in result.output
+    assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.yaml", "tokenizer", "export.json"}
+    model, vis, _ = load_model_and_preprocess("blip_caption", "demo", checkpoint=exported)
+    assert captions_of_split(model, vis["eval"], Path(e2e_env["VLFORGE_DATA_DIR"]) / "demo", "test") == {
+        r["image_id"]: r["caption"] for r in results}
+    from_run = load_model("blip_caption", "demo", checkpoint=run_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_run.state_dict().values()))
+    with pytest.raises(ValueError, match="holds a BlipCaptioner"):
+        load_model("blip_vqa", "demo", checkpoint=exported)
+    again = launch([sys.executable, "-m", "vlforge.export", str(run_dir), str(exported)], e2e_env)
+    assert again.returncode == 1 and "exists and is not empty" in again.output
+
+
+def captions_of_split(model: torch.nn.Module, transform, root: Path, split: str) -> dict[str, str]:
+    """Every image of the demo's `split` captioned as the recipe's evaluation does (two beams here)."""
+    raws = [raw for shard in sorted(root.glob(f"{split}-*.tar")) for raw in iter_shard(str(shard), [])]
+    out: dict[str, str] = {}
+    for start in range(0, len(raws), 32):
+        batch = raws[start:start + 32]
+        images = torch.stack([transform(decode_image(raw)) for raw in batch])
+        captions = model.generate({"image": images}, num_beams=2, max_length=20, min_length=5)
+        out.update({str(decode_meta(raw).get("image_id", raw.key)): c for raw, c in zip(batch, captions)})
+    return out
 
 
 def test_evaluate_names_a_missing_checkpoint(e2e_env: dict[str, str], tmp_path: Path) -> None:

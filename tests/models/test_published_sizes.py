@@ -2,11 +2,13 @@
 (ALBEF: of LAVIS's, counted from the published parts LAVIS builds it of)."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import timm
 import torch
 import yaml
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from transformers import (BertConfig, BertForMaskedLM, Blip2Config, Blip2ForConditionalGeneration, BlipConfig,
                           BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering,
                           BlipVisionConfig, OPTConfig)
@@ -21,8 +23,9 @@ def _count(module: torch.nn.Module) -> int:
 def _build(name: str) -> torch.nn.Module:
     node = yaml.safe_load((RECIPES_DIR / "model" / f"{name}.yaml").read_text())
     if "tokenizer" in node:
-        node["tokenizer"] = None  # the size does not depend on it; ids are given instead
-        node.update(bos_token_id=30522, eos_token_id=102)
+        node["tokenizer"] = None  # the size does not depend on it; a decoder's ids are given instead
+        if "bos_token_id" in inspect.signature(get_class(node["_target_"])).parameters:
+            node.update(bos_token_id=30522, eos_token_id=102)
     return instantiate(node, _convert_="all")
 
 

@@ -45,10 +45,20 @@ def wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> list[str]:
 
 def save_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, max_length: int = 128) -> int:
     """Build the tokenizer, save it so `AutoTokenizer.from_pretrained(out_dir)` loads it; return its size."""
+    vocab = wordpiece_vocab(texts, vocab_size)
+    save_vocab_tokenizer(vocab, out_dir, max_length)
+    return len(vocab)
+
+
+def save_vocab_tokenizer(vocab: list[str], out_dir: str | Path, max_length: int = 128) -> None:
+    """A BERT-style WordPiece tokenizer of exactly `vocab` (token i has id i; it must hold every one of
+    SPECIAL_TOKENS), saved so `AutoTokenizer.from_pretrained(out_dir)` loads it."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = wordpiece_vocab(texts, vocab_size)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary lacks the special tokens {missing}")
     ids = {token: index for index, token in enumerate(vocab)}
     tokenizer = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -76,4 +86,3 @@ def save_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return len(vocab)

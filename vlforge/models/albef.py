@@ -82,8 +82,10 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         special_token_ids: tuple[int, ...] = (0, 101, 102),
         init_temperature: float = 0.07,
         match_identical_texts: bool = False,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
+        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
         self.model = _Encoders(vision, text, embed_dim, fusion_layer)
         self.momentum_model = _Encoders(vision, text, embed_dim, fusion_layer)
         self.momentum_model.requires_grad_(False)

@@ -49,8 +49,10 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         max_logit_scale: float = 100.0,
         enc_token_id: int | None = None,
         match_identical_texts: bool = False,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
+        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
         self.vision = build_vision_tower(vision)
         self.text_encoder = BertTextModel(**{"cross_attention_layers": "all", "encoder_width": self.vision.width, **text})
         width = self.text_encoder.width

@@ -113,14 +113,26 @@ class BlipVQA(nn.Module):
         scores = (token_logp * (labels[:, 1:] != -100)).sum(dim=1).view(batch, k)
         return top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
-    def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1) -> list[str]:
-        """Free-form answers for `samples["question_input_ids/attention_mask"]` about `samples["image"]`
-        (the row in `samples["question_sample_index"]` when present)."""
+    def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1,
+                        max_question_len: int = 35) -> list[str]:
+        """Free-form answers about `samples["image"]` to the questions in `samples["text_input"]` (strings,
+        one per image, as LAVIS takes them) or, from the collator, `question_input_ids/attention_mask`
+        (the image row of each in `question_sample_index` when present)."""
         if self.tokenizer_name is None:
             raise ValueError("predict_answers needs the model's tokenizer; use generate_answer_ids with ids")
         from vlforge.datasets.collate import load_tokenizer
 
-        ids = self.generate_answer_ids(samples["image"], samples["question_input_ids"],
-                                       samples["question_attention_mask"], max_length, num_beams,
+        tok = load_tokenizer(self.tokenizer_name)
+        if "question_input_ids" in samples:
+            ids, mask = samples["question_input_ids"], samples["question_attention_mask"]
+        else:
+            questions = samples["text_input"]
+            questions = [questions] if isinstance(questions, str) else list(questions)
+            if len(questions) != samples["image"].shape[0]:
+                raise ValueError(f"predict_answers: {len(questions)} questions for {samples['image'].shape[0]} images")
+            encoded = tok(questions, padding="longest", truncation=True, max_length=max_question_len,
+                          return_tensors="pt").to(samples["image"].device)
+            ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        ids = self.generate_answer_ids(samples["image"], ids, mask, max_length, num_beams,
                                        samples.get("question_sample_index"))
-        return [a.strip() for a in load_tokenizer(self.tokenizer_name).batch_decode(ids[:, 1:], skip_special_tokens=True)]
+        return [a.strip() for a in tok.batch_decode(ids[:, 1:], skip_special_tokens=True)]

@@ -27,8 +27,10 @@ class CLIP(DualEncoderFeatures, nn.Module):
         embed_dim: int = 512,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
+        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
         self.vision = build_vision_tower(vision)
         self.text = TextTransformer(**text)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)

@@ -113,17 +113,35 @@ class LogitScale(nn.Module):
 
 class DualEncoderFeatures:
     """`extract_features` for a model that defines `encode_image(image)` and
-    `encode_text(input_ids, attention_mask)`, each returning normalised embeddings."""
+    `encode_text(input_ids, attention_mask)`, each returning normalised embeddings, and (for texts as
+    strings) `tokenizer_name`."""
 
     @torch.no_grad()
-    def extract_features(self, samples: dict, mode: str = "multimodal") -> dict[str, torch.Tensor]:
-        """Normalised embeddings: mode 'image', 'text', or 'multimodal' (both)."""
+    def extract_features(self, samples: dict, mode: str = "multimodal", max_text_len: int = 64) -> dict[str, torch.Tensor]:
+        """Normalised embeddings: mode 'image', 'text', or 'multimodal' (both). Texts are
+        `text_input_ids/attention_mask` from the collator, or strings under `text_input` (LAVIS's key),
+        tokenized with the model's tokenizer."""
         if mode not in ("image", "text", "multimodal"):
             raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
         out: dict[str, torch.Tensor] = {}
         if mode in ("image", "multimodal"):
             out["image_embeds"] = self.encode_image(samples["image"])  # type: ignore[attr-defined]
         if mode in ("text", "multimodal"):
-            ids, mask = samples["text_input_ids"], samples["text_attention_mask"]
+            if "text_input_ids" in samples:
+                ids, mask = samples["text_input_ids"], samples["text_attention_mask"]
+            else:
+                ids, mask = self._tokenize(samples["text_input"], max_text_len)
             out["text_embeds"] = self.encode_text(ids, mask)  # type: ignore[attr-defined]
         return out
+
+    def _tokenize(self, texts: str | list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        name = getattr(self, "tokenizer_name", None)
+        if name is None:
+            raise ValueError(f"{type(self).__name__} was built without a tokenizer: pass text_input_ids and "
+                             "text_attention_mask, or build it with tokenizer=<directory or hub id>")
+        from vlforge.datasets.collate import load_tokenizer
+
+        device = next(self.parameters()).device  # type: ignore[attr-defined]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encoded = load_tokenizer(name)(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)

@@ -102,11 +102,16 @@ def blip_vision_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "v
     return out
 
 
-def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "cls.predictions.") -> dict[str, torch.Tensor]:
-    """BERT's `cls.predictions.*` -> BertLMHead (the tied decoder weight is copied, not shared)."""
+def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "cls.predictions.",
+                         tied_embedding_key: str | None = None) -> dict[str, torch.Tensor]:
+    """BERT's `cls.predictions.*` -> BertLMHead (the tied decoder weight is copied, not shared).
+    `save_pretrained` leaves the tied decoder weight out of the file: it is then the word embeddings
+    under `tied_embedding_key`."""
     names = {"transform.dense.weight": "dense.weight", "transform.dense.bias": "dense.bias",
              "transform.LayerNorm.weight": "norm.weight", "transform.LayerNorm.bias": "norm.bias",
              "decoder.weight": "decoder.weight", "bias": "decoder.bias"}
+    if prefix + "decoder.weight" not in state_dict and tied_embedding_key in state_dict:
+        state_dict = {**state_dict, prefix + "decoder.weight": state_dict[tied_embedding_key]}
     missing = [prefix + theirs for theirs in names if prefix + theirs not in state_dict]
     if missing:
         raise KeyError(f"checkpoint lacks LM head keys {missing}")
@@ -114,11 +119,15 @@ def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "
     return out
 
 
+_DECODER_WORDS = "text_decoder.bert.embeddings.word_embeddings.weight"
+
+
 def blip_caption_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' BlipForConditionalGeneration -> vlforge.models.blip.BlipCaptioner."""
     out = {f"vision.{k}": v for k, v in blip_vision_from_hf(state_dict).items()}
     out.update({f"text_decoder.{k}": v for k, v in bert_from_hf(state_dict, "text_decoder.bert.").items()})
-    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.").items()})
+    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.",
+                                                                               _DECODER_WORDS).items()})
     return out
 
 
@@ -138,7 +147,8 @@ def blip_vqa_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     out = {f"vision.{k}": v for k, v in blip_vision_from_hf(state_dict).items()}
     out.update({f"text_encoder.{k}": v for k, v in bert_from_hf(state_dict, "text_encoder.").items()})
     out.update({f"text_decoder.{k}": v for k, v in bert_from_hf(state_dict, "text_decoder.bert.").items()})
-    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.").items()})
+    out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.",
+                                                                               _DECODER_WORDS).items()})
     return out
 
 

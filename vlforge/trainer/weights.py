@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import contextlib
 import importlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state (parameters, frozen ones included, and persistent buffers)."""
     if any(step_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"  # outside a launcher (export, load_model) on a CPU machine
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO-1/2/3: the fp32 master partitions of every rank, joined.

@@ -1,0 +1,105 @@
+"""The model zoo: a table from (name, model type) to the recipe that builds the model and where its
+weights come from. Data, not registration: every entry is listed here and nowhere else.
+
+Names and types follow LAVIS where they overlap. A `demo` type is the run a `_demo` recipe leaves in
+`runs/` (train it first); the others name published weights, fetched once into the cache
+(`$VLFORGE_HOME`, default `~/.cache/vlforge`) or read from any local file or directory given as
+`checkpoint=`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    model_type: str
+    recipe: str  # recipes/recipe/<recipe>.yaml: the model node and the image / text processors
+    description: str
+    # Where the weights are: "hf:<repo id>" (an HF-format model directory: its config.json decides the
+    # dimensions and its tokenizer files come along) or "run:<directory>" (a vlforge run or export,
+    # relative to the working directory).
+    source: str
+    # "module:function" mapping the source's keys to the model's (none for vlforge runs).
+    converter: str | None = None
+    # Files of an "hf:" source that loading needs besides one weights file (vlforge.models.sources).
+    files: tuple[str, ...] = ()
+    # Model keys the source has no value for, which keep their initialisation (HF BLIP retrieval keeps
+    # no temperature: logit_scale).
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = field(default_factory=tuple)  # Hydra overrides on top of the recipe
+
+    @property
+    def kind(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.partition(":")[2]
+
+
+# What loading reads of an HF BLIP repo besides its weights: dimensions and the tokenizer.
+_HF_BLIP_FILES = ("config.json", "tokenizer_config.json", "vocab.txt")
+
+
+def _demo(name: str, recipe: str, description: str) -> ZooEntry:
+    return ZooEntry(name, "demo", recipe, description, f"run:runs/{recipe}")
+
+
+ENTRIES: tuple[ZooEntry, ...] = (
+    ZooEntry("blip_caption", "base_coco", "blip_caption", "BLIP ViT-B/16 captioner finetuned on COCO",
+             "hf:Salesforce/blip-image-captioning-base", "vlforge.models.convert:blip_caption_from_hf",
+             files=_HF_BLIP_FILES),
+    ZooEntry("blip_caption", "large_coco", "blip_caption", "BLIP ViT-L/16 captioner finetuned on COCO",
+             "hf:Salesforce/blip-image-captioning-large", "vlforge.models.convert:blip_caption_from_hf",
+             files=_HF_BLIP_FILES, overrides=("model=blip_caption_large",)),
+    _demo("blip_caption", "blip_caption_demo", "the caption demo's run (runs/blip_caption_demo)"),
+    ZooEntry("blip_vqa", "vqav2", "blip_vqa", "BLIP ViT-B/16 VQA finetuned on VQAv2",
+             "hf:Salesforce/blip-vqa-base", "vlforge.models.convert:blip_vqa_from_hf", files=_HF_BLIP_FILES),
+    _demo("blip_vqa", "blip_vqa_demo", "the BLIP VQA demo's run (runs/blip_vqa_demo)"),
+    _demo("albef_vqa", "albef_vqa_demo", "the ALBEF VQA demo's run (runs/albef_vqa_demo)"),
+    ZooEntry("blip_retrieval", "coco", "blip_retrieval", "BLIP ViT-B/16 ITC + ITM finetuned on COCO retrieval",
+             "hf:Salesforce/blip-itm-base-coco", "vlforge.models.convert:blip_retrieval_from_hf",
+             files=_HF_BLIP_FILES, ignore=("logit_scale.log_scale",)),
+    ZooEntry("blip_retrieval", "flickr", "blip_retrieval", "BLIP ViT-B/16 ITC + ITM finetuned on Flickr30k",
+             "hf:Salesforce/blip-itm-base-flickr", "vlforge.models.convert:blip_retrieval_from_hf",
+             files=_HF_BLIP_FILES, ignore=("logit_scale.log_scale",)),
+    _demo("blip_retrieval", "blip_retrieval_demo", "the BLIP retrieval demo's run (runs/blip_retrieval_demo)"),
+    _demo("albef_retrieval", "albef_retrieval_demo", "the ALBEF retrieval demo's run (runs/albef_retrieval_demo)"),
+    _demo("clip_feature_extractor", "clip_demo", "the CLIP demo's run (runs/clip_demo)"),
+)
+
+
+def find_entry(name: str, model_type: str) -> ZooEntry:
+    for entry in ENTRIES:
+        if entry.name == name and entry.model_type == model_type:
+            return entry
+    types = [e.model_type for e in ENTRIES if e.name == name]
+    if types:
+        raise ValueError(f"model '{name}' has no type '{model_type}'; its types: {', '.join(types)}")
+    names = sorted({e.name for e in ENTRIES})
+    raise ValueError(f"unknown model '{name}'; the zoo has: {', '.join(names)}")
+
+
+class ModelZoo:
+    """`print(model_zoo)`: the table of names, types and where their weights come from."""
+
+    def __iter__(self):
+        return iter(ENTRIES)
+
+    def __len__(self) -> int:
+        return len(ENTRIES)
+
+    def __str__(self) -> str:
+        rows = [("name", "model_type", "weights", "description")]
+        rows += [(e.name, e.model_type, e.source, e.description) for e in ENTRIES]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+model_zoo = ModelZoo()
