@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlforge.datasets.make_shards import main, write_caption_shards, write_folder_shards, write_vqa_shards
+from vlforge.datasets.make_shards import (main, write_caption_shards, write_conversation_shards, write_folder_shards,
+                                         write_vqa_shards)
 
 
 def _jpeg(path: Path, color=(200, 30, 30), size=(40, 30)) -> bytes:
@@ -116,6 +117,26 @@ def test_vqa_one_sample_per_question(tmp_path, images):
         {"image_id": "b1", "question_id": "2", "question": "Which?", "answers": ["blue"]},
     ]
     assert [entry for entry, _ in report.skipped] == ["ann[3] nope/x.jpg", "ann[4] train/b.png"]
+
+
+def test_conversations_one_sample_per_entry_with_bad_ones_named(tmp_path, images):
+    good = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    ann = _write_json(
+        tmp_path / "llava.json",
+        [
+            {"id": "000001", "image": "train/a.jpg", "conversations": good},
+            {"id": "000002", "conversations": good},  # text-only, as some of llava_v1_5_mix665k
+            {"id": "000003", "image": "train/b.png", "conversations": good[:1]},
+            {"id": "000004", "image": "train/b.png", "conversations": [good[1], good[0]]},
+        ],
+    )
+    report = write_conversation_shards(ann, images, tmp_path / "llava-%06d.tar")
+    assert report.written == 1
+    assert [s["meta"] for s in _read_samples(report.shards).values()] == [{"image_id": "000001", "conversations": good}]
+    skipped = dict(report.skipped)
+    assert "text-only" in skipped["ann[1]"]
+    assert "end with a human turn" in skipped["ann[2] train/b.png"]
+    assert "conversations[0] must be" in skipped["ann[3] train/b.png"]
 
 
 def test_folder_labels_follow_sorted_class_names(tmp_path):

@@ -2,6 +2,8 @@
 
     python -m vlforge.datasets.make_shards caption --ann ann.json --image-root images --out out/train-%06d.tar
     python -m vlforge.datasets.make_shards vqa --ann ann.json --image-root images --out out/train-%06d.tar
+    python -m vlforge.datasets.make_shards conversation --ann llava_v1_5_mix665k.json --image-root images \
+        --out out/train-%06d.tar
     python -m vlforge.datasets.make_shards folder --root imagenet/train --out out/train-%06d.tar
 """
 
@@ -166,12 +168,22 @@ def _caption_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sam
         yield _Sample(f"ann[{indices}] {image}", image_root / image, meta)
 
 
-def _vqa_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample | _Skip]:
+def _entries_with_images(annotations: list[dict], no_image: str = "no 'image' field") -> Iterator[tuple[int, dict, str] | _Skip]:
+    """(index, entry, image path) of every annotation naming an image; a _Skip (reason `no_image`) otherwise."""
     for i, ann in enumerate(annotations):
         image = ann.get("image") if isinstance(ann, dict) else None
         if not isinstance(image, str) or not image:
-            yield _Skip(f"ann[{i}]", "no 'image' field")
+            yield _Skip(f"ann[{i}]", no_image)
             continue
+        yield i, ann, image
+
+
+def _vqa_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample | _Skip]:
+    for item in _entries_with_images(annotations):
+        if isinstance(item, _Skip):
+            yield item
+            continue
+        i, ann, image = item
         entry = f"ann[{i}] {image}"
         question = ann.get("question")
         if not isinstance(question, str) or not question.strip():
@@ -187,6 +199,26 @@ def _vqa_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample 
         question_id = i if question_id is None else question_id
         meta = {"image_id": str(image_id), "question_id": str(question_id), "question": question, "answers": answers}
         yield _Sample(entry, image_root / image, meta)
+
+
+def _conversation_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample | _Skip]:
+    """LLaVA's instruction JSON (entries: id, image, conversations), one sample per entry."""
+    from vlforge.datasets.conversation import check_conversation
+    from vlforge.datasets.samples import SampleError
+
+    for item in _entries_with_images(annotations, "no 'image' field (text-only conversations are not supported)"):
+        if isinstance(item, _Skip):
+            yield item
+            continue
+        i, ann, image = item
+        entry = f"ann[{i}] {image}"
+        try:
+            turns = check_conversation(ann.get("conversations"))
+        except SampleError as err:
+            yield _Skip(entry, str(err))
+            continue
+        image_id = ann.get("id", Path(image).stem)
+        yield _Sample(entry, image_root / image, {"image_id": str(image_id), "conversations": turns})
 
 
 def write_caption_shards(
@@ -207,10 +239,17 @@ def write_vqa_shards(
     out: str | Path,
     max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    conversations: bool = False,
 ) -> ShardReport:
-    """VQA JSON -> shards, one sample per question (the image is repeated in each)."""
-    samples = _vqa_samples(_load_annotations(ann), Path(image_root))
-    return _write_samples(samples, out, max_count, max_bytes)
+    """VQA JSON -> shards, one sample per question (the image is repeated in each). With
+    `conversations`: LLaVA's instruction JSON, one sample per conversation (task.source=conversations)."""
+    make = _conversation_samples if conversations else _vqa_samples
+    return _write_samples(make(_load_annotations(ann), Path(image_root)), out, max_count, max_bytes)
+
+
+def write_conversation_shards(ann: str | Path, image_root: str | Path, out: str | Path, **limits: int) -> ShardReport:
+    """LLaVA conversation JSON -> shards, one sample per entry."""
+    return write_vqa_shards(ann, image_root, out, conversations=True, **limits)
 
 
 def find_class_images(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -270,7 +309,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT, help="samples per shard")
         p.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="bytes per shard")
 
-    for kind in ("caption", "vqa"):
+    for kind in ("caption", "vqa", "conversation"):
         p = sub.add_parser(kind, help=f"{kind} annotation JSON")
         p.add_argument("--ann", required=True, help="annotation JSON file (a list of entries)")
         p.add_argument("--image-root", required=True, help="directory the entries' 'image' paths are relative to")
@@ -290,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             report = write_caption_shards(args.ann, args.image_root, args.out, **limits)
         elif args.kind == "vqa":
             report = write_vqa_shards(args.ann, args.image_root, args.out, **limits)
+        elif args.kind == "conversation":
+            report = write_conversation_shards(args.ann, args.image_root, args.out, **limits)
         else:
             report = write_folder_shards(args.root, args.out, seed=args.seed, **limits)
     except (OSError, ValueError) as exc:  # unreadable annotation file, bad pattern, no class folders

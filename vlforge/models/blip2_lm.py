@@ -21,9 +21,12 @@ from vlforge.models.output import ModelOutput
 from vlforge.models.zero_init import outside_zero_init
 
 
-def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None) -> PreTrainedModel:
+def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None,
+                    quantization_config: Any = None) -> PreTrainedModel:
     """A transformers causal LM from `pretrained` (a directory, or a hub id) or from `config` (a dict
-    with `model_type`, e.g. {model_type: opt, hidden_size: 64, ...}); exactly one of them."""
+    with `model_type`, e.g. {model_type: opt, hidden_size: 64, ...}); exactly one of them.
+    `quantization_config` (bitsandbytes) quantizes a pretrained LM as it loads, on this process's GPU
+    (LOCAL_RANK) or on the CPU."""
     if (pretrained is None) == (config is None):
         raise ValueError("model.language_model needs exactly one of 'pretrained' (a directory or hub id) or 'config'")
     if config is not None:
@@ -32,8 +35,12 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
             raise ValueError("model.language_model.config needs a 'model_type' (opt, llama, gpt2, ...)")
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
     local = os.path.isdir(pretrained)
+    extra: dict[str, Any] = {}
+    if quantization_config is not None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+        extra = {"quantization_config": quantization_config, "device_map": {"": device}}
     try:
-        return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=local)
+        return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=local, **extra)
     except OSError as err:
         raise OSError(f"model.language_model.pretrained '{pretrained}' is neither a local model directory nor "
                       f"loadable from the hub (offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from None

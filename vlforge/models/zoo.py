@@ -68,6 +68,7 @@ ENTRIES: tuple[ZooEntry, ...] = (
     _demo("blip_retrieval", "blip_retrieval_demo", "the BLIP retrieval demo's run (runs/blip_retrieval_demo)"),
     _demo("albef_retrieval", "albef_retrieval_demo", "the ALBEF retrieval demo's run (runs/albef_retrieval_demo)"),
     _demo("clip_feature_extractor", "clip_demo", "the CLIP demo's run (runs/clip_demo)"),
+    _demo("llava", "llava_finetune_demo", "the LLaVA demo's finetuned run (runs/llava_finetune_demo)"),
 )
 
 

@@ -103,12 +103,16 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
         """Collective: every rank calls it; every rank returns the same metrics."""
 
+    def collator(self, data: DataConfig) -> Callable[[list[dict]], dict]:
+        """What turns a list of samples into a batch, inside the loader workers."""
+        return Collator(data.tokenizer, data.max_text_len, self.text_keys, prompts=data.prompts)
+
     def train_loader(self, data: DataConfig, dist_env: DistEnv, seed: int) -> ShardLoader:
         split = data.train
         stream = ShardStream(
             expand_shard_spec(split.shards),
             self.train_sample(data),
-            Collator(data.tokenizer, data.max_text_len, self.text_keys, prompts=data.prompts),
+            self.collator(data),
             data.batch_size,
             rank=dist_env.rank,
             world_size=dist_env.world_size,
@@ -129,7 +133,7 @@ class Task(ABC):
         stream = ShardStream(
             urls,
             self.eval_sample(data),
-            Collator(data.tokenizer, data.max_text_len, self.text_keys, prompts=data.prompts),
+            self.collator(data),
             data.eval_batch_size,
             rank=dist_env.rank,
             world_size=dist_env.world_size,

@@ -1,0 +1,101 @@
+"""Conversations: which tokens are scored, where the image goes, and what bad conversations are told."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from vlforge.datasets.demo_tokenizer import SPECIAL_TOKENS, save_vocab_tokenizer
+from vlforge.datasets.conversation import (IGNORE, IMAGE_TOKEN_ID, ConversationTemplate, check_conversation,
+                                           encode_conversation, from_captions, from_questions)
+from vlforge.datasets.instruct import ConversationCollator
+from vlforge.datasets.samples import SampleError
+
+WORDS = ["user", "assistant", ":", "what", "colour", "is", "it", "red", "and", "shape", "circle", "a", "picture"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    directory = tmp_path_factory.mktemp("tok")
+    save_vocab_tokenizer([*SPECIAL_TOKENS, *WORDS], directory)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def ids(tok: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+TURNS = [{"from": "human", "value": "<image>\nwhat colour is it"}, {"from": "gpt", "value": "red"},
+         {"from": "human", "value": "what shape is it"}, {"from": "gpt", "value": "a circle"}]
+
+
+def test_chat_scores_only_the_answers_and_their_end(tokenizer: PreTrainedTokenizerFast) -> None:
+    template = ConversationTemplate(name="chat", system="", user="user", assistant="assistant")
+    input_ids, labels = encode_conversation(tokenizer, template, TURNS, max_len=64)
+    bos, sep = tokenizer.bos_token_id, tokenizer.sep_token_id
+    expected = ([bos] + ids(tokenizer, "user:") + [IMAGE_TOKEN_ID] + ids(tokenizer, "what colour is it assistant:")
+                + ids(tokenizer, "red") + [sep] + ids(tokenizer, "user: what shape is it assistant:")
+                + ids(tokenizer, "a circle") + [sep])
+    assert input_ids == expected
+    scored = [i for i, label in zip(input_ids, labels) if label != IGNORE]
+    assert scored == ids(tokenizer, "red") + [sep] + ids(tokenizer, "a circle") + [sep]
+    assert all(label in (IGNORE, token) for label, token in zip(labels, input_ids))
+
+    prompt, _ = encode_conversation(tokenizer, template, TURNS[:2], max_len=64, prompt_only=True)
+    assert prompt == expected[: expected.index(ids(tokenizer, "red")[0])]
+
+
+def test_plain_is_the_image_then_the_caption(tokenizer: PreTrainedTokenizerFast) -> None:
+    turns = [{"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a red circle"}]
+    input_ids, labels = encode_conversation(tokenizer, ConversationTemplate(name="plain"), turns, max_len=64)
+    caption = ids(tokenizer, "a red circle") + [tokenizer.sep_token_id]
+    assert input_ids == [tokenizer.bos_token_id, IMAGE_TOKEN_ID] + caption
+    assert labels == [IGNORE, IGNORE] + caption
+
+
+def test_truncation_keeps_max_len_and_refuses_a_conversation_with_no_answer_left(tokenizer: PreTrainedTokenizerFast) -> None:
+    template = ConversationTemplate(name="chat", system="", user="user", assistant="assistant")
+    input_ids, labels = encode_conversation(tokenizer, template, TURNS, max_len=14)
+    assert len(input_ids) == len(labels) == 14
+    with pytest.raises(SampleError, match="no answer token within max_text_len=5"):
+        encode_conversation(tokenizer, template, TURNS, max_len=5)
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([], "non-empty list"),
+    ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}], r"conversations\[0\] must be \{'from': 'human'"),
+    ([{"from": "human", "value": "<image> x"}], "end with a human turn"),
+    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}], "more than one <image>"),
+])
+def test_malformed_conversations_are_named(turns: list, message: str) -> None:
+    with pytest.raises(SampleError, match=message):
+        check_conversation(turns)
+
+
+def test_conversations_from_captions_and_questions() -> None:
+    meta = {"image_id": "7", "captions": ["a red circle", "a picture of a circle"],
+            "qa": [{"question": "what colour is it?", "answers": ["red"] * 7 + ["orange"] * 3},
+                   {"question": "what shape is it?", "answers": ["circle"] * 10}]}
+    assert from_captions(meta, "k", train=False) == [{"from": "human", "value": "<image>"},
+                                                     {"from": "gpt", "value": "a red circle"}]
+    turns = from_questions(meta, "k", train=False)
+    assert [t["value"] for t in turns] == ["<image>\nwhat colour is it?", "red", "what shape is it?", "circle"]
+
+
+def test_collator_pads_labels_with_ignore_and_prompts_on_the_left(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    tokenizer.save_pretrained(str(tmp_path))
+    collate = ConversationCollator(str(tmp_path))
+    batch = collate([
+        {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "input_ids": torch.tensor([2, 5, 6]),
+         "labels": torch.tensor([IGNORE, 5, 6]), "prompt_ids": torch.tensor([2, 5]), "question": "q1"},
+        {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "input_ids": torch.tensor([2, 7]),
+         "labels": torch.tensor([IGNORE, 7]), "prompt_ids": torch.tensor([2]), "question": "q2"},
+    ])
+    assert batch["input_ids"].tolist() == [[2, 5, 6], [2, 7, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
+    assert batch["prompt_input_ids"].tolist() == [[2, 5], [0, 2]]
+    assert batch["prompt_attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert batch["image"].shape == (2, 3, 4, 4) and batch["question"] == ["q1", "q2"]

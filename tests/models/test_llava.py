@@ -1,0 +1,125 @@
+"""The LLaVA-style model: image features spliced where `<image>` is, loss on the answers only, what
+trains in each stage, generation from text prompts, LoRA, and 4-bit loading of the LM."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from vlforge.datasets.conversation import IGNORE, IMAGE_TOKEN_ID, ConversationTemplate, encode_conversation
+from vlforge.datasets.demo_tokenizer import SPECIAL_TOKENS, save_vocab_tokenizer
+from vlforge.models.llava import Llava
+
+WORDS = ["user", "assistant", ":", "what", "colour", "is", "it", "red", "blue", "a", "circle", "square"]
+LM = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+          bos_token_id=5, eos_token_id=3)
+VISION = dict(name="resnet10t")
+TEMPLATE = dict(name="chat", system="", user="user", assistant="assistant")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tok")
+    save_vocab_tokenizer([*SPECIAL_TOKENS, *WORDS], directory)
+    return directory
+
+
+def build(tokenizer_dir: Path, vision: dict | None = None, **kwargs) -> Llava:
+    torch.manual_seed(0)
+    return Llava(vision or VISION, {"config": LM}, tokenizer=str(tokenizer_dir), template=TEMPLATE, **kwargs)
+
+
+def batch_of(tokenizer_dir: Path, answers: list[str]) -> dict[str, torch.Tensor]:
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rows = [encode_conversation(tok, ConversationTemplate(**TEMPLATE),
+                                [{"from": "human", "value": "<image>\nwhat colour is it"}, {"from": "gpt", "value": a}], 64)
+            for a in answers]
+    longest = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r[0] + [0] * (longest - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [IGNORE] * (longest - len(r[1])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (longest - len(r[0])) for r in rows])
+    image = torch.randint(0, 256, (len(answers), 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return {"image": image, "input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_image_features_replace_the_placeholder_and_only_answers_are_scored(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir).eval()
+    batch = batch_of(tokenizer_dir, ["red", "a blue square"])
+    embeds, mask, labels = model._splice(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         left_pad=False)
+    features = model.image_features(batch["image"])
+    n = features.shape[1]
+    at = int((batch["input_ids"][1] == IMAGE_TOKEN_ID).nonzero()[0])
+    torch.testing.assert_close(embeds[1, at:at + n], features[1])
+    assert labels[1, at:at + n].eq(IGNORE).all()
+    assert mask[1].sum() == batch["attention_mask"][1].sum() + n - 1
+    # The loss is the mean next-token loss over the answer tokens, computed by hand here.
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+    scored = labels[:, 1:] != IGNORE
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1][scored], labels[:, 1:][scored])
+    torch.testing.assert_close(model(batch).loss, by_hand)
+    assert scored.sum() == (batch["labels"] != IGNORE).sum()
+
+
+def test_pretraining_stage_trains_the_projector_alone(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir, freeze_language_model=True, vision={**VISION, "freeze": True})
+    model.train()
+    model(batch_of(tokenizer_dir, ["red", "blue"])).loss.backward()
+    trained = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"projector"}
+    assert not model.language_model.training  # a frozen LM keeps dropout off
+
+
+def test_lora_trains_adapters_and_the_projector(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or name.startswith(("projector", "vision")) for name in trainable)
+    assert any("lora_" in name for name in trainable)
+    model(batch_of(tokenizer_dir, ["red", "blue"])).loss.backward()
+
+
+def test_generate_from_text_prompts_matches_collated_prompts(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir).eval()
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    texts = model.generate({"image": image, "text_input": ["what colour is it", "what is it"]}, max_length=5)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    prompts = [encode_conversation(tok, ConversationTemplate(**TEMPLATE), [{"from": "human", "value": f"<image>\n{q}"}],
+                                   64, prompt_only=True)[0] for q in ["what colour is it", "what is it"]]
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    assert model.generate({"image": image, "prompt_input_ids": ids, "prompt_attention_mask": mask}, max_length=5) == texts
+    with pytest.raises(ValueError, match="1 prompts for 2 images"):
+        model.generate({"image": image, "text_input": "what is it"})
+
+
+def test_two_images_in_one_sample_are_refused(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir)
+    batch = batch_of(tokenizer_dir, ["red"])
+    batch["input_ids"][0, -2] = IMAGE_TOKEN_ID
+    with pytest.raises(ValueError, match="2 image tokens"):
+        model(batch)
+
+
+def test_4bit_language_model_is_smaller_and_finite(tokenizer_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    config = {k: v for k, v in LM.items() if k != "model_type"}
+    config.update(hidden_size=256, intermediate_size=512)
+    LlamaForCausalLM(LlamaConfig(**config)).to(torch.float16).save_pretrained(str(tmp_path / "lm"))
+    full = Llava(VISION, {"pretrained": str(tmp_path / "lm")}, tokenizer=str(tokenizer_dir), template=TEMPLATE)
+    quantized = Llava(VISION, {"pretrained": str(tmp_path / "lm")}, tokenizer=str(tokenizer_dir), template=TEMPLATE,
+                      load_4bit=True, compute_dtype="float32")
+    linear_bytes = lambda m: sum(p.numel() * p.element_size() for n, p in m.language_model.model.layers.named_parameters()  # noqa: E731
+                                 if n.endswith("proj.weight"))
+    fp16_bytes = sum(p.numel() * 2 for n, p in full.language_model.model.layers.named_parameters() if n.endswith("proj.weight"))
+    ratio = fp16_bytes / linear_bytes(quantized)
+    assert 3.5 < ratio <= 4.0, ratio  # 4-bit codes, against fp16; the heads and embeddings are not quantized
+    assert type(quantized.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert not any(p.requires_grad for p in quantized.language_model.parameters())
+    batch = batch_of(tokenizer_dir, ["red", "a blue square"])
+    assert torch.isfinite(quantized.eval()(batch).loss)

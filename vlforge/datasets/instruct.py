@@ -1,0 +1,99 @@
+"""Instruction samples and batches for LLaVA-style models: an image and a tokenized conversation whose
+labels score only the assistant's answers (vlforge.datasets.conversation)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from vlforge.datasets.collate import load_tokenizer
+from vlforge.datasets.conversation import (IGNORE, ConversationTemplate, check_conversation, encode_conversation,
+                                           from_captions, from_questions, IMAGE_PLACEHOLDER)
+from vlforge.datasets.samples import SampleError, captions_of, decode_image, decode_meta, questions_of
+from vlforge.datasets.shards import RawSample
+
+SOURCES = ("conversations", "captions", "questions")
+
+
+class ConversationSample:
+    """`source`: where the conversation comes from: the sample's `conversations` field, or one made of
+    its captions or its questions. Training: `image`, `input_ids`, `labels`. Evaluation also gives
+    `prompt_ids` (the conversation up to the first answer, what generation continues), `question`
+    (the first human turn's text) and `answers` (its reference answers: every human answer of the
+    first question, or every caption)."""
+
+    def __init__(self, image_transform: Callable[[Image.Image], Any], tokenizer: str, template: ConversationTemplate,
+                 source: str, max_len: int, train: bool = True) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"task.source={source!r}: expected one of {', '.join(SOURCES)}")
+        self.image_transform, self.tokenizer, self.template = image_transform, tokenizer, template
+        self.source, self.max_len, self.train = source, max_len, train
+
+    def _turns(self, meta: dict[str, Any], key: str) -> list[dict[str, str]]:
+        if self.source == "captions":
+            return from_captions(meta, key, self.train)
+        if self.source == "questions":
+            return from_questions(meta, key, self.train)
+        if "conversations" not in meta:
+            raise SampleError("missing field 'conversations' (task.source=conversations)")
+        return check_conversation(meta["conversations"])
+
+    def _references(self, meta: dict[str, Any], key: str, turns: list[dict[str, str]]) -> list[str]:
+        if self.source == "captions":
+            return captions_of(meta)
+        if self.source == "questions":
+            return questions_of(meta, key)[0]["answers"]
+        return [turns[1]["value"]]
+
+    def __call__(self, raw: RawSample) -> dict[str, Any]:
+        meta = decode_meta(raw)
+        turns = self._turns(meta, raw.key)
+        tok = load_tokenizer(self.tokenizer)
+        ids, labels = encode_conversation(tok, self.template, turns, self.max_len)
+        sample: dict[str, Any] = {"image": self.image_transform(decode_image(raw)),
+                                  "image_id": str(meta.get("image_id", raw.key)),
+                                  "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if not self.train:
+            prompt, _ = encode_conversation(tok, self.template, turns[:2], self.max_len, prompt_only=True)
+            sample["prompt_ids"] = torch.tensor(prompt)
+            sample["question"] = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+            sample["answers"] = self._references(meta, raw.key, turns)
+        return sample
+
+
+def _pad(rows: list[torch.Tensor], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded [B, longest], attention mask) of 1-D rows."""
+    longest = max(len(r) for r in rows)
+    out = torch.full((len(rows), longest), value, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if left else slice(0, len(row))
+        out[i, span], mask[i, span] = row, 1
+    return out, mask
+
+
+class ConversationCollator:
+    """Batches of ConversationSample: `input_ids` / `labels` right-padded (pad id / IGNORE) with an
+    `attention_mask`; `prompt_input_ids` left-padded with `prompt_attention_mask`, so that every
+    prompt ends where generation starts; images stacked; anything else kept as lists."""
+
+    def __init__(self, tokenizer: str) -> None:
+        tok = load_tokenizer(tokenizer)  # fail now, naming the tokenizer, not later in a worker
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch: dict[str, Any] = {}
+        for key in samples[0]:
+            values = [s[key] for s in samples]
+            if key == "input_ids":
+                batch["input_ids"], batch["attention_mask"] = _pad(values, self.pad_id)
+            elif key == "labels":
+                batch["labels"], _ = _pad(values, IGNORE)
+            elif key == "prompt_ids":
+                batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad(values, self.pad_id, left=True)
+            elif isinstance(values[0], torch.Tensor):
+                batch[key] = torch.stack(values)
+            else:
+                batch[key] = values
+        return batch
