@@ -123,3 +123,18 @@ def test_4bit_language_model_is_smaller_and_finite(tokenizer_dir: Path, tmp_path
     assert not any(p.requires_grad for p in quantized.language_model.parameters())
     batch = batch_of(tokenizer_dir, ["red", "a blue square"])
     assert torch.isfinite(quantized.eval()(batch).loss)
+
+
+def test_device_map_places_a_pretrained_lm_and_is_refused_for_a_config(tokenizer_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in LM.items() if k != "model_type"})).save_pretrained(str(tmp_path / "lm"))
+    model = Llava(VISION, {"pretrained": str(tmp_path / "lm"), "device_map": "auto"}, tokenizer=str(tokenizer_dir),
+                  template=TEMPLATE).eval()
+    # Spread over the visible GPUs; on a machine without any, everything stays on the CPU.
+    expected = {str(torch.device(d)) if isinstance(d, int) else d for d in
+                getattr(model.language_model, "hf_device_map", {"": "cpu"}).values()}
+    assert {str(p.device) for p in model.language_model.parameters()} <= {"cpu", *expected} | {f"cuda:{d}" for d in range(8)}
+    assert torch.isfinite(model(batch_of(tokenizer_dir, ["red", "a blue square"])).loss)
+    with pytest.raises(ValueError, match="apply to a pretrained LM"):
+        Llava(VISION, {"config": LM, "device_map": "auto"})

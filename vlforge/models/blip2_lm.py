@@ -22,13 +22,16 @@ from vlforge.models.zero_init import outside_zero_init
 
 
 def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None,
-                    quantization_config: Any = None) -> PreTrainedModel:
+                    quantization_config: Any = None, device_map: str | Mapping[str, Any] | None = None) -> PreTrainedModel:
     """A transformers causal LM from `pretrained` (a directory, or a hub id) or from `config` (a dict
     with `model_type`, e.g. {model_type: opt, hidden_size: 64, ...}); exactly one of them.
     `quantization_config` (bitsandbytes) quantizes a pretrained LM as it loads, on this process's GPU
-    (LOCAL_RANK) or on the CPU."""
+    (LOCAL_RANK) or on the CPU. `device_map` (inference: "auto" spreads the layers over every visible
+    GPU through accelerate) places a pretrained LM as it loads."""
     if (pretrained is None) == (config is None):
         raise ValueError("model.language_model needs exactly one of 'pretrained' (a directory or hub id) or 'config'")
+    if config is not None and (device_map is not None or quantization_config is not None):
+        raise ValueError("model.language_model: device_map and quantization apply to a pretrained LM, not to `config`")
     if config is not None:
         config = dict(config)
         if "model_type" not in config:
@@ -39,6 +42,8 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
     if quantization_config is not None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
         extra = {"quantization_config": quantization_config, "device_map": {"": device}}
+    if device_map is not None:
+        extra["device_map"] = dict(device_map) if isinstance(device_map, Mapping) else device_map
     try:
         return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=local, **extra)
     except OSError as err:

@@ -5,7 +5,7 @@ place of the `<image>` token (vlforge.datasets.conversation.IMAGE_TOKEN_ID).
   `feature_layer: -2`, `feature_select: patch`), frozen.
 - `projector`: `linear` (LLaVA 1) or `mlp2x_gelu` (LLaVA 1.5: Linear, GELU, Linear).
 - `language_model`: any transformers causal LM (`pretrained` directory / hub id, or `config`), as in
-  BLIP-2 stage 2. `load_4bit` / `load_8bit` quantize its linear layers with bitsandbytes (nf4 with double
+  BLIP-2 stage 2; `device_map: auto` spreads a pretrained one over the visible GPUs (inference). `load_4bit` / `load_8bit` quantize its linear layers with bitsandbytes (nf4 with double
   quantization; `compute_dtype` for the matmuls); its embeddings and head stay unquantized.
 - What trains: `freeze_language_model` (LLaVA's pretraining stage trains the projector alone) or
   `lora` (peft LoRA adapters on the LM's `target_modules`; the LM's own weights frozen).
@@ -113,8 +113,11 @@ class Llava(nn.Module):
             raise ValueError(f"a sequence holds {int(counts.max())} image tokens; LLaVA takes one image per sample")
         features = self.image_features(image)
         embed = self.language_model.get_input_embeddings()
-        text = embed(input_ids.masked_fill(is_image, 0))
-        features = features.to(text.dtype)
+        input_ids, attention_mask = input_ids.to(embed.weight.device), attention_mask.to(embed.weight.device)
+        labels = labels.to(embed.weight.device) if labels is not None else None
+        text = embed(input_ids.masked_fill(is_image.to(input_ids.device), 0))
+        # With language_model.device_map the LM's first layers may sit on another device than the tower.
+        features = features.to(device=text.device, dtype=text.dtype)
         rows, masks, targets = [], [], []
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
@@ -144,6 +147,7 @@ class Llava(nn.Module):
         embeds, mask, labels = self._splice(batch["image"], batch["input_ids"], batch["attention_mask"],
                                             batch["labels"], left_pad=False)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        labels = labels.to(logits.device)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
         return ModelOutput(loss=loss, losses={"lm": loss.detach()})
 

@@ -135,8 +135,20 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device) -> nn
             raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: no value for {left[:10]} ({len(left)})")
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
-    model.to(device)
+    _to_device(model, torch.device(device))
     return model.eval() if is_eval else model
+
+
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    """`model.to(device)`, but for submodules accelerate has already placed (an LM loaded with
+    `device_map`, or quantized by bitsandbytes), which stay where they are."""
+    placed = {id(m) for m in model.modules() if getattr(m, "hf_device_map", None)}
+    if not placed:
+        model.to(device)
+        return
+    for child in model.children():
+        if not any(id(m) in placed for m in child.modules()):
+            child.to(device)
 
 
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
