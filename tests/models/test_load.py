@@ -2,6 +2,7 @@
 random BLIPs saved by transformers, with a tiny tokenizer), and the offline errors when they are not."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def save_hf_model(model_class: type, directory: Path, **config: object) -> torch
 def test_model_zoo_lists_lavis_names_and_where_weights_come_from() -> None:
     table = str(model_zoo)
     for name, model_type in [("blip_caption", "base_coco"), ("blip_caption", "large_coco"), ("blip_vqa", "vqav2"),
-                             ("blip_retrieval", "coco"), ("blip_retrieval", "flickr")]:
+                             ("blip_retrieval", "coco"), ("blip_retrieval", "flickr"),
+                             ("clip_feature_extractor", "ViT-B-32"), ("clip_feature_extractor", "ViT-B-16"),
+                             ("clip_feature_extractor", "ViT-L-14")]:
         assert any(e.name == name and e.model_type == model_type for e in ENTRIES)
     assert "hf:Salesforce/blip-image-captioning-base" in table and "run:runs/blip_caption_demo" in table
     assert len(model_zoo) == len(table.splitlines()) - 2
@@ -137,3 +140,44 @@ def test_a_checkpoint_of_another_architecture_is_refused_naming_the_key(tmp_path
     del hf
     with pytest.raises(Exception, match="missing|unexpected|no vlforge name"):
         load_model("blip_vqa", "vqav2", checkpoint=tmp_path / "caption")
+
+
+def test_openai_clip_from_an_open_clip_directory_keeps_quick_gelu(tmp_path: Path) -> None:
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import save_file
+
+    from vlforge.models.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    model_cfg = {"embed_dim": 16, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": VOCAB, "width": 32, "heads": 4, "layers": 2}}
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**model_cfg).eval()
+    directory = tmp_path / "clip"
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    save_tiny_tokenizer(directory)  # stands in for CLIP's BPE files: the tower reads ids either way
+    (directory / "vocab.json").write_text("{}")
+    (directory / "merges.txt").write_text("")
+
+    model, vis, _ = load_model_and_preprocess("clip_feature_extractor", "ViT-B-16", checkpoint=directory)
+    assert type(model.text.blocks[0].mlp[1]).__name__ == "QuickGELU"
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    tokens = AutoTokenizer.from_pretrained(str(directory))(["a red circle", "what is it"], padding="longest",
+                                                          return_tensors="pt")
+    with torch.no_grad():
+        expected_image = reference.encode_image((pixels.float() / 255 - mean) / std, normalize=True)
+        features = model.extract_features({"image": pixels, "text_input": ["a red circle", "what is it"]})
+    torch.testing.assert_close(features["image_embeds"], expected_image, rtol=1e-4, atol=1e-5)
+    # open_clip pools at the largest id (its end token); the tiny tokenizer ends with [SEP] instead,
+    # so the reference pools at each text's last real token here the way vlforge does.
+    with torch.no_grad():
+        hidden = reference.transformer(reference.token_embedding(tokens["input_ids"]) + reference.positional_embedding[:tokens["input_ids"].shape[1]],
+                                       attn_mask=reference.attn_mask[:tokens["input_ids"].shape[1], :tokens["input_ids"].shape[1]])
+        hidden = reference.ln_final(hidden)
+        last = tokens["attention_mask"].sum(1) - 1
+        expected_text = torch.nn.functional.normalize(hidden[torch.arange(2), last] @ reference.text_projection, dim=-1)
+    torch.testing.assert_close(features["text_embeds"], expected_text, rtol=1e-4, atol=1e-5)
+    assert vis["eval"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)

@@ -13,17 +13,19 @@ open_clip = pytest.importorskip("open_clip")
 VOCAB, CONTEXT, WIDTH, EMBED, IMAGE, PATCH = 64, 12, 32, 16, 32, 8
 
 
-def test_open_clip_vit_parity() -> None:
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])  # quick_gelu: OpenAI's weights
+def test_open_clip_vit_parity(act: str) -> None:
     torch.manual_seed(0)
     reference = open_clip.CLIP(
         embed_dim=EMBED,
         vision_cfg=dict(image_size=IMAGE, layers=2, width=WIDTH, patch_size=PATCH, head_width=8),
         text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=WIDTH, heads=4, layers=2),
+        quick_gelu=act == "quick_gelu",
     ).eval()
     ours = CLIP(
         vision=dict(name="vit_base_patch16_clip_224", img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=2,
-                    num_heads=4, act_layer="gelu"),
-        text=dict(vocab_size=VOCAB, width=WIDTH, layers=2, heads=4, max_len=CONTEXT, pool="last"),
+                    num_heads=4, act_layer=act),
+        text=dict(vocab_size=VOCAB, width=WIDTH, layers=2, heads=4, max_len=CONTEXT, pool="last", act=act),
         embed_dim=EMBED,
     ).eval()
     load_mapped(ours, clip_from_open_clip(reference.state_dict()))

@@ -111,7 +111,8 @@ def test_blip2_opt_matches_hf_size() -> None:
     assert abs(trainable - reference_trainable) / reference_trainable < 0.005, (trainable, reference_trainable)
 
 
-@pytest.mark.parametrize("name, open_clip_name", [("clip_vit_b16", "ViT-B-16"), ("clip_vit_l14", "ViT-L-14")])
+@pytest.mark.parametrize("name, open_clip_name", [("clip_vit_b32", "ViT-B-32"), ("clip_vit_b16", "ViT-B-16"),
+                                                 ("clip_vit_l14", "ViT-L-14")])
 def test_clip_matches_open_clip_size(name: str, open_clip_name: str) -> None:
     open_clip = pytest.importorskip("open_clip")
     with torch.device("meta"):

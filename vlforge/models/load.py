@@ -10,6 +10,7 @@ then the hub when online. Tokenizers come with the weights, never from a second 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -80,26 +81,57 @@ def blip_dimensions(hf_config: Any, target: str) -> dict[str, Any]:
     return node
 
 
-def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
-    from transformers import AutoConfig
+def open_clip_dimensions(model_cfg: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
+    """Model-node values of an open_clip checkpoint's `model_cfg` (open_clip_config.json, a ViT CLIP):
+    the tower and text dimensions, the embedding width and the activation (QuickGELU for OpenAI's
+    weights: the config's `quick_gelu`, else `quick_gelu` as the recipe has it)."""
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    if not isinstance(vision.get("patch_size"), int) or "timm_model_name" in vision:
+        raise ValueError("open_clip_config.json: only ViT image towers (vision_cfg.patch_size) load here")
+    act = "quick_gelu" if model_cfg.get("quick_gelu", quick_gelu) else "gelu"
+    return {
+        "embed_dim": model_cfg["embed_dim"],
+        "vision": {"name": "vit_base_patch16_clip_224", "pretrained": False, "img_size": vision["image_size"],
+                   "patch_size": vision["patch_size"], "embed_dim": vision["width"], "depth": vision["layers"],
+                   "num_heads": vision["width"] // vision.get("head_width", 64),
+                   "mlp_ratio": vision.get("mlp_ratio", 4.0), "act_layer": act},
+        "text": {"vocab_size": text["vocab_size"], "width": text["width"], "layers": text["layers"],
+                 "heads": text["heads"], "max_len": text["context_length"], "act": act},
+    }
 
+
+def _dimensions(entry: ZooEntry, directory: Path, cfg: DictConfig) -> tuple[dict[str, Any], int]:
+    """(model-node values, image size) from the source's own config file."""
+    if entry.dimensions == "blip":
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        return blip_dimensions(hf_config, str(cfg.model._target_)), hf_config.vision_config.image_size
+    model_cfg = json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]
+    quick = cfg.model.vision.get("act_layer") == "quick_gelu"
+    return open_clip_dimensions(model_cfg, quick), model_cfg["vision_cfg"]["image_size"]
+
+
+def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
     from vlforge.config.recipes import compose_recipe
+    from vlforge.models.sources import missing_files, weights_file
     from vlforge.trainer.weights import read_weights, resolve_converter
 
     directory = directory.resolve()
-    if not (directory / "config.json").is_file():
-        raise WeightsNotFoundError(f"{directory / 'config.json'} is missing: an HF-format model directory holds "
-                                   f"its config.json beside the weights")
-    hf_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    missing = missing_files(directory, entry)
+    if missing:
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {directory / missing[0]} is missing "
+                                   f"(the directory needs {', '.join(entry.files)} and one of {', '.join(entry.weights)})")
     cfg = compose_recipe(entry.recipe, [*entry.overrides, f"data.tokenizer={directory}"])
-    node = blip_dimensions(hf_config, str(cfg.model._target_))
-    cfg.model.vision = node.pop("vision")
-    cfg.model.text = OmegaConf.merge(cfg.model.text, node.pop("text"))
-    for key, value in node.items():
-        OmegaConf.update(cfg, f"model.{key}", value, force_add=True)
-    for split in ("train_image", "eval_image"):
-        cfg.data[split].size = hf_config.vision_config.image_size
-    state = resolve_converter(entry.converter)(read_weights(directory))
+    if entry.dimensions is not None:
+        node, image_size = _dimensions(entry, directory, cfg)
+        cfg.model.vision = node.pop("vision")
+        cfg.model.text = OmegaConf.merge(cfg.model.text, node.pop("text"))
+        for key, value in node.items():
+            OmegaConf.update(cfg, f"model.{key}", value, force_add=True)
+        for split in ("train_image", "eval_image"):
+            cfg.data[split].size = image_size
+    state = resolve_converter(entry.converter)(read_weights(weights_file(directory, entry)))
     return _Resolved(cfg, state, str(directory), entry.ignore)
 
 

@@ -31,17 +31,21 @@ def cache_dir(entry: ZooEntry) -> Path:
     return vlforge_home() / "models" / entry.name / entry.model_type
 
 
-# An HF model directory holds one of these (safetensors preferred: no pickle, no second download).
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Fetched when the repo has them, not required: the tokenizer loads from vocab.txt without them.
 OPTIONAL_FILES = ("special_tokens_map.json", "tokenizer.json", "preprocessor_config.json")
+
+
+def weights_file(directory: Path, entry: ZooEntry) -> Path | None:
+    """The first of the entry's weights files that `directory` holds (safetensors come first: no
+    pickle, and a repo's second copy is never fetched)."""
+    return next((directory / name for name in entry.weights if (directory / name).is_file()), None)
 
 
 def missing_files(directory: Path, entry: ZooEntry) -> list[str]:
     """What `directory` lacks of an "hf:" entry: its listed files, and one weights file."""
     missing = [name for name in entry.files if not (directory / name).is_file()]
-    if not any((directory / name).is_file() for name in WEIGHT_FILES):
-        missing.append(WEIGHT_FILES[0])
+    if weights_file(directory, entry) is None:
+        missing.append(entry.weights[0])
     return missing
 
 
@@ -59,7 +63,7 @@ def hf_model_dir(entry: ZooEntry) -> Path:
                                    f"is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
     from huggingface_hub import snapshot_download
 
-    for weights in WEIGHT_FILES:
+    for weights in entry.weights:
         try:
             # A short timeout and no retry loop: a machine without network learns so in seconds.
             snapshot_download(entry.location, allow_patterns=[*entry.files, *OPTIONAL_FILES, weights], local_dir=str(local),

@@ -28,14 +28,26 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"text act={act!r}: expected one of {', '.join(ACTIVATIONS)}")
         self.norm1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, dropout)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask, causal)
@@ -46,7 +58,8 @@ class TextTransformer(nn.Module):
     """Token + learned position embeddings, `layers` blocks, final norm; pooled at CLS or the last token.
 
     `pool="cls"` (bidirectional, BERT-style tokenizers that start with [CLS]) or `pool="last"` (causal,
-    the last non-pad token, as OpenAI CLIP pools at EOT).
+    the last non-pad token, as OpenAI CLIP pools at EOT). `act`: the MLP's activation, `gelu` or
+    `quick_gelu` (OpenAI's CLIP weights).
     """
 
     def __init__(
@@ -60,6 +73,7 @@ class TextTransformer(nn.Module):
         dropout: float = 0.0,
         pool: str = "cls",
         pad_token_id: int = 0,
+        act: str = "gelu",
     ) -> None:
         super().__init__()
         if pool not in ("cls", "last"):
@@ -67,7 +81,7 @@ class TextTransformer(nn.Module):
         self.pool, self.causal, self.max_len, self.width = pool, pool == "last", max_len, width
         self.token_embedding = NormalEmbedding(vocab_size, width, padding_idx=pad_token_id, std=0.02)
         self.position_embedding = NormalEmbedding(max_len, width, std=0.01)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, act) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,13 @@ class ZooEntry:
     source: str
     # "module:function" mapping the source's keys to the model's (none for vlforge runs).
     converter: str | None = None
-    # Files of an "hf:" source that loading needs besides one weights file (vlforge.models.sources).
+    # Files of an "hf:" source that loading needs besides one weights file, and the weights files to
+    # look for, in order (vlforge.models.sources).
     files: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    # Which of the source's config files sets the model's dimensions: "blip" (transformers' config.json)
+    # or "open_clip" (open_clip_config.json); none: the recipe's.
+    dimensions: str | None = None
     # Model keys the source has no value for, which keep their initialisation (HF BLIP retrieval keeps
     # no temperature: logit_scale).
     ignore: tuple[str, ...] = ()
@@ -41,6 +46,15 @@ class ZooEntry:
 
 # What loading reads of an HF BLIP repo besides its weights: dimensions and the tokenizer.
 _HF_BLIP_FILES = ("config.json", "tokenizer_config.json", "vocab.txt")
+# Of an open_clip repo on the hub (timm/*.openai): its config and CLIP's BPE tokenizer files.
+_OPEN_CLIP_FILES = ("open_clip_config.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+_OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _openai_clip(model_type: str, repo: str, overrides: tuple[str, ...]) -> ZooEntry:
+    return ZooEntry("clip_feature_extractor", model_type, "clip_zeroshot", f"OpenAI CLIP {model_type} (open_clip's copy)",
+                    f"hf:{repo}", "vlforge.models.convert:clip_from_open_clip", files=_OPEN_CLIP_FILES,
+                    weights=_OPEN_CLIP_WEIGHTS, dimensions="open_clip", overrides=overrides)
 
 
 def _demo(name: str, recipe: str, description: str) -> ZooEntry:
@@ -50,23 +64,26 @@ def _demo(name: str, recipe: str, description: str) -> ZooEntry:
 ENTRIES: tuple[ZooEntry, ...] = (
     ZooEntry("blip_caption", "base_coco", "blip_caption", "BLIP ViT-B/16 captioner finetuned on COCO",
              "hf:Salesforce/blip-image-captioning-base", "vlforge.models.convert:blip_caption_from_hf",
-             files=_HF_BLIP_FILES),
+             files=_HF_BLIP_FILES, dimensions="blip"),
     ZooEntry("blip_caption", "large_coco", "blip_caption", "BLIP ViT-L/16 captioner finetuned on COCO",
              "hf:Salesforce/blip-image-captioning-large", "vlforge.models.convert:blip_caption_from_hf",
-             files=_HF_BLIP_FILES, overrides=("model=blip_caption_large",)),
+             files=_HF_BLIP_FILES, dimensions="blip", overrides=("model=blip_caption_large",)),
     _demo("blip_caption", "blip_caption_demo", "the caption demo's run (runs/blip_caption_demo)"),
     ZooEntry("blip_vqa", "vqav2", "blip_vqa", "BLIP ViT-B/16 VQA finetuned on VQAv2",
-             "hf:Salesforce/blip-vqa-base", "vlforge.models.convert:blip_vqa_from_hf", files=_HF_BLIP_FILES),
+             "hf:Salesforce/blip-vqa-base", "vlforge.models.convert:blip_vqa_from_hf", files=_HF_BLIP_FILES, dimensions="blip"),
     _demo("blip_vqa", "blip_vqa_demo", "the BLIP VQA demo's run (runs/blip_vqa_demo)"),
     _demo("albef_vqa", "albef_vqa_demo", "the ALBEF VQA demo's run (runs/albef_vqa_demo)"),
     ZooEntry("blip_retrieval", "coco", "blip_retrieval", "BLIP ViT-B/16 ITC + ITM finetuned on COCO retrieval",
              "hf:Salesforce/blip-itm-base-coco", "vlforge.models.convert:blip_retrieval_from_hf",
-             files=_HF_BLIP_FILES, ignore=("logit_scale.log_scale",)),
+             files=_HF_BLIP_FILES, dimensions="blip", ignore=("logit_scale.log_scale",)),
     ZooEntry("blip_retrieval", "flickr", "blip_retrieval", "BLIP ViT-B/16 ITC + ITM finetuned on Flickr30k",
              "hf:Salesforce/blip-itm-base-flickr", "vlforge.models.convert:blip_retrieval_from_hf",
-             files=_HF_BLIP_FILES, ignore=("logit_scale.log_scale",)),
+             files=_HF_BLIP_FILES, dimensions="blip", ignore=("logit_scale.log_scale",)),
     _demo("blip_retrieval", "blip_retrieval_demo", "the BLIP retrieval demo's run (runs/blip_retrieval_demo)"),
     _demo("albef_retrieval", "albef_retrieval_demo", "the ALBEF retrieval demo's run (runs/albef_retrieval_demo)"),
+    _openai_clip("ViT-B-32", "timm/vit_base_patch32_clip_224.openai", ("model=clip_vit_b32",)),
+    _openai_clip("ViT-B-16", "timm/vit_base_patch16_clip_224.openai", ()),
+    _openai_clip("ViT-L-14", "timm/vit_large_patch14_clip_224.openai", ("model=clip_vit_l14",)),
     _demo("clip_feature_extractor", "clip_demo", "the CLIP demo's run (runs/clip_demo)"),
     _demo("llava", "llava_finetune_demo", "the LLaVA demo's finetuned run (runs/llava_finetune_demo)"),
 )
