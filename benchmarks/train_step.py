@@ -1,0 +1,170 @@
+"""Training-step throughput, fp32, AdamW, each against what users would pick instead, same machine,
+same run (issue 7, benchmark 1):
+
+- BLIP-base captioning, batch 4, 384 px, 30 caption tokens: vlforge's BlipCaptioner vs transformers'
+  BlipForConditionalGeneration (default BlipConfig: the BLIP-base dimensions). Target >= 1.3x.
+- CLIP ViT-B/16, batch 8, 224 px, 77 tokens: vlforge's CLIP vs open_clip ViT-B-16 and transformers'
+  CLIPModel. Target >= 1.1x the faster peer.
+- The image tower alone, fwd + bwd, batch 8, 224 px: vlforge's TimmVisionTower vs timm's
+  vit_base_patch16_224. Target >= 0.95x.
+
+    python benchmarks/train_step.py [--only blip|clip|tower] [--repeats 5] [--warmup 2]
+
+Prints markdown tables (results go to docs/benchmarks.md). One step = forward, backward, AdamW step.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timing, environment, matmul_peak_flops, setup_cpu, table, time_steps  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
+
+
+def vlforge_model(name: str, **overrides) -> torch.nn.Module:
+    """A recipes/model node built as a recipe builds it (OmegaConf's YAML: 1e-5 is a float)."""
+    node = OmegaConf.load(RECIPES / f"{name}.yaml")
+    for key, value in overrides.items():
+        OmegaConf.update(node, key, value, force_add=True)
+    return instantiate(node, _convert_="all")
+
+
+def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], float]:
+    """(one AdamW training step, its FLOPs counted once by torch's flop counter)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of().backward()
+        optimizer.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss_of().backward()
+    optimizer.zero_grad(set_to_none=True)
+    return step, float(counter.get_total_flops())
+
+
+def images(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+def bench_blip(device: str, warmup: int, repeats: int) -> list[Timing]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    batch, size, length = 4, 384, 30
+    gen = torch.Generator().manual_seed(0)
+    pixels = images(batch, size, gen).to(device)
+    ids = torch.randint(1000, 30000, (batch, length), generator=gen).to(device)
+    ids[:, 0] = 30522
+    mask = torch.ones_like(ids)
+    normalised = pixels.float() / 255  # the peer takes normalised floats; the scale is irrelevant to speed
+    rows = []
+
+    ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=30522, eos_token_id=102).to(device).train()
+    batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask,
+                  "text_prompt_length": torch.full((batch,), 4, device=device)}
+    step, flops = train_step(ours, lambda: ours(batch_dict).loss)
+    rows.append(time_steps("vlforge BlipCaptioner", step, device, batch, warmup, repeats, flops))
+    del ours, step
+
+    peer = BlipForConditionalGeneration(BlipConfig()).to(device).train()
+    step, flops = train_step(peer, lambda: peer(pixel_values=normalised, input_ids=ids, attention_mask=mask,
+                                                labels=ids).loss)
+    rows.append(time_steps("transformers BlipForConditionalGeneration", step, device, batch, warmup, repeats, flops))
+    return rows
+
+
+def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
+    import open_clip
+    from transformers import CLIPConfig, CLIPModel
+
+    batch, size, length = 8, 224, 77
+    gen = torch.Generator().manual_seed(0)
+    pixels = images(batch, size, gen).to(device)
+    ids = torch.randint(1, 49406, (batch, length), generator=gen).to(device)
+    ids[:, -1] = 49407  # the end token, where both pool
+    mask = torch.ones_like(ids)
+    normalised = pixels.float() / 255
+    rows = []
+
+    ours = vlforge_model("clip_vit_b16", tokenizer=None).to(device).train()
+    batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask}
+    step, flops = train_step(ours, lambda: ours(batch_dict).loss)
+    rows.append(time_steps("vlforge CLIP", step, device, batch, warmup, repeats, flops))
+    del ours, step
+
+    peer = open_clip.create_model("ViT-B-16", pretrained=None).to(device).train()
+    loss_fn = open_clip.ClipLoss()
+
+    def open_clip_loss() -> torch.Tensor:
+        image_features, text_features, scale = peer(normalised, ids)
+        return loss_fn(image_features, text_features, scale)
+
+    step, flops = train_step(peer, open_clip_loss)
+    rows.append(time_steps("open_clip ViT-B-16", step, device, batch, warmup, repeats, flops))
+    del peer, step
+
+    config = CLIPConfig(vision_config={"patch_size": 16}, text_config={})
+    hf = CLIPModel(config).to(device).train()
+    step, flops = train_step(hf, lambda: hf(input_ids=ids, pixel_values=normalised, attention_mask=mask,
+                                            return_loss=True).loss)
+    rows.append(time_steps("transformers CLIPModel", step, device, batch, warmup, repeats, flops))
+    return rows
+
+
+def bench_tower(device: str, warmup: int, repeats: int) -> list[Timing]:
+    import timm
+
+    from vlforge.models.vision import TimmVisionTower
+
+    batch, size = 8, 224
+    pixels = images(batch, size, torch.Generator().manual_seed(0)).to(device)
+    normalised = pixels.float() / 255
+    rows = []
+    ours = TimmVisionTower("vit_base_patch16_224").to(device).train()
+    step, flops = train_step(ours, lambda: ours(pixels)[1].float().pow(2).mean())
+    rows.append(time_steps("vlforge TimmVisionTower", step, device, batch, warmup, repeats, flops))
+    del ours, step
+    peer = timm.create_model("vit_base_patch16_224", num_classes=0).to(device).train()
+    step, flops = train_step(peer, lambda: peer.forward_features(normalised).pow(2).mean())
+    rows.append(time_steps("timm vit_base_patch16_224", step, device, batch, warmup, repeats, flops))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("blip", "clip", "tower"), action="append")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = setup_cpu()
+    peak = matmul_peak_flops(device)
+    print(f"# Training step, fp32, AdamW ({environment()})\n")
+    chosen = args.only or ["tower", "clip", "blip"]
+    if "tower" in chosen:
+        print(table("Vision tower alone, ViT-B/16, batch 8, 224 px (target >= 0.95x)",
+                    bench_tower(device, args.warmup, args.repeats), peak, "timm vit_base_patch16_224") + "\n")
+    if "clip" in chosen:
+        rows = bench_clip(device, args.warmup, args.repeats)
+        faster = max(rows[1:], key=lambda r: r.throughput).name
+        print(table(f"CLIP ViT-B/16, batch 8, 224 px, 77 tokens (target >= 1.1x the faster peer: {faster})",
+                    rows, peak, faster) + "\n")
+    if "blip" in chosen:
+        print(table("BLIP-base captioning, batch 4, 384 px, 30 tokens (target >= 1.3x)",
+                    bench_blip(device, args.warmup, args.repeats), peak,
+                    "transformers BlipForConditionalGeneration") + "\n")
+
+
+if __name__ == "__main__":
+    main()
