@@ -1,10 +1,9 @@
 """What every benchmark here shares: the machine's matmul peak, timed steps (median of repeats after
-warm-up), peak memory, and the side-by-side table with ratios against a peer."""
+warm-up), and the side-by-side table with ratios against a peer."""
 from __future__ import annotations
 
 import gc
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -13,11 +12,9 @@ from typing import Callable
 import torch
 
 
-def setup_cpu(threads: int | None = None) -> str:
+def setup_cpu() -> str:
     """Denormals flushed (fresh models otherwise run many times slower on CPU); fp32. Returns the device."""
     torch.set_flush_denormal(True)
-    if threads:
-        torch.set_num_threads(threads)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -41,18 +38,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @dataclass
 class Timing:
     name: str
     seconds: list[float] = field(default_factory=list)
     samples_per_step: int = 1
     flops_per_step: float = 0.0
-    peak_memory: int = 0
 
     @property
     def median(self) -> float:
@@ -67,8 +58,6 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
                repeats: int = 5, flops_per_step: float = 0.0) -> Timing:
     """Median of `repeats` calls of `step` after `warmup` calls (the first ones allocate and plan)."""
     gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync(device)
@@ -78,7 +67,6 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
         step()
         sync(device)
         timing.seconds.append(time.perf_counter() - start)
-    timing.peak_memory = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
     return timing
 
 

@@ -37,10 +37,11 @@ def run_config(step_dir: Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def _keys_with_value(node: Any, value: str, prefix: str = "") -> list[str]:
+def _tokenizer_keys(node: Any, value: str, prefix: str = "") -> list[str]:
+    """Dotted keys named `tokenizer` that hold `value` (an LM's `pretrained` may hold the same path)."""
     if isinstance(node, dict):
-        return [k for key, child in node.items() for k in _keys_with_value(child, value, f"{prefix}{key}.")]
-    return [prefix[:-1]] if node == value else []
+        return [k for key, child in node.items() for k in _tokenizer_keys(child, value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == value and prefix[:-1].rpartition(".")[2] == "tokenizer" else []
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,7 +78,7 @@ def export_run(source: str | Path, out_dir: str | Path, overwrite: bool = False)
         tokenizer_keys: list[str] = []
         if tokenizer:
             load_tokenizer(str(tokenizer)).save_pretrained(str(tmp / TOKENIZER))
-            tokenizer_keys = _keys_with_value(container, tokenizer)
+            tokenizer_keys = _tokenizer_keys(container, tokenizer)
             for key in tokenizer_keys:  # relative to the export directory; read_export makes them absolute
                 OmegaConf.update(cfg, key, TOKENIZER, merge=False)
         OmegaConf.save(cfg, tmp / CONFIG, resolve=True)

@@ -99,3 +99,8 @@ def test_collator_pads_labels_with_ignore_and_prompts_on_the_left(tokenizer: Pre
     assert batch["prompt_input_ids"].tolist() == [[2, 5], [0, 2]]
     assert batch["prompt_attention_mask"].tolist() == [[1, 1], [0, 1]]
     assert batch["image"].shape == (2, 3, 4, 4) and batch["question"] == ["q1", "q2"]
+
+
+def test_an_unknown_template_is_named() -> None:
+    with pytest.raises(ValueError, match="template.name='chatt': expected plain or chat"):
+        ConversationTemplate(name="chatt")

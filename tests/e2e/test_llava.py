@@ -38,9 +38,9 @@ def test_llava_pretrain_then_finetune_on_two_ranks(e2e_env: dict[str, str], tmp_
     val_loss = series(rows, "val/loss")
     assert val_loss[30] < val_loss[15], val_loss
     final = next(row for row in reversed(rows) if "test/answer_accuracy" in row)
-    assert 0.0 <= final["test/answer_accuracy"] <= 1.0 and final["test/num_images"] == 64
+    assert 0.0 <= final["test/answer_accuracy"] <= 1.0 and final["test/num_samples"] == 64
     results = json.loads((finetune / "results" / "test_step_00000030.json").read_text())
-    assert len(results) == 64 and {"image_id", "question", "answer"} == set(results[0])
+    assert len(results) == 64 and {"sample_id", "image_id", "question", "answer"} == set(results[0])
 
     # The finetuned run exports whole (python -m vlforge.export does this): projector and LM, all finite.
     exported = tmp_path / "export"

@@ -27,11 +27,15 @@ class ConversationTemplate:
     sequence; the human's words are dropped. `chat` (LLaVA v1): a system line, then
     `USER: <question> ASSISTANT: <answer></s>` per turn."""
 
-    name: str = "chat"
+    name: str = "chat"  # plain | chat
     system: str = ("A chat between a curious user and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
     user: str = "USER"
     assistant: str = "ASSISTANT"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("plain", "chat"):
+            raise ValueError(f"task.template.name={self.name!r}: expected plain or chat")
 
 
 def check_conversation(turns: Any) -> list[dict[str, str]]:

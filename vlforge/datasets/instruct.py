@@ -20,8 +20,8 @@ class ConversationSample:
     """`source`: where the conversation comes from: the sample's `conversations` field, or one made of
     its captions or its questions. Training: `image`, `input_ids`, `labels`. Evaluation also gives
     `prompt_ids` (the conversation up to the first answer, what generation continues), `question`
-    (the first human turn's text) and `answers` (its reference answers: every human answer of the
-    first question, or every caption)."""
+    (the first human turn's text), `answers` (its reference answers: every human answer of the
+    first question, or every caption) and `sample_id` (the first question's id, else the image id)."""
 
     def __init__(self, image_transform: Callable[[Image.Image], Any], tokenizer: str, template: ConversationTemplate,
                  source: str, max_len: int, train: bool = True) -> None:
@@ -39,12 +39,16 @@ class ConversationSample:
             raise SampleError("missing field 'conversations' (task.source=conversations)")
         return check_conversation(meta["conversations"])
 
-    def _references(self, meta: dict[str, Any], key: str, turns: list[dict[str, str]]) -> list[str]:
+    def _references(self, meta: dict[str, Any], key: str, turns: list[dict[str, str]]) -> tuple[str, list[str]]:
+        """(what the evaluation keys this sample's answer by, its reference answers): the first
+        question's id (per-question shards repeat an image), else the image id."""
+        image_id = str(meta.get("image_id", key))
         if self.source == "captions":
-            return captions_of(meta)
+            return image_id, captions_of(meta)
         if self.source == "questions":
-            return questions_of(meta, key)[0]["answers"]
-        return [turns[1]["value"]]
+            first = questions_of(meta, key)[0]
+            return first["question_id"], first["answers"]
+        return image_id, [turns[1]["value"]]
 
     def __call__(self, raw: RawSample) -> dict[str, Any]:
         meta = decode_meta(raw)
@@ -58,15 +62,16 @@ class ConversationSample:
             prompt, _ = encode_conversation(tok, self.template, turns[:2], self.max_len, prompt_only=True)
             sample["prompt_ids"] = torch.tensor(prompt)
             sample["question"] = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-            sample["answers"] = self._references(meta, raw.key, turns)
+            sample["sample_id"], sample["answers"] = self._references(meta, raw.key, turns)
         return sample
 
 
-def _pad(rows: list[torch.Tensor], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(padded [B, longest], attention mask) of 1-D rows."""
+def pad_rows(rows: list[torch.Tensor], value: float, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows padded with `value` to the longest [B, longest, ...], attention mask [B, longest]): rows of
+    any trailing shape, right-padded, or left-padded so that every row ends at the last position."""
     longest = max(len(r) for r in rows)
-    out = torch.full((len(rows), longest), value, dtype=rows[0].dtype)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), value)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=rows[0].device)
     for i, row in enumerate(rows):
         span = slice(longest - len(row), longest) if left else slice(0, len(row))
         out[i, span], mask[i, span] = row, 1
@@ -87,11 +92,11 @@ class ConversationCollator:
         for key in samples[0]:
             values = [s[key] for s in samples]
             if key == "input_ids":
-                batch["input_ids"], batch["attention_mask"] = _pad(values, self.pad_id)
+                batch["input_ids"], batch["attention_mask"] = pad_rows(values, self.pad_id)
             elif key == "labels":
-                batch["labels"], _ = _pad(values, IGNORE)
+                batch["labels"], _ = pad_rows(values, IGNORE)
             elif key == "prompt_ids":
-                batch["prompt_input_ids"], batch["prompt_attention_mask"] = _pad(values, self.pad_id, left=True)
+                batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_rows(values, self.pad_id, left=True)
             elif isinstance(values[0], torch.Tensor):
                 batch[key] = torch.stack(values)
             else:

@@ -239,17 +239,16 @@ def write_vqa_shards(
     out: str | Path,
     max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    conversations: bool = False,
 ) -> ShardReport:
-    """VQA JSON -> shards, one sample per question (the image is repeated in each). With
-    `conversations`: LLaVA's instruction JSON, one sample per conversation (task.source=conversations)."""
-    make = _conversation_samples if conversations else _vqa_samples
-    return _write_samples(make(_load_annotations(ann), Path(image_root)), out, max_count, max_bytes)
+    """VQA JSON -> shards, one sample per question (the image is repeated in each)."""
+    return _write_samples(_vqa_samples(_load_annotations(ann), Path(image_root)), out, max_count, max_bytes)
 
 
-def write_conversation_shards(ann: str | Path, image_root: str | Path, out: str | Path, **limits: int) -> ShardReport:
-    """LLaVA conversation JSON -> shards, one sample per entry."""
-    return write_vqa_shards(ann, image_root, out, conversations=True, **limits)
+def write_conversation_shards(ann: str | Path, image_root: str | Path, out: str | Path,
+                              max_count: int = DEFAULT_MAX_COUNT, max_bytes: int = DEFAULT_MAX_BYTES) -> ShardReport:
+    """LLaVA conversation JSON -> shards, one sample per entry (task.source=conversations reads them)."""
+    samples = _conversation_samples(_load_annotations(ann), Path(image_root))
+    return _write_samples(samples, out, max_count, max_bytes)
 
 
 def find_class_images(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:

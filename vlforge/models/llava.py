@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.datasets.conversation import IGNORE, IMAGE_TOKEN_ID, ConversationTemplate, encode_conversation
+from vlforge.datasets.instruct import pad_rows
 from vlforge.models.blip2_lm import build_causal_lm
 from vlforge.models.output import ModelOutput
 from vlforge.models.vision import build_vision_tower
@@ -82,6 +83,7 @@ class Llava(nn.Module):
         self.freeze_language_model = freeze_language_model or load_4bit or load_8bit
         if self.freeze_language_model:
             self.language_model.requires_grad_(False)
+        self.lora = lora is not None
         if lora is not None:
             try:
                 from peft import LoraConfig, get_peft_model
@@ -95,8 +97,8 @@ class Llava(nn.Module):
 
     def train(self, mode: bool = True) -> "Llava":
         super().train(mode)
-        if self.freeze_language_model:
-            self.language_model.eval()  # a frozen LM keeps its dropout off, as BLIP-2's does
+        if self.freeze_language_model and not self.lora:
+            self.language_model.eval()  # a frozen LM keeps its dropout off; LoRA adapters keep theirs
         return self
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class Llava(nn.Module):
         text = embed(input_ids.masked_fill(is_image.to(input_ids.device), 0))
         # With language_model.device_map the LM's first layers may sit on another device than the tower.
         features = features.to(device=text.device, dtype=text.dtype)
-        rows, masks, targets = [], [], []
+        rows, targets = [], []
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
             ids_b, text_b = input_ids[b][keep], text[b][keep]
@@ -132,15 +134,8 @@ class Llava(nn.Module):
                     labels_b = torch.cat([labels_b[:at], fill, labels_b[at + 1:]])
             rows.append(text_b)
             targets.append(labels_b)
-        longest = max(r.shape[0] for r in rows)
-        embeds = text.new_zeros(len(rows), longest, text.shape[-1])
-        mask = attention_mask.new_zeros(len(rows), longest)
-        out_labels = input_ids.new_full((len(rows), longest), IGNORE) if labels is not None else None
-        for b, row in enumerate(rows):
-            span = slice(longest - len(row), longest) if left_pad else slice(0, len(row))
-            embeds[b, span], mask[b, span] = row, 1
-            if out_labels is not None:
-                out_labels[b, span] = targets[b]
+        embeds, mask = pad_rows(rows, 0.0, left=left_pad)
+        out_labels = pad_rows(targets, IGNORE, left=left_pad)[0] if labels is not None else None
         return embeds, mask, out_labels
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
@@ -156,7 +151,6 @@ class Llava(nn.Module):
             return samples["prompt_input_ids"], samples["prompt_attention_mask"]
         from vlforge.datasets.collate import load_tokenizer
         from vlforge.datasets.conversation import IMAGE_PLACEHOLDER
-        from vlforge.datasets.instruct import _pad
 
         texts = samples["text_input"]
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -169,7 +163,7 @@ class Llava(nn.Module):
             ids, _ = encode_conversation(tok, self.template, [{"from": "human", "value": turn}], self.max_prompt_len,
                                          prompt_only=True)
             rows.append(torch.tensor(ids))
-        ids, mask = _pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0, left=True)
+        ids, mask = pad_rows(rows, tok.pad_token_id if tok.pad_token_id is not None else 0, left=True)
         return ids.to(samples["image"].device), mask.to(samples["image"].device)
 
     def _tokenizer(self) -> str:

@@ -36,7 +36,10 @@ class _Resolved:
 def _is_vlforge(path: Path) -> bool:
     from vlforge.export import is_export
 
-    return is_export(path) or (path / "config.yaml").is_file() or (path / "complete.json").is_file()
+    from vlforge.trainer.checkpoint import COMPLETE
+
+    return (is_export(path) or (path / "config.yaml").is_file() or (path / COMPLETE).is_file()
+            or (path / "checkpoints").is_dir())
 
 
 def _recipe_target(entry: ZooEntry) -> str:
@@ -186,7 +189,8 @@ def _to_device(model: nn.Module, device: torch.device) -> None:
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                checkpoint: str | Path | None = None) -> nn.Module:
     """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
-    unless `is_eval=False`. `checkpoint`: a local directory or file to load instead of the zoo's."""
+    unless `is_eval=False`. `checkpoint`: a local directory to load instead of the zoo's (a vlforge run,
+    checkpoint or export, or an HF / open_clip model directory for the hub entries)."""
     entry = find_entry(name, model_type)
     return _build(_resolve(entry, checkpoint), is_eval, device)
 
@@ -194,11 +198,10 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
 def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable]]:
     """The recipe's image and text processors, {"train": ..., "eval": ...} each, as training uses them:
     images become uint8 [3, H, W] tensors (the model normalises), texts are normalised strings."""
-    from vlforge.config.schema import DataConfig
+    from vlforge.config.schema import validate_config
     from vlforge.datasets.processors import TextProcessor, build_image_transform
 
-    node = OmegaConf.to_container(cfg, resolve=True)["data"]  # resolved in the whole recipe: it refers to model.*
-    data: DataConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), node))
+    data = validate_config(cfg).data
     vis = {"train": build_image_transform(data.train_image), "eval": build_image_transform(data.eval_image)}
     text = TextProcessor(data.text)
     return vis, {"train": text, "eval": text}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import get_act_layer
 from torch import nn
 
 from vlforge.models.init import NormalEmbedding
@@ -28,14 +29,9 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+# quick_gelu (x * sigmoid(1.702 x)): the activation OpenAI's CLIP weights were trained with; timm's,
+# as the image towers take it through `act_layer`.
+ACTIVATIONS = ("gelu", "quick_gelu")
 
 
 class Block(nn.Module):
@@ -47,7 +43,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(width, heads, dropout)
         self.norm2 = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), ACTIVATIONS[act](), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), get_act_layer(act)(), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask, causal)

@@ -3,12 +3,11 @@ weights come from. Data, not registration: every entry is listed here and nowher
 
 Names and types follow LAVIS where they overlap. A `demo` type is the run a `_demo` recipe leaves in
 `runs/` (train it first); the others name published weights, fetched once into the cache
-(`$VLFORGE_HOME`, default `~/.cache/vlforge`) or read from any local file or directory given as
-`checkpoint=`.
+(`$VLFORGE_HOME`, default `~/.cache/vlforge`) or read from any local directory given as `checkpoint=`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class ZooEntry:
     # Model keys the source has no value for, which keep their initialisation (HF BLIP retrieval keeps
     # no temperature: logit_scale).
     ignore: tuple[str, ...] = ()
-    overrides: tuple[str, ...] = field(default_factory=tuple)  # Hydra overrides on top of the recipe
+    overrides: tuple[str, ...] = ()  # Hydra overrides on top of the recipe
 
     @property
     def kind(self) -> str:

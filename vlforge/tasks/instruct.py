@@ -11,8 +11,8 @@ from torch import nn
 from vlforge.config.schema import DataConfig
 from vlforge.datasets.conversation import IGNORE, ConversationTemplate
 from vlforge.datasets.instruct import ConversationCollator, ConversationSample
-from vlforge.datasets.processors import build_image_transform
-from vlforge.tasks.base import EvalResult, Task, broadcast_object, gather_objects, lockstep, to_device
+from vlforge.tasks.base import (EvalResult, Task, broadcast_object, gather_objects, image_text_samples, lockstep,
+                                to_device)
 from vlforge.tasks.metrics.captioning import caption_metrics
 from vlforge.tasks.metrics.vqa import vqa_metrics
 from vlforge.trainer.distributed import DistEnv
@@ -31,7 +31,7 @@ class InstructTask(Task):
         self.report_images = report_images
 
     def _sample(self, data: DataConfig, train: bool) -> ConversationSample:
-        image = build_image_transform(data.train_image if train else data.eval_image)
+        image, _ = image_text_samples(data, train)
         return ConversationSample(image, data.tokenizer, self.template, self.source, data.max_text_len, train=train)
 
     def train_sample(self, data: DataConfig) -> ConversationSample:
@@ -48,7 +48,7 @@ class InstructTask(Task):
         device = next(model.parameters()).device
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
-        local: dict[str, list[Any]] = {"image_id": [], "question": [], "prediction": [], "answers": []}
+        local: dict[str, list[Any]] = {"sample_id": [], "image_id": [], "question": [], "prediction": [], "answers": []}
         rows: list[list[Any]] = []
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
@@ -61,6 +61,7 @@ class InstructTask(Task):
             scored = (batch["labels"][:, 1:] != IGNORE).sum().double().cpu()
             loss_sum += mean_loss.double().cpu() * scored
             tokens += scored
+            local["sample_id"] += batch["sample_id"]
             local["image_id"] += batch["image_id"]
             local["question"] += batch["question"]
             local["prediction"] += predictions
@@ -72,15 +73,15 @@ class InstructTask(Task):
         total_tokens = sum(part["tokens"] for part in parts)
         metrics = None
         if dist_env.is_main:
-            predictions = dict(zip(merged["image_id"], merged["prediction"]))
-            references = dict(zip(merged["image_id"], merged["answers"]))
+            predictions = dict(zip(merged["sample_id"], merged["prediction"]))
+            references = dict(zip(merged["sample_id"], merged["answers"]))
             if self.source == "captions":
                 metrics = caption_metrics(predictions, references)
             else:
                 metrics = {f"answer_{k}": v for k, v in vqa_metrics(predictions, references).items()}
             metrics["loss"] = sum(part["loss"] for part in parts) / max(1.0, total_tokens)
         metrics = broadcast_object(metrics)
-        metrics["num_images"] = float(len(merged["image_id"]))
+        metrics["num_samples"] = float(len(merged["sample_id"]))
         return EvalResult(metrics=metrics, table_columns=["image", "question", "answer", "reference"], table_rows=rows,
-                          results=[{"image_id": i, "question": q, "answer": p}
-                                   for i, q, p in zip(merged["image_id"], merged["question"], merged["prediction"])])
+                          results=[{"sample_id": s, "image_id": i, "question": q, "answer": p} for s, i, q, p in
+                                   zip(merged["sample_id"], merged["image_id"], merged["question"], merged["prediction"])])

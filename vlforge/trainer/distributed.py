@@ -143,10 +143,17 @@ def prepare_launch_env(argv: list[str] | None = None, env: MutableMapping[str, s
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(_free_port()) if env.get("WORLD_SIZE") == "1" else "29500")
     env["VLFORGE_LAUNCHER"] = launcher
+    default_ds_accelerator(env)
+    return argv
+
+
+def default_ds_accelerator(env: MutableMapping[str, str] | None = None) -> None:
+    """DeepSpeed's CPU accelerator when there is no CUDA device and the user chose none; call it before
+    deepspeed is imported (launchers, and export / load_model reading a ZeRO checkpoint)."""
+    env = os.environ if env is None else env
     if "DS_ACCELERATOR" not in env and not _cuda_available():
         env["DS_ACCELERATOR"] = "cpu"
         env[_AUTO_ACCELERATOR] = "1"
-    return argv
 
 
 def _free_port() -> int:

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import contextlib
 import importlib
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from vlforge.trainer.checkpoint import COMPLETE, CheckpointError, complete_checkpoints
+from vlforge.trainer.distributed import default_ds_accelerator
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -34,8 +34,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state (parameters, frozen ones included, and persistent buffers)."""
     if any(step_dir.glob("zero_pp_rank_*_optim_states.pt")):
-        if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"  # outside a launcher (export, load_model) on a CPU machine
+        default_ds_accelerator()  # outside a launcher (export, load_model) on a machine without CUDA
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO-1/2/3: the fp32 master partitions of every rank, joined.
