@@ -44,9 +44,11 @@ def _rename(key: str, renames: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
-    as a `vlforge.models.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
+def _map_keys(state_dict: Mapping[str, torch.Tensor], prefix: str, renames: list[tuple[str, str]],
+              fused_groups: list[tuple[str, str, tuple[str, ...]]], ignored: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
+    """The keys under `prefix`, renamed (`renames`), joined where vlforge fuses separate projections
+    (`fused_groups`: pattern with groups (layer, part, kind), target, order of the parts) or left out
+    (`ignored` patterns); any other key is a KeyError naming it."""
     out: dict[str, torch.Tensor] = {}
     # target -> (order of the parts, the parts found, one checkpoint key and its part, to name what is missing)
     fused: dict[str, tuple[tuple[str, ...], dict[str, torch.Tensor], str, str]] = {}
@@ -54,18 +56,18 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
         if not full_key.startswith(prefix):
             continue
         key = full_key[len(prefix):]
-        if any(re.search(p, key) for p in _BERT_IGNORED):
+        if any(re.search(p, key) for p in ignored):
             continue
-        for pattern, target, order in _BERT_FUSED:
+        for pattern, target, order in fused_groups:
             match = re.match(pattern, key)
             if match:
                 layer, part, kind = match.groups()
                 fused.setdefault(target.format(layer, part, kind), (order, {}, full_key, part))[1][part] = value
                 break
         else:
-            renamed = _rename(key, _BERT_RENAMES)
+            renamed = _rename(key, renames)
             if renamed is None:
-                raise KeyError(f"no vlforge name for BERT checkpoint key '{full_key}'")
+                raise KeyError(f"no vlforge name for {what} checkpoint key '{full_key}'")
             out[renamed] = value
     for target, (order, parts, seen_key, seen_part) in fused.items():
         head, _, tail = seen_key.rpartition(f".{seen_part}.")
@@ -74,6 +76,12 @@ def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> di
             raise KeyError(f"checkpoint lacks {missing}, parts of the fused '{target}'")
         out[target] = torch.cat([parts[p] for p in order], dim=0)
     return out
+
+
+def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
+    as a `vlforge.models.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
+    return _map_keys(state_dict, prefix, _BERT_RENAMES, _BERT_FUSED, _BERT_IGNORED, "BERT")
 
 
 _VIT_RENAMES: list[tuple[str, str]] = [
@@ -149,6 +157,52 @@ def blip_vqa_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     out.update({f"text_decoder.{k}": v for k, v in bert_from_hf(state_dict, "text_decoder.bert.").items()})
     out.update({f"lm_head.{k}": v for k, v in bert_lm_head_from_hf(state_dict, "text_decoder.cls.predictions.",
                                                                                _DECODER_WORDS).items()})
+    return out
+
+
+# transformers' Blip2QFormerModel names -> vlforge.models.qformer.QFormer names.
+_QFORMER_RENAMES: list[tuple[str, str]] = [
+    (r"^layernorm\.", "embed_norm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention.norm."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.attention\.query\.", r"layers.\1.cross_attention.query."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"layers.\1.cross_attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"layers.\1.cross_attention.norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"layers.\1.query_ffn.intermediate."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.dense\.", r"layers.\1.query_ffn.output."),
+    (r"^encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"layers.\1.query_ffn.norm."),
+]
+_QFORMER_FUSED: list[tuple[str, str, tuple[str, ...]]] = [
+    (r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$",
+     r"layers.{0}.attention.query_key_value.{2}", ("query", "key", "value")),
+    (r"^encoder\.layer\.(\d+)\.crossattention\.attention\.(key|value)\.(weight|bias)$",
+     r"layers.{0}.cross_attention.key_value.{2}", ("key", "value")),
+]
+# The text feed-forward, which checkpoints saved by older transformers carry; stage 2 feeds the
+# Q-Former no text, so BLIP-2's LM models never use it (vlforge's stage-2 Q-Former has none).
+_QFORMER_TEXT_FFN = (r"^encoder\.layer\.\d+\.(intermediate|output)\.",)
+
+
+def blip2_causal_lm_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Blip2ForConditionalGeneration with a decoder-only LM (OPT) ->
+    vlforge.models.blip2_lm.Blip2CausalLM.
+
+    HF's `vision_model.post_layernorm` is BLIP-2's LayerNorm on the tower's output (LAVIS's ln_vision),
+    vlforge's `encoder.vision_norm`; the tower itself ends without a norm. The LM's keys keep their
+    names under `language_model.`; a tied LM head, which `save_pretrained` leaves out, is the word
+    embeddings once loaded (load with `ignore=("language_model.lm_head.weight",)`)."""
+    tower = {k: v for k, v in state_dict.items() if not k.startswith("vision_model.post_layernorm.")}
+    out = {f"encoder.vision.{k}": v for k, v in blip_vision_from_hf(tower).items()}
+    for kind in ("weight", "bias"):
+        out[f"encoder.vision_norm.{kind}"] = state_dict[f"vision_model.post_layernorm.{kind}"]
+    qformer = _map_keys(state_dict, "qformer.", _QFORMER_RENAMES, _QFORMER_FUSED, _QFORMER_TEXT_FFN, "BLIP-2 Q-Former")
+    out.update({f"encoder.qformer.{k}": v for k, v in qformer.items()})
+    out["encoder.qformer.query_tokens"] = state_dict["query_tokens"]
+    known = ("vision_model.", "qformer.", "query_tokens", "language_projection.", "language_model.")
+    unknown = [k for k in state_dict if not k.startswith(known)]
+    if unknown:
+        raise KeyError(f"no vlforge name for BLIP-2 checkpoint keys {unknown[:10]} ({len(unknown)})")
+    out.update({k: v for k, v in state_dict.items() if k.startswith(("language_projection.", "language_model."))})
     return out
 
 

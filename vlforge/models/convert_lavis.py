@@ -9,8 +9,9 @@ Layouts, as LAVIS builds them (lavis/models/blip_models, albef_models, med.py, v
 - `visual_encoder.*`: LAVIS's ViT, timm's names (cls_token, pos_embed, patch_embed.proj, blocks.N.
   {norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm), LayerNorm eps 1e-6 (timm's default;
   vlforge's HF-derived BLIP recipes use 1e-5, so build the vision tower without `norm_eps` for these).
-- `text_encoder.*` (BLIP, a med.py BertModel) or `text_encoder.bert.*` + `text_encoder.cls.predictions.*`
-  (ALBEF, a BertForMaskedLM); `text_decoder.bert.*` + `text_decoder.cls.predictions.*` (BLIP decoders).
+- `text_encoder.*` (BLIP and ALBEF retrieval, a med.py BertModel) or `text_encoder.bert.*` +
+  `text_encoder.cls.predictions.*` (ALBEF pretraining, a BertForMaskedLM); `text_decoder.bert.*` +
+  `text_decoder.cls.predictions.*` (BLIP decoders).
 - `temp`: a temperature (logits = similarity / temp); vlforge's LogitScale holds log(1 / temp), shape [1].
   LAVIS clamps temp to [0.001, 0.5]; vlforge caps 1 / temp at `max_logit_scale` (100 by default), so a
   checkpoint with temp < 0.01 converts exactly but is clamped when the model runs.
@@ -220,15 +221,38 @@ def _token_types(text: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Te
     return text
 
 
-def _albef_encoders(ckpt: _Checkpoint, suffix: str, token_types: str) -> dict[str, torch.Tensor]:
-    """One of ALBEF's encoder sets (suffix "" or the momentum copy's "_m") -> albef._Encoders."""
+def _albef_encoders(ckpt: _Checkpoint, suffix: str, token_types: str, mlm_head: bool) -> dict[str, torch.Tensor]:
+    """One of ALBEF's encoder sets (suffix "" or the momentum copy's "_m") -> albef._Encoders. With
+    `mlm_head`, the pretraining layout (a BertForMaskedLM: `text_encoder.bert.*` + `text_encoder.cls.
+    predictions.*`); without, the retrieval layout (a BertModel, `text_encoder.*`, and no MLM head)."""
     text = f"text_encoder{suffix}."
+    bert = text + "bert." if mlm_head else text
     out = _prefixed("vision.", _vision(ckpt, f"visual_encoder{suffix}."))
-    out.update(_prefixed("text.", _token_types(_text(ckpt, text + "bert."), token_types)))
-    out.update(_prefixed("mlm_head.", _lm_head(ckpt, text + "cls.predictions.",
-                                               text + "bert.embeddings.word_embeddings.weight")))
+    out.update(_prefixed("text.", _token_types(_text(ckpt, bert), token_types)))
+    if mlm_head:
+        out.update(_prefixed("mlm_head.", _lm_head(ckpt, text + "cls.predictions.",
+                                                   bert + "embeddings.word_embeddings.weight")))
     for name in ("vision_proj", "text_proj"):
         out.update(_prefixed(f"{name}.", _linear(ckpt, name + suffix)))
+    return out
+
+
+def _albef(ckpt: _Checkpoint, token_types: str, queues: bool, mlm_head: bool) -> dict[str, torch.Tensor]:
+    model = _albef_encoders(ckpt, "", token_types, mlm_head)
+    has_momentum = any(ckpt.has(f"{name}_m.") for name in ("visual_encoder", "text_encoder", "vision_proj",
+                                                             "text_proj"))
+    momentum = _albef_encoders(ckpt, "_m", token_types, mlm_head) if has_momentum else dict(model)
+    out = {**_prefixed("model.", model), **_prefixed("momentum_model.", momentum)}
+    out.update(_prefixed("itm_head.", _linear(ckpt, "itm_head")))
+    out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
+    out["momentum_ready"] = torch.tensor([has_momentum])
+    out["forward_steps"] = torch.zeros(1, dtype=torch.long)  # a finetune ramps alpha up again, as LAVIS's does
+    if queues:
+        for name in ("image_queue", "text_queue", "queue_ptr"):
+            out[name] = ckpt.get(name)
+    else:
+        # Left to the model's own fresh queues (see the docstring): a queue of another size cannot load.
+        ckpt.ignore(("image_queue", "text_queue", "queue_ptr"))
     return out
 
 
@@ -243,19 +267,25 @@ def albef_from_lavis(state_dict: Mapping[str, torch.Tensor], token_types: str = 
     with `ignore=("image_queue", "text_queue", "queue_ptr")`. `token_types`: see `_token_types`.
     """
     ckpt = _Checkpoint(state_dict)
-    model = _albef_encoders(ckpt, "", token_types)
-    has_momentum = any(ckpt.has(f"{name}_m.") for name in ("visual_encoder", "text_encoder", "vision_proj",
-                                                             "text_proj"))
-    momentum = _albef_encoders(ckpt, "_m", token_types) if has_momentum else dict(model)
-    out = {**_prefixed("model.", model), **_prefixed("momentum_model.", momentum)}
-    out.update(_prefixed("itm_head.", _linear(ckpt, "itm_head")))
-    out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
-    out["momentum_ready"] = torch.tensor([has_momentum])
-    out["forward_steps"] = torch.zeros(1, dtype=torch.long)  # a finetune ramps alpha up again, as LAVIS's does
-    if queues:
-        for name in ("image_queue", "text_queue", "queue_ptr"):
-            out[name] = ckpt.get(name)
-    else:
-        # Left to the model's own fresh queues (see the docstring): a queue of another size cannot load.
-        ckpt.ignore(("image_queue", "text_queue", "queue_ptr"))
+    return _finish(ckpt, _albef(ckpt, token_types, queues, mlm_head=True))
+
+
+def albef_retrieval_from_lavis(state_dict: Mapping[str, torch.Tensor], token_types: str = "fold",
+                               queues: bool = True) -> dict[str, torch.Tensor]:
+    """LAVIS `albef_retrieval` (albef_coco_retrieval_lavis.pt; original ALBEF's mscoco.pth, as its
+    model_retrieval.py builds it, has the same layout) -> vlforge.models.albef.ALBEF, all but the MLM heads.
+
+    The retrieval model's text encoder is a BertModel (`text_encoder.*`, `text_encoder_m.*`), with no
+    MLM head: the result has no `model.mlm_head.*` / `momentum_model.mlm_head.*` keys, so load it with
+    those ignored (they keep their initialisation; `decoder.weight` is the word embedding matrix, tied,
+    and so holds the checkpoint's). A model built with `mlm: false`, as the retrieval recipe is,
+    never runs the head. `token_types` and `queues`: see `albef_from_lavis`.
+    """
+    ckpt = _Checkpoint(state_dict)
+    out = _albef(ckpt, token_types, queues, mlm_head=False)
+    # LAVIS's `idx_queue` holds the image ids of the queued features (its ITC counts queued captions of
+    # the batch's images as positives). vlforge's ALBEF has no image-id queue: its `group_queue`
+    # (match_identical_texts) ids texts by their wording, which image ids do not translate to. The
+    # queued features load; without their ids they are negatives, as vlforge's ALBEF treats its own.
+    ckpt.ignore(("idx_queue",))
     return _finish(ckpt, out)

@@ -10,17 +10,17 @@ then the hub when online. Tokenizers come with the weights, never from a second 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from vlforge.models.sources import WeightsNotFoundError, hf_model_dir
+from vlforge.models.dimensions import apply_dimensions
+from vlforge.models.sources import WeightsNotFoundError, hf_model_dir, url_model_dir
 from vlforge.models.zoo import ZooEntry, find_entry
 from vlforge.trainer.checkpoint import CheckpointError
 
@@ -64,57 +64,6 @@ def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
     return _Resolved(cfg, state, str(path))
 
 
-def blip_dimensions(hf_config: Any, target: str) -> dict[str, Any]:
-    """Model-node values of an HF BLIP checkpoint's config (BlipConfig): the ViT and BERT dimensions,
-    the special token ids and (retrieval) the ITC width. The converters map the weights themselves."""
-    vision, text = hf_config.vision_config, hf_config.text_config
-    node: dict[str, Any] = {
-        "vision": {"name": "vit_base_patch16_224", "img_size": vision.image_size, "patch_size": vision.patch_size,
-                   "embed_dim": vision.hidden_size, "depth": vision.num_hidden_layers,
-                   "num_heads": vision.num_attention_heads, "mlp_ratio": vision.intermediate_size / vision.hidden_size,
-                   "norm_eps": vision.layer_norm_eps},
-        "text": {"vocab_size": text.vocab_size, "width": text.hidden_size, "layers": text.num_hidden_layers,
-                 "heads": text.num_attention_heads, "intermediate": text.intermediate_size,
-                 "max_len": text.max_position_embeddings},
-    }
-    if target.endswith("BlipRetrieval"):
-        node["embed_dim"] = hf_config.image_text_hidden_size
-    else:  # the captioner and VQA decoders: HF BLIP starts decoding at bos ([DEC]) and stops at [SEP]
-        node.update(bos_token_id=text.bos_token_id, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
-    return node
-
-
-def open_clip_dimensions(model_cfg: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
-    """Model-node values of an open_clip checkpoint's `model_cfg` (open_clip_config.json, a ViT CLIP):
-    the tower and text dimensions, the embedding width and the activation (QuickGELU for OpenAI's
-    weights: the config's `quick_gelu`, else `quick_gelu` as the recipe has it)."""
-    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    if not isinstance(vision.get("patch_size"), int) or "timm_model_name" in vision:
-        raise ValueError("open_clip_config.json: only ViT image towers (vision_cfg.patch_size) load here")
-    act = "quick_gelu" if model_cfg.get("quick_gelu", quick_gelu) else "gelu"
-    return {
-        "embed_dim": model_cfg["embed_dim"],
-        "vision": {"name": "vit_base_patch16_clip_224", "pretrained": False, "img_size": vision["image_size"],
-                   "patch_size": vision["patch_size"], "embed_dim": vision["width"], "depth": vision["layers"],
-                   "num_heads": vision["width"] // vision.get("head_width", 64),
-                   "mlp_ratio": vision.get("mlp_ratio", 4.0), "act_layer": act},
-        "text": {"vocab_size": text["vocab_size"], "width": text["width"], "layers": text["layers"],
-                 "heads": text["heads"], "max_len": text["context_length"], "act": act},
-    }
-
-
-def _dimensions(entry: ZooEntry, directory: Path, cfg: DictConfig) -> tuple[dict[str, Any], int]:
-    """(model-node values, image size) from the source's own config file."""
-    if entry.dimensions == "blip":
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        return blip_dimensions(hf_config, str(cfg.model._target_)), hf_config.vision_config.image_size
-    model_cfg = json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]
-    quick = cfg.model.vision.get("act_layer") == "quick_gelu"
-    return open_clip_dimensions(model_cfg, quick), model_cfg["vision_cfg"]["image_size"]
-
-
 def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
     from vlforge.config.recipes import compose_recipe
     from vlforge.models.sources import missing_files, weights_file
@@ -127,13 +76,7 @@ def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
                                    f"(the directory needs {', '.join(entry.files)} and one of {', '.join(entry.weights)})")
     cfg = compose_recipe(entry.recipe, [*entry.overrides, f"data.tokenizer={directory}"])
     if entry.dimensions is not None:
-        node, image_size = _dimensions(entry, directory, cfg)
-        cfg.model.vision = node.pop("vision")
-        cfg.model.text = OmegaConf.merge(cfg.model.text, node.pop("text"))
-        for key, value in node.items():
-            OmegaConf.update(cfg, f"model.{key}", value, force_add=True)
-        for split in ("train_image", "eval_image"):
-            cfg.data[split].size = image_size
+        apply_dimensions(cfg, entry.dimensions, directory)
     state = resolve_converter(entry.converter)(read_weights(weights_file(directory, entry)))
     return _Resolved(cfg, state, str(directory), entry.ignore)
 
@@ -145,7 +88,7 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
             raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
         if _is_vlforge(path):
             return _from_vlforge(entry, path)
-        if entry.kind != "hf":
+        if entry.kind not in ("hf", "url"):
             raise CheckpointError(f"checkpoint={path}: {entry.name}/{entry.model_type} loads a vlforge run, "
                                   f"checkpoint or export directory (config.yaml, complete.json or export.json)")
         return _from_hf(entry, path)
@@ -155,7 +98,8 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no run at {path.resolve()}; train it first "
                                        f"(deepspeed launch/train.py recipe={entry.recipe}) or pass checkpoint=")
         return _from_vlforge(entry, path)
-    return _from_hf(entry, hf_model_dir(entry))
+    # A "url:" entry loads as an "hf:" one, its dimensions from the recipe (ZooEntry.dimensions None).
+    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry))
 
 
 def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device) -> nn.Module:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import contextlib
 import importlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -54,13 +55,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         if (path / COMPLETE).is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")):
             return consolidated_state_dict(resolve_checkpoint(path))
-        for name in ("model.safetensors", "pytorch_model.bin"):
+        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json"):
             if (path / name).is_file():
                 return read_weights(path / name)
         raise CheckpointError(f"{path}: neither a vlforge run/checkpoint nor a model directory "
-                              "(model.safetensors or pytorch_model.bin)")
+                              "(model.safetensors or pytorch_model.bin, whole or sharded with an .index.json)")
     if not path.is_file():
         raise CheckpointError(f"no weights at {path}")
+    if path.name.endswith(".index.json"):
+        return _read_shards(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -72,6 +76,22 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
+    return state
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a sharded HF checkpoint: every shard its `.index.json` names, each checked to
+    hold the keys the index places in it."""
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index} names the shard {index.parent / shard}, which is missing")
+        part = read_weights(index.parent / shard)
+        absent = [k for k, s in weight_map.items() if s == shard and k not in part]
+        if absent:
+            raise CheckpointError(f"shard {index.parent / shard} lacks {absent[:5]} ({len(absent)}), which {index.name} places there")
+        state.update(part)
     return state
 
 
