@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, GPT2TokenizerFast
+from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipForConditionalGeneration, GPT2TokenizerFast
 
 from vlforge.models import load_model, load_model_and_preprocess
 from vlforge.models.dimensions import blip2_dimensions
 from vlforge.models.sources import WeightsNotFoundError
+from tests.models.test_load import save_hf_model
 from tests.models.tiny_blip import images
 
 WIDTH, QUERIES, VOCAB, IMAGE_TOKEN = 32, 4, 320, 319
@@ -33,8 +34,9 @@ def hf_blip2_config(**text: object) -> Blip2Config:
         qformer_config=dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
                             encoder_hidden_size=WIDTH, cross_attention_frequency=2, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0),
-        text_config={"model_type": "opt", "hidden_size": WIDTH, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "ffn_dim": 48, "vocab_size": VOCAB, "word_embed_proj_dim": WIDTH, "max_position_embeddings": 64,
+        # The LM 64 wide: bitsandbytes' CPU 4-bit kernels quantize rows in blocks of 64.
+        text_config={"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "ffn_dim": 128, "vocab_size": VOCAB, "word_embed_proj_dim": 64, "max_position_embeddings": 64,
                      "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "dropout": 0.0, **text},
         num_query_tokens=QUERIES)
     config.image_token_id = IMAGE_TOKEN  # transformers 5 splices the queries in at this token
@@ -113,3 +115,61 @@ def test_an_encoder_decoder_blip2_is_refused_by_name() -> None:
                                       "d_ff": 48, "vocab_size": 64})
     with pytest.raises(ValueError, match="t5 .*decoder-only"):
         blip2_dimensions(config)
+
+
+def _linear_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the LM's layer weights, as stored (the head excluded: it stays unquantized)."""
+    head = module.get_output_embeddings()
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules()
+               if hasattr(m, "in_features") and m is not head)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_loading_shrinks_the_lm_and_keeps_the_tower_in_half_precision(tmp_path: Path, bits: int) -> None:
+    pytest.importorskip("bitsandbytes")
+    save_hf_blip2(tmp_path / "blip2")
+    full = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2")
+    quantized = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2",
+                           load_4bit=bits == 4, load_8bit=bits == 8)
+    layers = [m for m in quantized.language_model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    assert len(layers) == 2 * 6  # q, k, v, out, fc1, fc2 per decoder layer; the head is not among them
+    fp16_bytes = _linear_weight_bytes(full.language_model) / 2  # the published weights are fp16
+    ratio = fp16_bytes / _linear_weight_bytes(quantized.language_model)
+    assert ratio == pytest.approx(16 / bits)
+    assert quantized.language_model.lm_head.weight.dtype == torch.float32
+    assert quantized.encoder.vision.backbone.patch_embed.proj.weight.dtype == torch.bfloat16  # CPU default
+
+    pixels, _ = images(2, seed=3)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.no_grad():
+        embeds, mask = quantized._inputs(pixels, ids, torch.ones_like(ids))
+        logits = quantized.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+        embeds, mask = full._inputs(pixels, ids, torch.ones_like(ids))
+        reference = full.language_model(inputs_embeds=embeds, attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
+    # Lossy, but the same model: far closer to its full-precision logits than to another input's.
+    assert (logits - reference).abs().mean() < 0.5 * (reference - reference.flip(0)).abs().mean()
+    assert len(quantized.generate({"image": pixels}, num_beams=1, max_length=4)) == 2
+
+
+def test_placement_options_are_checked(tmp_path: Path) -> None:
+    save_hf_blip2(tmp_path / "blip2")
+    with pytest.raises(ValueError, match="exclusive"):
+        load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2", load_4bit=True, load_8bit=True)
+    with pytest.raises(ValueError, match="compute_dtype='float8'"):
+        load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2", load_8bit=True,
+                   compute_dtype="float8")
+    save_hf_model(BlipForConditionalGeneration, tmp_path / "caption")
+    with pytest.raises(ValueError, match="BlipCaptioner has none"):
+        load_model("blip_caption", "base_coco", checkpoint=tmp_path / "caption", load_4bit=True)
+
+
+def test_device_map_places_the_lm_through_accelerate(tmp_path: Path) -> None:
+    save_hf_blip2(tmp_path / "blip2")
+    plain = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2")
+    mapped = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2",
+                        device_map={"": "cpu"})
+    assert getattr(mapped.language_model, "hf_device_map", None) == {"": "cpu"}
+    pixels, _ = images(2, seed=7)
+    assert mapped.generate({"image": pixels}, num_beams=2, max_length=5) == plain.generate({"image": pixels}, num_beams=2,
+                                                                                           max_length=5)

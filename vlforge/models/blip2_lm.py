@@ -106,9 +106,12 @@ class Blip2CausalLM(nn.Module):
 
     def _inputs(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = self.visual_prefix(image)
-        text = self.language_model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+        # With a device_map the LM's embeddings may sit on another device than the Q-Former.
+        embed = self.language_model.get_input_embeddings()
+        text = embed(input_ids.to(embed.weight.device))
+        embeds = torch.cat([prefix.to(device=text.device, dtype=text.dtype), text], dim=1)
+        attention_mask = attention_mask.to(text.device)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=text.device),
                           attention_mask], dim=1)
         return embeds, mask
 

@@ -23,6 +23,7 @@ from vlforge.datasets.conversation import IGNORE, IMAGE_TOKEN_ID, ConversationTe
 from vlforge.datasets.instruct import pad_rows
 from vlforge.models.blip2_lm import build_causal_lm
 from vlforge.models.output import ModelOutput
+from vlforge.models.quantize import quantization_config
 from vlforge.models.vision import build_vision_tower
 from vlforge.models.zero_init import outside_zero_init
 
@@ -35,21 +36,6 @@ def build_projector(kind: str, vision_width: int, lm_width: int) -> nn.Module:
     if kind == "mlp2x_gelu":
         return nn.Sequential(nn.Linear(vision_width, lm_width), nn.GELU(), nn.Linear(lm_width, lm_width))
     raise ValueError(f"model.projector={kind!r}: expected one of {', '.join(PROJECTORS)}")
-
-
-def quantization_config(load_4bit: bool, load_8bit: bool, compute_dtype: str) -> Any:
-    """transformers' BitsAndBytesConfig for the LM (the seed's loader: nf4, double quantization)."""
-    if load_4bit and load_8bit:
-        raise ValueError("model.load_4bit and model.load_8bit are exclusive")
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as err:
-        raise ImportError(f"4-bit / 8-bit loading needs bitsandbytes: pip install 'vlforge[quant]' ({err})") from None
-    if load_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
 
 
 class Llava(nn.Module):

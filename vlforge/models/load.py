@@ -10,13 +10,14 @@ then the hub when online. Tokenizers come with the weights, never from a second 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vlforge.models.dimensions import apply_dimensions
@@ -102,10 +103,77 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
     return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry))
 
 
-def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device) -> nn.Module:
+# The image tower's dtype option (vision.py TOWER_DTYPES) for each LM compute dtype.
+_TOWER_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class LanguageModelPlacement:
+    """How `load_model` holds a model's language model: quantized (`bits` 4 or 8, computing in
+    `compute_dtype`, the image tower held in it too) or spread over GPUs (`device_map`)."""
+
+    bits: int | None = None
+    compute_dtype: str | None = None
+    device_map: str | dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.bits is not None or self.device_map is not None
+
+
+def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device: torch.device) -> tuple[DictConfig, str | None]:
+    """The config to build with, and the compute dtype of a quantized LM."""
+    if not placement.active:
+        return cfg, None
+    target = str(cfg.model.get("_target_")).rpartition(".")[2]
+    if "language_model" not in cfg.model:
+        raise ValueError(f"load_4bit / load_8bit / device_map apply to a model with a language model (blip2_opt, "
+                         f"llava); {target} has none")
+    if placement.bits is None:
+        return cfg, None
+    if placement.device_map is not None:
+        raise ValueError("load_4bit / load_8bit with device_map: quantize onto one device (device=...); "
+                         "a 4-bit LM of 7B parameters fits one GPU")
+    compute_dtype = placement.compute_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    if compute_dtype not in _TOWER_DTYPE:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {', '.join(_TOWER_DTYPE)}")
+    cfg = copy.deepcopy(cfg)
+    # The seed's loader: the tower in the half precision the LM computes in; a run's own quantize-at-load
+    # (QLoRA) options are off, since its weights load in full precision first.
+    OmegaConf.update(cfg, "model.vision.dtype", _TOWER_DTYPE[compute_dtype], force_add=True)
+    for key in ("load_4bit", "load_8bit"):
+        if key in cfg.model:
+            cfg.model[key] = False
+    return cfg, compute_dtype
+
+
+def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, compute_dtype: str | None,
+                          device: torch.device) -> None:
+    if placement.bits is not None:
+        from vlforge.models.quantize import quantize_language_model
+
+        if getattr(model, "lora", False):
+            # LoRA adapters are merged into the weights they adapt, which are then quantized.
+            model.language_model = model.language_model.merge_and_unload()
+            model.lora = False
+        quantize_language_model(model.language_model, placement.bits, compute_dtype, device)
+    if placement.device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        lm = model.language_model
+        device_map = placement.device_map
+        if device_map == "auto":
+            device_map = infer_auto_device_map(lm, no_split_module_classes=getattr(lm, "_no_split_modules", None))
+        dispatch_model(lm, device_map=dict(device_map))
+
+
+def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
+           placement: LanguageModelPlacement = LanguageModelPlacement()) -> nn.Module:
     from vlforge.trainer.weights import load_into_model
 
-    model = instantiate(resolved.cfg.model, _convert_="all")
+    device = torch.device(device)
+    cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
+    model = instantiate(cfg.model, _convert_="all")
     try:
         # Strict (every key both ways, every shape) but for the model keys the source never has.
         report = load_into_model(model, resolved.state, partial=bool(resolved.keep_initialised))
@@ -114,7 +182,8 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device) -> nn
             raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: no value for {left[:10]} ({len(left)})")
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
-    _to_device(model, torch.device(device))
+    _place_language_model(model, placement, compute_dtype, device)
+    _to_device(model, device)
     return model.eval() if is_eval else model
 
 
@@ -131,12 +200,26 @@ def _to_device(model: nn.Module, device: torch.device) -> None:
 
 
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
-               checkpoint: str | Path | None = None) -> nn.Module:
+               checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
+               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None) -> nn.Module:
     """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
     unless `is_eval=False`. `checkpoint`: a local directory to load instead of the zoo's (a vlforge run,
-    checkpoint or export, or an HF / open_clip model directory for the hub entries)."""
+    checkpoint or export, or an HF / open_clip model directory for the hub entries).
+
+    For a model with a language model (blip2_opt, llava): `load_4bit` / `load_8bit` quantize the LM's
+    linear layers with bitsandbytes (nf4 with double quantization / LLM.int8) onto `device`, its head
+    and embeddings unquantized, and hold the image tower in `compute_dtype` (default float16 on a GPU,
+    bfloat16 on the CPU); `device_map="auto"` (or a map) spreads the LM over the visible GPUs with
+    accelerate."""
     entry = find_entry(name, model_type)
-    return _build(_resolve(entry, checkpoint), is_eval, device)
+    return _build(_resolve(entry, checkpoint), is_eval, device, _placement(load_4bit, load_8bit, compute_dtype, device_map))
+
+
+def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,
+               device_map: str | dict[str, Any] | None) -> LanguageModelPlacement:
+    from vlforge.models.quantize import quant_bits
+
+    return LanguageModelPlacement(quant_bits(load_4bit, load_8bit), compute_dtype, device_map)
 
 
 def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable]]:
@@ -152,9 +235,12 @@ def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable
 
 
 def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
-                              checkpoint: str | Path | None = None) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
+                              checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
+                              compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+                              ) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
     """(model, image processors, text processors) of `load_model`, the processors from the same recipe."""
     entry = find_entry(name, model_type)
     resolved = _resolve(entry, checkpoint)
     vis, txt = processors(resolved.cfg)
-    return _build(resolved, is_eval, device), vis, txt
+    placement = _placement(load_4bit, load_8bit, compute_dtype, device_map)
+    return _build(resolved, is_eval, device, placement), vis, txt
