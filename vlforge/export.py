@@ -44,6 +44,32 @@ def _tokenizer_keys(node: Any, value: str, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if node == value and prefix[:-1].rpartition(".")[2] == "tokenizer" else []
 
 
+def _self_contained_language_model(cfg: DictConfig) -> str | None:
+    """A `model.language_model.pretrained` LM (LLaVA, BLIP-2 stage 2) becomes `config:` its own
+    config: the export holds the LM's weights, so loading it needs neither the LM's directory nor the
+    hub. Quantize-at-load options go with `pretrained` (the export is full precision; load_model
+    quantizes in memory). Returns where the config came from."""
+    lm = cfg.model.get("language_model") if "model" in cfg else None
+    if lm is None or lm.get("pretrained") is None:
+        return None
+    from transformers import AutoConfig
+
+    from vlforge.models.blip2_lm import language_model_config_node
+
+    pretrained = str(lm.pretrained)
+    try:
+        lm_config = AutoConfig.from_pretrained(pretrained, local_files_only=os.path.isdir(pretrained))
+    except OSError as err:
+        raise CheckpointError(f"model.language_model.pretrained={pretrained}: its config.json, which the export "
+                              f"records so that it loads without it, is unreadable ({err})") from None
+    keep = {k: v for k, v in OmegaConf.to_container(lm, resolve=True).items() if k not in ("pretrained", "device_map")}
+    cfg.model.language_model = {**keep, "config": language_model_config_node(lm_config)}
+    for key in ("load_4bit", "load_8bit"):
+        if cfg.model.get(key):
+            cfg.model[key] = False
+    return pretrained
+
+
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied weights): each key gets its own copy."""
     seen: set[int] = set()
@@ -81,6 +107,7 @@ def export_run(source: str | Path, out_dir: str | Path, overwrite: bool = False)
             tokenizer_keys = _tokenizer_keys(container, tokenizer)
             for key in tokenizer_keys:  # relative to the export directory; read_export makes them absolute
                 OmegaConf.update(cfg, key, TOKENIZER, merge=False)
+        lm_source = _self_contained_language_model(cfg)
         OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
         info = {
             "format": 1,
@@ -91,6 +118,7 @@ def export_run(source: str | Path, out_dir: str | Path, overwrite: bool = False)
             "tensors": len(state),
             "parameters": sum(t.numel() for t in state.values()),
             "tokenizer_keys": tokenizer_keys,
+            "language_model_config_from": lm_source,
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1))
         if out_dir.exists():

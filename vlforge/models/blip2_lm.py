@@ -51,6 +51,14 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
                       f"loadable from the hub (offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from None
 
 
+def language_model_config_node(config: Any) -> dict[str, Any]:
+    """A transformers config (PretrainedConfig) as a `language_model.config` node: what rebuilds the
+    same architecture with `build_causal_lm(config=...)`, in the default dtype (its saved `dtype` and
+    bookkeeping keys left out)."""
+    dropped = ("transformers_version", "dtype", "torch_dtype")
+    return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in dropped}
+
+
 def prompt_token_count(tokenizer: str, prompt: str) -> int:
     """How many tokens a text starting with `prompt` begins with before its own: the tokenizer's
     leading special tokens (a bos, or [CLS]) plus the prompt's tokens. These are not scored."""

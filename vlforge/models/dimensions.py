@@ -56,7 +56,9 @@ def blip2_dimensions(hf_config: Any) -> dict[str, Any]:
         raise ValueError(f"BLIP-2 with a {hf_config.text_config.model_type} (encoder-decoder) LM: vlforge's "
                          "Blip2CausalLM takes decoder-only LMs (OPT, Llama, ...)")
     vision, qformer = hf_config.vision_config, hf_config.qformer_config
-    lm = {k: v for k, v in hf_config.text_config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    from vlforge.models.blip2_lm import language_model_config_node
+
+    lm = language_model_config_node(hf_config.text_config)
     return {
         "vision": {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.hidden_size,
                    "depth": vision.num_hidden_layers, "num_heads": vision.num_attention_heads,
