@@ -138,3 +138,25 @@ def test_initialisation_survives_zero3_partitioning(monkeypatch) -> None:
     if started_here:
         torch.distributed.destroy_process_group()
     assert all(0.01 < std < 0.03 for std in stds), stds
+
+
+def test_beams_sharing_their_image_match_a_copy_per_beam(blip_text) -> None:
+    """Decoded rows grouped per context row (beam search's beams of one image) attend to it exactly as
+    rows with their own copy do, through a reorder within the groups, with the shared keys cached once."""
+    _, ours = blip_text
+    ids, _ = _inputs(batch=4, length=3)  # 2 images x 2 beams
+    image = torch.randn(2, 5, IMG_WIDTH)
+    with torch.no_grad():
+        shared, copied = ours.new_cache(), ours.new_cache()
+        a = ours(ids, encoder_hidden_states=image, causal=True, cache=shared)
+        b = ours(ids, encoder_hidden_states=image.repeat_interleave(2, dim=0), causal=True, cache=copied)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert shared.layers[0].cross_k.shape[0] == 2 and copied.layers[0].cross_k.shape[0] == 4
+        within_groups = torch.tensor([1, 1, 2, 3])
+        shared.reorder(within_groups)
+        copied.reorder(within_groups)
+        a = ours(ids[within_groups, :1], torch.ones(4, 4), encoder_hidden_states=image, causal=True, cache=shared)
+        b = ours(ids[within_groups, :1], torch.ones(4, 4), encoder_hidden_states=image.repeat_interleave(2, dim=0),
+                 causal=True, cache=copied)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert shared.layers[0].cross_k.shape[0] == 2

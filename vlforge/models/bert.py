@@ -38,11 +38,14 @@ class KVCache:
         return 0 if first is None else first.shape[2]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search); the cross keys follow their rows too."""
+        """Keep rows `index` of the batch (beam search). Cross keys held per row follow their rows;
+        cross keys held once per context row (shared by a group of decoded rows, see `Attention`) stay,
+        as beam search reorders rows only within their group."""
         for layer in self.layers:
+            rows = layer.self_k.shape[0] if layer.self_k is not None else None
             for name in ("self_k", "self_v", "cross_k", "cross_v"):
                 value = getattr(layer, name)
-                if value is not None:
+                if value is not None and (name.startswith("self") or value.shape[0] == rows):
                     setattr(layer, name, value.index_select(0, index))
 
 
@@ -89,9 +92,26 @@ class Attention(nn.Module):
                 if cache.self_k is not None:
                     k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
                 cache.self_k, cache.self_v = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.cross and q.shape[0] != k.shape[0]:
+            out = _grouped_cross_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(x.shape)
         return self.norm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+
+def _grouped_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-attention of N = C * G query rows to C context rows, consecutive groups of G query rows
+    sharing one (a beam search's beams share their image): the group's queries are attended as one
+    row of G * L queries, so the context's keys/values are computed, cached and read once per group."""
+    rows, heads, length, dim = q.shape
+    contexts = k.shape[0]
+    if rows % contexts:
+        raise ValueError(f"{rows} decoded rows cannot share {contexts} context rows in equal groups")
+    group = rows // contexts
+    q = q.view(contexts, group, heads, length, dim).transpose(1, 2).reshape(contexts, heads, group * length, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.view(contexts, heads, group, length, dim).transpose(1, 2).reshape(rows, heads, length, dim)
 
 
 class Layer(nn.Module):

@@ -102,7 +102,8 @@ class BlipCaptioner(nn.Module):
         sampling per `cfg` (or GenerationConfig keyword arguments). `prompt_ids` [B, P] start with
         the bos id; returns [B, <= max_length] ids including the prompt, padded after [SEP]."""
         cfg = cfg or GenerationConfig(**cfg_kwargs)
-        image_tokens = self.image_tokens(image).repeat_interleave(cfg.num_beams, dim=0)
+        # One row of image tokens per image, whatever the beams: they share its cross-attention keys.
+        image_tokens = self.image_tokens(image)
         return generate(decoder_step(self.text_decoder, self.lm_head, image_tokens), self.text_decoder.new_cache(),
                         prompt_ids, cfg, self.eos_token_id, self.pad_token_id)
 
@@ -128,7 +129,8 @@ class BlipCaptioner(nn.Module):
 def decoder_step(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Tensor,
                  context_mask: torch.Tensor | None = None) -> Callable[[torch.Tensor, KVCache], torch.Tensor]:
     """The `step` of `vlforge.models.generation.generate` for a BERT-style decoder cross-attending to
-    `context` (one row per decoded row): next-token logits of the newest position."""
+    `context`: one row per decoded row, or one per group of consecutive rows (per image, its beams),
+    which then share its keys/values. Returns the next-token logits of the newest position."""
 
     def step(new_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         mask = torch.ones(new_ids.shape[0], cache.length + new_ids.shape[1], dtype=torch.long, device=new_ids.device)

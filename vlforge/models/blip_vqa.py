@@ -82,10 +82,9 @@ class BlipVQA(nn.Module):
                             image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Answers [Q, <= max_length] starting with the bos id, padded after [SEP] (greedy, or beam search)."""
         question = self.question_states(image, question_ids, question_mask, image_index)
-        context = question.repeat_interleave(num_beams, dim=0)
-        context_mask = question_mask.repeat_interleave(num_beams, dim=0)
         start = torch.full((question.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
-        return generate(decoder_step(self.text_decoder, self.lm_head, context, context_mask), self.text_decoder.new_cache(),
+        # One context row per question, shared by its beams (their cross-attention keys computed once).
+        return generate(decoder_step(self.text_decoder, self.lm_head, question, question_mask), self.text_decoder.new_cache(),
                         start, GenerationConfig(max_length=max_length, num_beams=num_beams), self.eos_token_id,
                         self.pad_token_id)
 

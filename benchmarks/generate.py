@@ -1,0 +1,112 @@
+"""Caption generation, BLIP-base at 384 px, vlforge vs transformers' generate, same machine, same run
+(issue 7, benchmark 2): 20 new tokens after the 4-token prompt "[DEC] a picture of", the image
+encoding included, greedy and beam 3, batch 1 and 8. Both decoders are forced to produce all 20
+tokens (end-of-text suppressed until then) so that both do the same work.
+
+- per-image latency (median step / batch) and tokens/s (batch * 20 / median step);
+- vlforge's decode alone at batch 1 (the image encoded once beforehand), tokens/s.
+
+Targets: <= 0.5x transformers' latency at batch 1, >= 2x its throughput at batch 8 and with beam 3,
+decode alone >= 45 tokens/s at batch 1.
+
+    python benchmarks/generate.py [--repeats 5] [--warmup 1] [--only greedy_1 beam3_8 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Timing, environment, setup_cpu, time_steps  # noqa: E402
+from train_step import images, vlforge_model  # noqa: E402
+
+BOS, SEP, SIZE, NEW_TOKENS = 30522, 102, 384, 20
+PROMPT = [BOS, 1037, 3861, 1997]  # [DEC] a picture of (bert-base-uncased ids)
+CONFIGS = {"greedy_1": (1, 1), "greedy_8": (1, 8), "beam3_1": (3, 1), "beam3_8": (3, 8)}
+
+
+def build() -> tuple[torch.nn.Module, torch.nn.Module]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(0)
+    ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=BOS, eos_token_id=SEP).eval()
+    peer = BlipForConditionalGeneration(BlipConfig()).eval()
+    return ours, peer
+
+
+def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: int, device: str,
+               warmup: int, repeats: int) -> list[Timing]:
+    from vlforge.models.generation import GenerationConfig
+
+    pixels = images(batch, SIZE, torch.Generator().manual_seed(batch)).to(device)
+    normalised = pixels.float() / 255
+    prompt = torch.tensor([PROMPT] * batch, device=device)
+    total = len(PROMPT) + NEW_TOKENS
+    cfg = GenerationConfig(max_length=total, min_length=total, num_beams=beams)
+
+    @torch.no_grad()
+    def vlforge_step() -> None:
+        out = ours.generate_ids(pixels, prompt, cfg)
+        assert out.shape[1] == total, out.shape
+
+    @torch.no_grad()
+    def transformers_step() -> None:
+        out = peer.generate(pixel_values=normalised, input_ids=prompt, max_new_tokens=NEW_TOKENS,
+                            min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)
+        assert out.shape[1] >= NEW_TOKENS, out.shape
+
+    samples = batch  # per image; tokens/s = samples * NEW_TOKENS / median
+    return [time_steps("vlforge", vlforge_step, device, samples, warmup, repeats),
+            time_steps("transformers", transformers_step, device, samples, warmup, repeats)]
+
+
+def decode_alone(ours: torch.nn.Module, device: str, warmup: int, repeats: int) -> Timing:
+    """vlforge's decoding loop at batch 1, greedy, on an image encoded beforehand."""
+    from vlforge.models.blip import decoder_step
+    from vlforge.models.generation import GenerationConfig, generate
+
+    pixels = images(1, SIZE, torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.tensor([PROMPT], device=device)
+    total = len(PROMPT) + NEW_TOKENS
+    cfg = GenerationConfig(max_length=total, min_length=total)
+    with torch.no_grad():
+        context = ours.image_tokens(pixels)
+
+    @torch.no_grad()
+    def step() -> None:
+        generate(decoder_step(ours.text_decoder, ours.lm_head, context), ours.text_decoder.new_cache(), prompt, cfg,
+                 SEP, 0, sync_ranks=False)
+
+    return time_steps("vlforge decode alone", step, device, NEW_TOKENS, warmup, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=tuple(CONFIGS), action="append")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = setup_cpu()
+    ours, peer = build()
+    ours, peer = ours.to(device), peer.to(device)
+    print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, fp32 ({environment()})\n")
+    print("| decoding | batch | vlforge s/image | transformers s/image | latency ratio | vlforge tokens/s | "
+          "transformers tokens/s | throughput ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.only or list(CONFIGS):
+        beams, batch = CONFIGS[name]
+        ours_t, peer_t = run_config(ours, peer, beams, batch, device, args.warmup, args.repeats)
+        decoding = "greedy" if beams == 1 else f"beam {beams}"
+        print(f"| {decoding} | {batch} | {ours_t.median / batch:.3f} | {peer_t.median / batch:.3f} | "
+              f"**{ours_t.median / peer_t.median:.2f}x** | {ours_t.throughput * NEW_TOKENS:.1f} | "
+              f"{peer_t.throughput * NEW_TOKENS:.1f} | **{ours_t.throughput / peer_t.throughput:.2f}x** |", flush=True)
+    alone = decode_alone(ours, device, args.warmup, args.repeats)
+    print(f"\nvlforge decode alone, greedy, batch 1: **{alone.throughput:.1f} tokens/s** "
+          f"({alone.median * 1000 / NEW_TOKENS:.1f} ms/token; target >= 45)")
+
+
+if __name__ == "__main__":
+    main()
