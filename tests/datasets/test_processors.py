@@ -1,3 +1,4 @@
+import io
 import pickle
 
 import numpy as np
@@ -11,6 +12,8 @@ from vlforge.datasets.processors import (
     TextProcessorConfig,
     build_image_transform,
 )
+from vlforge.datasets.samples import decode_image, load_image
+from vlforge.datasets.shards import RawSample
 
 
 def _image(width: int = 80, height: int = 60, mode: str = "RGB") -> Image.Image:
@@ -120,3 +123,32 @@ def test_normalisation_can_be_switched_off():
 def test_text_processor_pickles():
     processor = TextProcessor(TextProcessorConfig(max_words=2))
     assert pickle.loads(pickle.dumps(processor))("A B C") == "a b"
+
+
+def _photo_jpeg(width: int = 640, height: int = 480) -> bytes:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)], axis=-1)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("cfg, decoded", [
+    (ImageTransformConfig(size=224, train=True), (320, 240)),  # half scale still covers 224 x 224
+    (ImageTransformConfig(size=224), (320, 240)),
+    (ImageTransformConfig(size=100, resize_ratio=1.2, center_crop=True), (160, 120)),  # covers the 120 resize
+    (ImageTransformConfig(size=384, train=True), (640, 480)),  # 320 x 240 would not
+    (ImageTransformConfig(size=224, draft=False), (640, 480)),
+])
+def test_jpegs_decode_at_the_smallest_scale_the_transform_allows(cfg, decoded):
+    raw = RawSample("k", "shard", {"jpg": _photo_jpeg()})
+    transform = build_image_transform(cfg)
+    assert decode_image(raw, transform.draft_size).size == decoded
+    assert load_image(raw, transform).shape == (3, cfg.size, cfg.size)
+
+
+def test_draft_decoding_changes_the_pixels_little():
+    raw = RawSample("k", "shard", {"jpg": _photo_jpeg()})
+    drafted = load_image(raw, build_image_transform(ImageTransformConfig(size=224))).float()
+    whole = load_image(raw, build_image_transform(ImageTransformConfig(size=224, draft=False))).float()
+    assert (drafted - whole).abs().mean() < 2.0  # of 255

@@ -10,7 +10,7 @@ from PIL import Image
 from vlforge.datasets.collate import load_tokenizer
 from vlforge.datasets.conversation import (IGNORE, ConversationTemplate, check_conversation, encode_conversation,
                                            from_captions, from_questions, IMAGE_PLACEHOLDER)
-from vlforge.datasets.samples import SampleError, captions_of, decode_image, decode_meta, questions_of
+from vlforge.datasets.samples import SampleError, captions_of, decode_meta, load_image, questions_of
 from vlforge.datasets.shards import RawSample
 
 SOURCES = ("conversations", "captions", "questions")
@@ -55,7 +55,7 @@ class ConversationSample:
         turns = self._turns(meta, raw.key)
         tok = load_tokenizer(self.tokenizer)
         ids, labels = encode_conversation(tok, self.template, turns, self.max_len)
-        sample: dict[str, Any] = {"image": self.image_transform(decode_image(raw)),
+        sample: dict[str, Any] = {"image": load_image(raw, self.image_transform),
                                   "image_id": str(meta.get("image_id", raw.key)),
                                   "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if not self.train:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
@@ -27,6 +28,11 @@ class ImageTransformConfig:
     # center_crop is set (CLIP and timm eval: shorter side to size, then the central square).
     resize_ratio: float = 1.0
     center_crop: bool = False
+    # JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still gives at least the
+    # size the transform resizes to (`size`, or `size * resize_ratio`) in both dimensions: libjpeg
+    # then skips most of the work. A training crop of a drafted image may be upsampled where the full
+    # image's would not (a crop is at least `scale[0]` of the area); set false to always decode whole.
+    draft: bool = True
 
 
 class ConvertRGB:
@@ -39,7 +45,43 @@ class ConvertRGB:
         return f"{type(self).__name__}()"
 
 
-def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], torch.Tensor]:
+class PILToTensorHWC:
+    """PIL RGB image -> uint8 tensor [3, H, W] over the image's own H x W x 3 layout (channels last in
+    memory): torch's uint8 antialiased resize runs its vectorised kernel on that layout, several
+    times faster than PIL's resize."""
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Contiguous:
+    """The usual [3, H, W] layout, which the collate stacks and workers ship."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image.contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ImageTransform:
+    """PIL image -> uint8 tensor [3, size, size]. `draft_size`: the smallest (width, height) a JPEG may
+    be decoded at for this transform (None: decode whole); `load_image` applies it."""
+
+    def __init__(self, steps: list[Callable], draft_size: tuple[int, int] | None) -> None:
+        self.transform, self.draft_size = v2.Compose(steps), draft_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(draft_size={self.draft_size}, {self.transform})"
+
+
+def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
     """PIL image -> uint8 tensor [3, size, size]; normalisation is left to the model so workers ship uint8."""
     if cfg.size < 1:
         raise ValueError(f"size must be positive, got {cfg.size}")
@@ -48,7 +90,8 @@ def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], 
         if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
             raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got {low_high}")
     bicubic = InterpolationMode.BICUBIC
-    steps: list[Callable] = [ConvertRGB()]
+    # Decoded image -> uint8 tensor first: the crops, resizes and flips below run on the tensor.
+    steps: list[Callable] = [ConvertRGB(), PILToTensorHWC()]
     if cfg.train:
         steps.append(
             v2.RandomResizedCrop(
@@ -58,7 +101,10 @@ def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], 
         if cfg.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if cfg.randaugment:
-            steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m, interpolation=bicubic))
+            # Its rotations and shears interpolate bilinearly (torchvision's tensor affine has no
+            # bicubic; LAVIS's RandomAugment warps bilinearly too).
+            steps.append(v2.RandAugment(num_ops=cfg.randaugment_n, magnitude=cfg.randaugment_m,
+                                        interpolation=InterpolationMode.BILINEAR))
     elif cfg.resize_ratio == 1.0 and not cfg.center_crop:
         steps.append(v2.Resize((cfg.size, cfg.size), interpolation=bicubic, antialias=True))
     else:
@@ -66,9 +112,10 @@ def build_image_transform(cfg: ImageTransformConfig) -> Callable[[Image.Image], 
             raise ValueError(f"resize_ratio must be >= 1.0 (smaller would need padding), got {cfg.resize_ratio}")
         steps.append(v2.Resize(round(cfg.size * cfg.resize_ratio), interpolation=bicubic, antialias=True))
         steps.append(v2.CenterCrop(cfg.size))
-    # PILToTensor gives a plain tensor (not a tv_tensors.Image), which default_collate stacks as-is.
-    steps += [v2.PILToTensor(), v2.ToDtype(torch.uint8, scale=False)]
-    return v2.Compose(steps)
+    steps.append(Contiguous())
+    # What the first resize needs of its input: at least its output size in both dimensions.
+    needed = cfg.size if cfg.train or (cfg.resize_ratio == 1.0 and not cfg.center_crop) else round(cfg.size * cfg.resize_ratio)
+    return ImageTransform(steps, (needed, needed) if cfg.draft else None)
 
 
 @dataclass
