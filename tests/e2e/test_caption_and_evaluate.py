@@ -35,6 +35,8 @@ def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dic
     logged = {k for row in rows for k in row}
     assert {"val/bleu_4", "val/rouge_l", "test/cider"} <= logged
     assert ("val/meteor" in logged) == (shutil.which("java") is not None)  # METEOR runs on Java
+    peaks = series(rows, "system/peak_memory_mib")  # the largest rank's peak resident set, MiB
+    assert sorted(peaks) == [30, 60] and 200 < peaks[30] <= peaks[60] < 20000, peaks
     results = json.loads((run_dir / "results" / "test_step_00000060.json").read_text())
     assert len(results) == 64 and {"image_id", "caption"} == set(results[0])
     page = (run_dir / "reports" / "test_predictions_step_00000060.html").read_text()

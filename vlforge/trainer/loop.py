@@ -46,6 +46,21 @@ def average_batchnorm_statistics(module: torch.nn.Module) -> None:
                     stat.div_(world)
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """The largest peak memory of any rank so far, MiB: the peak of tensors allocated on the GPU, or
+    the peak resident set of the process on CPU (the loader's worker processes not counted)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if dist.is_available() and dist.is_initialized():
+        value = torch.tensor([peak], dtype=torch.float64, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        peak = float(value.item())
+    return peak
+
 class LossMeter:
     """Sums losses on the device and syncs only when read, so steps never wait on the host."""
 
@@ -136,6 +151,7 @@ class Trainer:
             stats["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
         stats["train/skipped_steps"] = float(self.engine.skipped_steps)
         stats["train/samples_per_s"] = steps * self.global_batch / max(elapsed, 1e-9)
+        stats["system/peak_memory_mib"] = peak_memory_mib(self.device)
         report = self.loader.report
         stats["data/skipped_samples"] = float(len(report.skipped_samples))
         stats["data/unreadable_shards"] = float(len(report.unreadable_shards))
