@@ -98,7 +98,9 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
     normalised = pixels.float() / 255
     rows = []
 
-    ours = vlforge_model("clip_vit_b16", tokenizer=None).to(device).train()
+    # open_clip's ViT-B-16 has GELU; the clip_vit_b16 recipe sets OpenAI's QuickGELU (slower: three
+    # elementwise passes where GELU takes one), so the vlforge row builds the same architecture as the peer.
+    ours = vlforge_model("clip_vit_b16", tokenizer=None, **{"vision.act_layer": "gelu", "text.act": "gelu"}).to(device).train()
     batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask}
     step, flops = train_step(ours, lambda: ours(batch_dict).loss)
     rows.append(time_steps("vlforge CLIP", step, device, batch, warmup, repeats, flops))
