@@ -2,6 +2,7 @@
 warm-up), and the side-by-side table with ratios against a peer."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -16,6 +17,21 @@ def setup_cpu() -> str:
     """Denormals flushed (fresh models otherwise run many times slower on CPU); fp32. Returns the device."""
     torch.set_flush_denormal(True)
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def setup(precision: str | None) -> tuple[str, torch.dtype]:
+    """(device, compute dtype): a GPU when there is one, bf16 there by default (the GPU variant of the
+    benchmarks); fp32 on CPU, where bf16 matmuls are slower than fp32 on most machines."""
+    device = setup_cpu()
+    return device, PRECISIONS[precision or ("bf16" if device == "cuda" else "fp32")]
+
+
+def autocast(device: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for every run of a table alike (off in fp32)."""
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
@@ -44,6 +60,7 @@ class Timing:
     seconds: list[float] = field(default_factory=list)
     samples_per_step: int = 1
     flops_per_step: float = 0.0
+    peak_mib: float | None = None  # on a GPU: the most memory allocated during the timed steps
 
     @property
     def median(self) -> float:
@@ -58,6 +75,10 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
                repeats: int = 5, flops_per_step: float = 0.0) -> Timing:
     """Median of `repeats` calls of `step` after `warmup` calls (the first ones allocate and plan)."""
     gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync(device)
@@ -67,6 +88,8 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
         step()
         sync(device)
         timing.seconds.append(time.perf_counter() - start)
+    if cuda:
+        timing.peak_mib = torch.cuda.max_memory_allocated() / 2**20
     return timing
 
 
@@ -74,13 +97,15 @@ def table(title: str, rows: list[Timing], peak: float, baseline: str | None = No
     """A markdown table: throughput, median step, achieved FLOP/s as a share of the matmul peak (MFU),
     and each row's throughput over the baseline's (the peer: the faster one when there are two)."""
     base = next((r for r in rows if r.name == baseline), None)
+    memory = any(r.peak_mib is not None for r in rows)
     lines = [f"### {title}", "", f"matmul peak here: {peak / 1e9:.0f} GFLOP/s", "",
-             "| run | samples/s | median step (s) | GFLOP/s | MFU | ratio |", "|---|---|---|---|---|---|"]
+             "| run | samples/s | median step (s) | GFLOP/s | MFU | ratio |" + (" peak MiB |" if memory else ""),
+             "|---|---|---|---|---|---|" + ("---|" if memory else "")]
     for r in rows:
         achieved = r.flops_per_step / r.median if r.flops_per_step else 0.0
         ratio = f"{r.throughput / base.throughput:.2f}x" if base is not None else ""
         lines.append(f"| {r.name} | {r.throughput:.3f} | {r.median:.3f} | {achieved / 1e9:.0f} | "
-                     f"{achieved / peak:.0%} | {ratio} |")
+                     f"{achieved / peak:.0%} | {ratio} |" + (f" {r.peak_mib:.0f} |" if memory else ""))
     return "\n".join(lines)
 
 

@@ -9,7 +9,9 @@ tokens (end-of-text suppressed until then) so that both do the same work.
 Targets: <= 0.5x transformers' latency at batch 1, >= 2x its throughput at batch 8 and with beam 3,
 decode alone >= 45 tokens/s at batch 1.
 
-    python benchmarks/generate.py [--repeats 5] [--warmup 1] [--only greedy_1 beam3_8 ...]
+    python benchmarks/generate.py [--repeats 5] [--warmup 1] [--only greedy_1 beam3_8 ...] [--precision bf16]
+
+On a GPU (the variant of benchmark 6) both run under bf16 autocast unless `--precision fp32`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, environment, setup_cpu, time_steps  # noqa: E402
+from common import Timing, autocast, environment, setup, time_steps  # noqa: E402
 from train_step import images, vlforge_model  # noqa: E402
 
 BOS, SEP, SIZE, NEW_TOKENS = 30522, 102, 384, 20
@@ -37,7 +39,7 @@ def build() -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours, peer
 
 
-def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: int, device: str,
+def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: int, device: str, dtype: torch.dtype,
                warmup: int, repeats: int) -> list[Timing]:
     from vlforge.models.generation import GenerationConfig
 
@@ -49,13 +51,15 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
 
     @torch.no_grad()
     def vlforge_step() -> None:
-        out = ours.generate_ids(pixels, prompt, cfg)
+        with autocast(device, dtype):
+            out = ours.generate_ids(pixels, prompt, cfg)
         assert out.shape[1] == total, out.shape
 
     @torch.no_grad()
     def transformers_step() -> None:
-        out = peer.generate(pixel_values=normalised, input_ids=prompt, max_new_tokens=NEW_TOKENS,
-                            min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)
+        with autocast(device, dtype):
+            out = peer.generate(pixel_values=normalised, input_ids=prompt, max_new_tokens=NEW_TOKENS,
+                                min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)
         assert out.shape[1] >= NEW_TOKENS, out.shape
 
     samples = batch  # per image; tokens/s = samples * NEW_TOKENS / median
@@ -63,7 +67,7 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
             time_steps("transformers", transformers_step, device, samples, warmup, repeats)]
 
 
-def decode_alone(ours: torch.nn.Module, device: str, warmup: int, repeats: int) -> Timing:
+def decode_alone(ours: torch.nn.Module, device: str, dtype: torch.dtype, warmup: int, repeats: int) -> Timing:
     """vlforge's decoding loop at batch 1, greedy, on an image encoded beforehand."""
     from vlforge.models.blip import decoder_step
     from vlforge.models.generation import GenerationConfig, generate
@@ -72,13 +76,14 @@ def decode_alone(ours: torch.nn.Module, device: str, warmup: int, repeats: int) 
     prompt = torch.tensor([PROMPT], device=device)
     total = len(PROMPT) + NEW_TOKENS
     cfg = GenerationConfig(max_length=total, min_length=total)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         context = ours.image_tokens(pixels)
 
     @torch.no_grad()
     def step() -> None:
-        generate(decoder_step(ours.text_decoder, ours.lm_head, context), ours.text_decoder.new_cache(), prompt, cfg,
-                 SEP, 0, sync_ranks=False)
+        with autocast(device, dtype):
+            generate(decoder_step(ours.text_decoder, ours.lm_head, context), ours.text_decoder.new_cache(), prompt,
+                     cfg, SEP, 0, sync_ranks=False)
 
     return time_steps("vlforge decode alone", step, device, NEW_TOKENS, warmup, repeats)
 
@@ -88,22 +93,24 @@ def main() -> None:
     parser.add_argument("--only", choices=tuple(CONFIGS), action="append")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
     args = parser.parse_args()
-    device = setup_cpu()
+    device, dtype = setup(args.precision)
     ours, peer = build()
     ours, peer = ours.to(device), peer.to(device)
-    print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, fp32 ({environment()})\n")
+    print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, {str(dtype).removeprefix('torch.')} "
+          f"({environment()})\n")
     print("| decoding | batch | vlforge s/image | transformers s/image | latency ratio | vlforge tokens/s | "
           "transformers tokens/s | throughput ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.only or list(CONFIGS):
         beams, batch = CONFIGS[name]
-        ours_t, peer_t = run_config(ours, peer, beams, batch, device, args.warmup, args.repeats)
+        ours_t, peer_t = run_config(ours, peer, beams, batch, device, dtype, args.warmup, args.repeats)
         decoding = "greedy" if beams == 1 else f"beam {beams}"
         print(f"| {decoding} | {batch} | {ours_t.median / batch:.3f} | {peer_t.median / batch:.3f} | "
               f"**{ours_t.median / peer_t.median:.2f}x** | {ours_t.throughput * NEW_TOKENS:.1f} | "
               f"{peer_t.throughput * NEW_TOKENS:.1f} | **{ours_t.throughput / peer_t.throughput:.2f}x** |", flush=True)
-    alone = decode_alone(ours, device, args.warmup, args.repeats)
+    alone = decode_alone(ours, device, dtype, args.warmup, args.repeats)
     print(f"\nvlforge decode alone, greedy, batch 1: **{alone.throughput:.1f} tokens/s** "
           f"({alone.median * 1000 / NEW_TOKENS:.1f} ms/token; target >= 45)")
 

@@ -11,6 +11,8 @@ same run (issue 7, benchmark 1):
     python benchmarks/train_step.py [--only blip|clip|tower] [--repeats 5] [--warmup 2]
 
 Prints markdown tables (results go to docs/benchmarks.md). One step = forward, backward, AdamW step.
+On a GPU (the variant of benchmark 6) every model runs under bf16 autocast unless `--precision fp32`,
+the MFU is against a bf16 matmul peak, and the table adds each run's peak allocated memory.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, environment, matmul_peak_flops, setup_cpu, table, time_steps  # noqa: E402
+from common import Timing, autocast, environment, matmul_peak_flops, setup, table, time_steps  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 
@@ -38,19 +40,28 @@ def vlforge_model(name: str, **overrides) -> torch.nn.Module:
     return instantiate(node, _convert_="all")
 
 
+# The compute dtype of every step (main() sets it): fp32, or bf16 autocast for the GPU variant.
+PRECISION: dict[str, object] = {"device": "cpu", "dtype": torch.float32}
+
+
 def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], float]:
-    """(one AdamW training step, its FLOPs counted once by torch's flop counter)."""
+    """(one AdamW training step, its FLOPs counted once by torch's flop counter). The forward runs under
+    the benchmark's autocast (bf16 on a GPU), the same for every model of a table."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
+    def loss() -> torch.Tensor:
+        with autocast(str(PRECISION["device"]), PRECISION["dtype"]):  # type: ignore[arg-type]
+            return loss_of()
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_of().backward()
+        loss().backward()
         optimizer.step()
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss_of().backward()
+        loss().backward()
     optimizer.zero_grad(set_to_none=True)
     return step, float(counter.get_total_flops())
 
@@ -149,10 +160,12 @@ def main() -> None:
     parser.add_argument("--only", choices=("blip", "clip", "tower"), action="append")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
     args = parser.parse_args()
-    device = setup_cpu()
-    peak = matmul_peak_flops(device)
-    print(f"# Training step, fp32, AdamW ({environment()})\n")
+    device, dtype = setup(args.precision)
+    PRECISION.update(device=device, dtype=dtype)
+    peak = matmul_peak_flops(device, dtype)
+    print(f"# Training step, {str(dtype).removeprefix('torch.')}, AdamW ({environment()})\n")
     chosen = args.only or ["tower", "clip", "blip"]
     if "tower" in chosen:
         print(table("Vision tower alone, ViT-B/16, batch 8, 224 px (target >= 0.95x)",

@@ -131,7 +131,7 @@ def test_offline_without_the_files_fails_fast_naming_them(_offline_tiny_entry: P
     message = str(err.value)
     assert str(_offline_tiny_entry / "vocab.txt") in message
     assert f"{WEIGHTS} from https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/ALBEF/{WEIGHTS}" in message
-    assert "vocab.txt from https://huggingface.co/google-bert/bert-base-uncased" in message
+    assert "vocab.txt, tokenizer_config.json, config.json from https://huggingface.co/google-bert/bert-base-uncased" in message
     save_bert_tokenizer(_offline_tiny_entry)  # the tokenizer there, the weights not: the weights are named
     with pytest.raises(WeightsNotFoundError, match=str(_offline_tiny_entry / WEIGHTS).replace(".", r"\.")):
         load_model("albef_retrieval", "coco")

@@ -123,8 +123,11 @@ def url_model_dir(entry: ZooEntry) -> Path:
         return local
     hub = f"https://huggingface.co/{entry.files_repo}"
     origin = {entry.weights[0]: entry.location, **{name: hub for name in entry.files}}
-    where = (f"download {'; '.join(f'{name} from {origin[name]}' for name in missing)} into {local}, or pass "
-             f"checkpoint=<a directory holding {', '.join(origin)}>")
+    by_origin: dict[str, list[str]] = {}
+    for name in missing:
+        by_origin.setdefault(origin[name], []).append(name)
+    fetches = "; ".join(", ".join(names) + f" from {address}" for address, names in by_origin.items())
+    where = f"download {fetches} into {local}, or pass checkpoint=<a directory holding {', '.join(origin)}>"
     if offline():
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and the "
                                    f"network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
