@@ -64,6 +64,45 @@ def test_image_features_replace_the_placeholder_and_only_answers_are_scored(toke
     assert scored.sum() == (batch["labels"] != IGNORE).sum()
 
 
+def _splice_row_by_row(model: Llava, image, input_ids, attention_mask, labels, left_pad: bool):
+    """The splice written the obvious way, one row at a time: the reference for the batched one."""
+    from vlforge.datasets.instruct import pad_rows
+
+    features = model.image_features(image)
+    text = model.language_model.get_input_embeddings()(input_ids.masked_fill(input_ids == IMAGE_TOKEN_ID, 0))
+    rows, targets = [], []
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool()
+        ids_b, text_b, labels_b = input_ids[b][keep], text[b][keep], labels[b][keep]
+        where = (ids_b == IMAGE_TOKEN_ID).nonzero()
+        if len(where):
+            at = int(where[0])
+            text_b = torch.cat([text_b[:at], features[b], text_b[at + 1:]])
+            labels_b = torch.cat([labels_b[:at], labels_b.new_full((features.shape[1],), IGNORE), labels_b[at + 1:]])
+        rows.append(text_b)
+        targets.append(labels_b)
+    embeds, mask = pad_rows(rows, 0.0, left=left_pad)
+    return embeds, mask, pad_rows(targets, IGNORE, left=left_pad)[0]
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_batched_splice_equals_splicing_row_by_row(tokenizer_dir: Path, left_pad: bool) -> None:
+    model = build(tokenizer_dir).eval()
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(6, 20, (4, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[2, :3], mask[3, 7:] = 0, 0, 0  # right pads, left pads (a generation prompt), more right pads
+    ids[0, 2], ids[1, 0], ids[2, 5] = IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID  # row 3: text only
+    labels = torch.where(torch.rand(4, 9, generator=generator) < 0.5, ids, IGNORE).masked_fill(ids == IMAGE_TOKEN_ID, IGNORE)
+    image = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    with torch.no_grad():
+        got = model._splice(image, ids, mask, labels, left_pad=left_pad)
+        expected = _splice_row_by_row(model, image, ids, mask, labels, left_pad)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e)
+
+
 def test_pretraining_stage_trains_the_projector_alone(tokenizer_dir: Path) -> None:
     model = build(tokenizer_dir, freeze_language_model=True, vision={**VISION, "freeze": True})
     model.train()

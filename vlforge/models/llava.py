@@ -94,35 +94,50 @@ class Llava(nn.Module):
     def _splice(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(inputs_embeds, attention mask, labels) with each row's image token replaced by its N image
-        features (labels IGNORE there), rows re-padded to the longest (left for generation)."""
+        features (labels IGNORE there), rows re-padded to the longest (left for generation).
+
+        Batched: each kept input position gets its output position from a cumulative sum (the image
+        token counting N), and text, features and labels are scattered there at once; positions with
+        nothing to write go to a spare tail that is cut off. Two host syncs a batch (the one-image
+        check and the output length), whatever the batch size."""
         is_image = input_ids == IMAGE_TOKEN_ID
         counts = is_image.sum(dim=1)
-        if (counts > 1).any():
+        if bool((counts > 1).any()):
             raise ValueError(f"a sequence holds {int(counts.max())} image tokens; LLaVA takes one image per sample")
         features = self.image_features(image)
         embed = self.language_model.get_input_embeddings()
-        input_ids, attention_mask = input_ids.to(embed.weight.device), attention_mask.to(embed.weight.device)
-        labels = labels.to(embed.weight.device) if labels is not None else None
-        text = embed(input_ids.masked_fill(is_image.to(input_ids.device), 0))
+        device = embed.weight.device
+        input_ids, attention_mask, is_image = input_ids.to(device), attention_mask.to(device), is_image.to(device)
+        text = embed(input_ids.masked_fill(is_image, 0))
         # With language_model.device_map the LM's first layers may sit on another device than the tower.
-        features = features.to(device=text.device, dtype=text.dtype)
-        rows, targets = [], []
-        for b in range(input_ids.shape[0]):
-            keep = attention_mask[b].bool()
-            ids_b, text_b = input_ids[b][keep], text[b][keep]
-            labels_b = labels[b][keep] if labels is not None else None
-            where = (ids_b == IMAGE_TOKEN_ID).nonzero()
-            if len(where):
-                at = int(where[0])
-                text_b = torch.cat([text_b[:at], features[b], text_b[at + 1:]])
-                if labels_b is not None:
-                    fill = labels_b.new_full((features.shape[1],), IGNORE)
-                    labels_b = torch.cat([labels_b[:at], fill, labels_b[at + 1:]])
-            rows.append(text_b)
-            targets.append(labels_b)
-        embeds, mask = pad_rows(rows, 0.0, left=left_pad)
-        out_labels = pad_rows(targets, IGNORE, left=left_pad)[0] if labels is not None else None
-        return embeds, mask, out_labels
+        features = features.to(device=device, dtype=text.dtype)
+        batch, num_features = input_ids.shape[0], features.shape[1]
+        keep = attention_mask.bool()
+        width = torch.where(is_image, num_features, 1) * keep  # output positions each input position takes
+        end = width.cumsum(dim=1)
+        start = end - width
+        total = end[:, -1]
+        longest = int(total.max())
+        offset = (longest - total)[:, None] if left_pad else torch.zeros_like(total)[:, None]
+        spare = longest + num_features  # writes with nowhere to go land in [longest, longest + N)
+        text_at = torch.where(keep & ~is_image, start + offset, longest)
+        has_image = is_image.any(dim=1)
+        image_start = (start * is_image).sum(dim=1, keepdim=True) + offset
+        feature_at = torch.where(has_image[:, None], image_start, longest) + torch.arange(num_features, device=device)
+
+        embeds = text.new_zeros(batch, spare, text.shape[-1])
+        embeds.scatter_(1, text_at[..., None].expand_as(text), text)
+        embeds.scatter_(1, feature_at[..., None].expand_as(features), features)
+        mask = torch.zeros(batch, spare, dtype=attention_mask.dtype, device=device)
+        mask.scatter_(1, text_at, 1)
+        mask.scatter_(1, feature_at, 1)
+        out_labels = None
+        if labels is not None:
+            out_labels = torch.full((batch, spare), IGNORE, dtype=labels.dtype, device=device)
+            out_labels.scatter_(1, text_at, labels.to(device))
+            out_labels[:, longest:] = IGNORE
+        cut = slice(0, longest)
+        return embeds[:, cut], mask[:, cut], out_labels[:, cut] if out_labels is not None else None
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         embeds, mask, labels = self._splice(batch["image"], batch["input_ids"], batch["attention_mask"],

@@ -8,7 +8,7 @@ import contextlib
 import importlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -124,10 +124,12 @@ class LoadReport:
 
 
 def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False,
-                    partial: bool = False) -> LoadReport:
+                    partial: bool = False, allow_missing: Iterable[str] = ()) -> LoadReport:
     """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
-    has wrapped it). Every model key must be there with its shape unless `partial`; checkpoint keys
-    the model does not have are an error unless `allow_unexpected`."""
+    has wrapped it). Every model key must be there with its shape unless `partial`, but for the keys
+    in `allow_missing` (which keep their initialisation); checkpoint keys the model does not have are
+    an error unless `allow_unexpected`."""
+    allow_missing = set(allow_missing)
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
     if partitioned:
@@ -139,7 +141,8 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
     with context:
         expected = module.state_dict()
         state_dict = _fit_position_embeddings(state_dict, expected)
-        missing = [k for k in expected if k not in state_dict]
+        kept = [k for k in expected if k not in state_dict and k in allow_missing]  # keep their initialisation
+        missing = [k for k in expected if k not in state_dict and k not in allow_missing]
         unexpected = sorted(k for k in state_dict if k not in expected)
         mismatched = [k for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
         shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
@@ -150,7 +153,7 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
         fitting = {k: v for k, v in state_dict.items() if k in expected and k not in mismatched}
         if not fitting:
             raise CheckpointError(f"checkpoint has no weight that fits {type(module).__name__}")
-        module.load_state_dict(fitting, strict=not partial)
+        module.load_state_dict(fitting, strict=not (partial or kept))
     return LoadReport(unexpected, missing, mismatched)
 
 
