@@ -25,6 +25,16 @@ def load_tokenizer(name_or_path: str) -> Any:
         ) from None
 
 
+def end_token_id(tok: Any) -> int | None:
+    """The id that ends a text: eos, or [SEP] for BERT-style tokenizers, which have no eos."""
+    return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+
+
+def pad_token_id(tok: Any) -> int:
+    """The padding id: the tokenizer's, or 0 for tokenizers without one (LLaMA's)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 class Collator:
     """Samples (dicts) -> one batch dict.
 

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from vlforge.datasets.collate import end_token_id
 from vlforge.datasets.samples import SampleError, captions_of, questions_of
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -102,7 +103,7 @@ def encode_conversation(tokenizer: Any, template: ConversationTemplate, turns: S
     if prompt_only:
         turns = list(turns)[:-1] if len(turns) % 2 == 0 else list(turns)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    eos = end_token_id(tokenizer)
     ids: list[int] = [bos] if bos is not None else []
     labels: list[int] = [IGNORE] * len(ids)
     for text, scored in _pieces(template, turns, open_last=prompt_only):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from vlforge.datasets.collate import load_tokenizer
+from vlforge.datasets.collate import load_tokenizer, pad_token_id
 from vlforge.datasets.conversation import (IGNORE, ConversationTemplate, check_conversation, encode_conversation,
                                            from_captions, from_questions, IMAGE_PLACEHOLDER)
 from vlforge.datasets.samples import SampleError, captions_of, decode_meta, load_image, questions_of
@@ -85,7 +85,7 @@ class ConversationCollator:
 
     def __init__(self, tokenizer: str) -> None:
         tok = load_tokenizer(tokenizer)  # fail now, naming the tokenizer, not later in a worker
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tok)
 
     def __call__(self, samples: list[dict]) -> dict:
         batch: dict[str, Any] = {}

@@ -152,12 +152,12 @@ class Blip2CausalLM(nn.Module):
         are done (transformers' synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
         if self.tokenizer_name is None:
             raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.datasets.collate import end_token_id, load_tokenizer
 
         tok = load_tokenizer(self.tokenizer_name)
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        eos = end_token_id(tok)
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_length, min_new_tokens=min_length,
                                 num_beams=num_beams, do_sample=use_nucleus_sampling,

@@ -150,7 +150,7 @@ class Llava(nn.Module):
     def _prompts(self, samples: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "prompt_input_ids" in samples:
             return samples["prompt_input_ids"], samples["prompt_attention_mask"]
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.datasets.collate import load_tokenizer, pad_token_id
         from vlforge.datasets.conversation import IMAGE_PLACEHOLDER
 
         texts = samples["text_input"]
@@ -164,7 +164,7 @@ class Llava(nn.Module):
             ids, _ = encode_conversation(tok, self.template, [{"from": "human", "value": turn}], self.max_prompt_len,
                                          prompt_only=True)
             rows.append(torch.tensor(ids))
-        ids, mask = pad_rows(rows, tok.pad_token_id if tok.pad_token_id is not None else 0, left=True)
+        ids, mask = pad_rows(rows, pad_token_id(tok), left=True)
         return ids.to(samples["image"].device), mask.to(samples["image"].device)
 
     def _tokenizer(self) -> str:
@@ -179,12 +179,12 @@ class Llava(nn.Module):
         """Answers for `samples["image"]` (uint8 [B,3,H,W]) to `samples["text_input"]` (one prompt per
         image; `<image>` marks where the image goes, else it comes first) or to the collator's
         `prompt_input_ids`; lengths count new tokens. Ranks step together (synced_gpus) under ZeRO-3."""
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.datasets.collate import end_token_id, load_tokenizer
 
         tok = load_tokenizer(self._tokenizer())
         ids, mask = self._prompts(samples)
         embeds, mask, _ = self._splice(samples["image"], ids, mask, None, left_pad=True)
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        eos = end_token_id(tok)
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature} if use_nucleus_sampling else {"do_sample": False}
         new = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_length,
