@@ -177,3 +177,15 @@ def test_device_map_places_a_pretrained_lm_and_is_refused_for_a_config(tokenizer
     assert torch.isfinite(model(batch_of(tokenizer_dir, ["red", "a blue square"])).loss)
     with pytest.raises(ValueError, match="apply to a pretrained LM"):
         Llava(VISION, {"config": LM, "device_map": "auto"})
+
+
+def test_precomputed_image_features_give_the_same_loss_and_answers(tokenizer_dir: Path) -> None:
+    model = build(tokenizer_dir).eval()
+    batch = batch_of(tokenizer_dir, ["red", "a blue square"])
+    with torch.no_grad():
+        features = model.image_features(batch["image"])
+        torch.testing.assert_close(model({**batch, "image_features": features}).loss, model(batch).loss)
+        prompts = {"image": batch["image"], "text_input": ["what colour is it", "what is it"]}
+        assert model.generate({**prompts, "image_features": features}, max_length=4) == model.generate(prompts, max_length=4)
+        # The features are what is used: others change the loss.
+        assert not torch.allclose(model({**batch, "image_features": features.flip(0)}).loss, model(batch).loss)

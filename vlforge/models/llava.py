@@ -88,11 +88,13 @@ class Llava(nn.Module):
         return self
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, N, LM width]: what replaces each sample's `<image>` token."""
+        """[B, N, LM width]: what replaces each sample's `<image>` token. `forward` and `generate` take
+        them precomputed as the batch's `image_features` (evaluation scores and answers one batch)."""
         return self.projector(self.vision(image)[1])
 
     def _splice(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None, left_pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                labels: torch.Tensor | None, left_pad: bool,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(inputs_embeds, attention mask, labels) with each row's image token replaced by its N image
         features (labels IGNORE there), rows re-padded to the longest (left for generation).
 
@@ -104,7 +106,8 @@ class Llava(nn.Module):
         counts = is_image.sum(dim=1)
         if bool((counts > 1).any()):
             raise ValueError(f"a sequence holds {int(counts.max())} image tokens; LLaVA takes one image per sample")
-        features = self.image_features(image)
+        if features is None:
+            features = self.image_features(image)
         embed = self.language_model.get_input_embeddings()
         device = embed.weight.device
         input_ids, attention_mask, is_image = input_ids.to(device), attention_mask.to(device), is_image.to(device)
@@ -141,7 +144,7 @@ class Llava(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         embeds, mask, labels = self._splice(batch["image"], batch["input_ids"], batch["attention_mask"],
-                                            batch["labels"], left_pad=False)
+                                            batch["labels"], left_pad=False, features=batch.get("image_features"))
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits
         labels = labels.to(logits.device)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
@@ -183,7 +186,8 @@ class Llava(nn.Module):
 
         tok = load_tokenizer(self._tokenizer())
         ids, mask = self._prompts(samples)
-        embeds, mask, _ = self._splice(samples["image"], ids, mask, None, left_pad=True)
+        embeds, mask, _ = self._splice(samples["image"], ids, mask, None, left_pad=True,
+                                       features=samples.get("image_features"))
         eos = end_token_id(tok)
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         sampling = {"do_sample": True, "top_p": top_p, "temperature": temperature} if use_nucleus_sampling else {"do_sample": False}

@@ -52,6 +52,8 @@ class InstructTask(Task):
         rows: list[list[Any]] = []
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
+            # The image tower runs once for both the loss and the answers.
+            batch["image_features"] = model.image_features(batch["image"])
             # The model's loss is the mean over the scored tokens (the answers); weighted by their count
             # here, so the split's loss is the mean over all its answer tokens.
             mean_loss = model(batch).loss
