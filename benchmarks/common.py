@@ -78,10 +78,11 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the warm-up's
     timing = Timing(name, samples_per_step=samples, flops_per_step=flops_per_step)
     for _ in range(repeats):
         start = time.perf_counter()
@@ -91,6 +92,26 @@ def time_steps(name: str, step: Callable[[], None], device: str, samples: int, w
     if cuda:
         timing.peak_mib = torch.cuda.max_memory_allocated() / 2**20
     return timing
+
+
+def time_interleaved(runs: list[tuple[str, Callable[[], None], int, float]], device: str, warmup: int = 2,
+                     repeats: int = 5) -> list[Timing]:
+    """`time_steps` for several runs (name, step, samples per step, FLOPs per step) whose timed steps
+    alternate (a, b, c, a, b, c, ...), so that a machine whose speed drifts during the benchmark (this
+    2-core machine drifts by 10-15% between minutes) slows every run alike instead of the last one."""
+    gc.collect()
+    timings = [Timing(name, samples_per_step=samples, flops_per_step=flops) for name, _, samples, flops in runs]
+    for _, step, _, _ in runs:
+        for _ in range(warmup):
+            step()
+    sync(device)
+    for _ in range(repeats):
+        for timing, (_, step, _, _) in zip(timings, runs):
+            start = time.perf_counter()
+            step()
+            sync(device)
+            timing.seconds.append(time.perf_counter() - start)
+    return timings
 
 
 def table(title: str, rows: list[Timing], peak: float, baseline: str | None = None) -> str:

@@ -60,7 +60,8 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
         with autocast(device, dtype):
             out = peer.generate(pixel_values=normalised, input_ids=prompt, max_new_tokens=NEW_TOKENS,
                                 min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False)
-        assert out.shape[1] >= NEW_TOKENS, out.shape
+        # transformers' BLIP drops the prompt's last token ([SEP] in its processor's output) before decoding.
+        assert out.shape[1] == len(PROMPT) - 1 + NEW_TOKENS, out.shape
 
     samples = batch  # per image; tokens/s = samples * NEW_TOKENS / median
     return [time_steps("vlforge", vlforge_step, device, samples, warmup, repeats),

@@ -62,9 +62,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2, help="per rank")
     args = parser.parse_args()
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
     with tempfile.TemporaryDirectory() as tmp:
         results = {stage: run_stage(stage, args.model, args.steps, args.batch, Path(tmp)) for stage in args.stages}
-    for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+    # DeepSpeed's CPU all-reduce leaves a buffer per rank behind; only these runs' are removed.
+    for leftover in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
         leftover.unlink(missing_ok=True)
     base = results.get("0", (None, None))[0]
     print(f"# Peak memory per rank, {args.model}, 2 ranks, batch {args.batch} per rank, 384 px, {args.steps} steps\n")

@@ -11,8 +11,10 @@ same run (issue 7, benchmark 1):
     python benchmarks/train_step.py [--only blip|clip|tower] [--repeats 5] [--warmup 2]
 
 Prints markdown tables (results go to docs/benchmarks.md). One step = forward, backward, AdamW step.
+The models of a table are built together and their timed steps alternate (`time_interleaved`), so
+that the machine's drift during a run (10-15% here) does not favour whichever model runs first.
 On a GPU (the variant of benchmark 6) every model runs under bf16 autocast unless `--precision fp32`,
-the MFU is against a bf16 matmul peak, and the table adds each run's peak allocated memory.
+and the MFU is against a bf16 matmul peak.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, autocast, environment, matmul_peak_flops, setup, table, time_steps  # noqa: E402
+from common import Timing, autocast, environment, matmul_peak_flops, setup, table, time_interleaved  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 
@@ -80,20 +82,17 @@ def bench_blip(device: str, warmup: int, repeats: int) -> list[Timing]:
     ids[:, 0] = 30522
     mask = torch.ones_like(ids)
     normalised = pixels.float() / 255  # the peer takes normalised floats; the scale is irrelevant to speed
-    rows = []
 
     ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=30522, eos_token_id=102).to(device).train()
     batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask,
                   "text_prompt_length": torch.full((batch,), 4, device=device)}
-    step, flops = train_step(ours, lambda: ours(batch_dict).loss)
-    rows.append(time_steps("vlforge BlipCaptioner", step, device, batch, warmup, repeats, flops))
-    del ours, step
-
+    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss)
     peer = BlipForConditionalGeneration(BlipConfig()).to(device).train()
-    step, flops = train_step(peer, lambda: peer(pixel_values=normalised, input_ids=ids, attention_mask=mask,
-                                                labels=ids).loss)
-    rows.append(time_steps("transformers BlipForConditionalGeneration", step, device, batch, warmup, repeats, flops))
-    return rows
+    peer_step, peer_flops = train_step(peer, lambda: peer(pixel_values=normalised, input_ids=ids, attention_mask=mask,
+                                                          labels=ids).loss)
+    return time_interleaved([("vlforge BlipCaptioner", ours_step, batch, ours_flops),
+                             ("transformers BlipForConditionalGeneration", peer_step, batch, peer_flops)],
+                            device, warmup, repeats)
 
 
 def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
@@ -107,15 +106,12 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
     ids[:, -1] = 49407  # the end token, where both pool
     mask = torch.ones_like(ids)
     normalised = pixels.float() / 255
-    rows = []
 
     # open_clip's ViT-B-16 has GELU; the clip_vit_b16 recipe sets OpenAI's QuickGELU (slower: three
     # elementwise passes where GELU takes one), so the vlforge row builds the same architecture as the peer.
     ours = vlforge_model("clip_vit_b16", tokenizer=None, **{"vision.act_layer": "gelu", "text.act": "gelu"}).to(device).train()
     batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask}
-    step, flops = train_step(ours, lambda: ours(batch_dict).loss)
-    rows.append(time_steps("vlforge CLIP", step, device, batch, warmup, repeats, flops))
-    del ours, step
+    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss)
 
     peer = open_clip.create_model("ViT-B-16", pretrained=None).to(device).train()
     loss_fn = open_clip.ClipLoss()
@@ -124,16 +120,15 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
         image_features, text_features, scale = peer(normalised, ids)
         return loss_fn(image_features, text_features, scale)
 
-    step, flops = train_step(peer, open_clip_loss)
-    rows.append(time_steps("open_clip ViT-B-16", step, device, batch, warmup, repeats, flops))
-    del peer, step
-
-    config = CLIPConfig(vision_config={"patch_size": 16}, text_config={})
+    peer_step, peer_flops = train_step(peer, open_clip_loss)
+    # GELU in both towers too (transformers' CLIPConfig defaults to QuickGELU): the same architecture.
+    config = CLIPConfig(vision_config={"patch_size": 16, "hidden_act": "gelu"}, text_config={"hidden_act": "gelu"})
     hf = CLIPModel(config).to(device).train()
-    step, flops = train_step(hf, lambda: hf(input_ids=ids, pixel_values=normalised, attention_mask=mask,
-                                            return_loss=True).loss)
-    rows.append(time_steps("transformers CLIPModel", step, device, batch, warmup, repeats, flops))
-    return rows
+    hf_step, hf_flops = train_step(hf, lambda: hf(input_ids=ids, pixel_values=normalised, attention_mask=mask,
+                                                  return_loss=True).loss)
+    return time_interleaved([("vlforge CLIP", ours_step, batch, ours_flops),
+                             ("open_clip ViT-B-16", peer_step, batch, peer_flops),
+                             ("transformers CLIPModel", hf_step, batch, hf_flops)], device, warmup, repeats)
 
 
 def bench_tower(device: str, warmup: int, repeats: int) -> list[Timing]:
@@ -144,15 +139,12 @@ def bench_tower(device: str, warmup: int, repeats: int) -> list[Timing]:
     batch, size = 8, 224
     pixels = images(batch, size, torch.Generator().manual_seed(0)).to(device)
     normalised = pixels.float() / 255
-    rows = []
     ours = TimmVisionTower("vit_base_patch16_224").to(device).train()
-    step, flops = train_step(ours, lambda: ours(pixels)[1].float().pow(2).mean())
-    rows.append(time_steps("vlforge TimmVisionTower", step, device, batch, warmup, repeats, flops))
-    del ours, step
+    ours_step, ours_flops = train_step(ours, lambda: ours(pixels)[1].float().pow(2).mean())
     peer = timm.create_model("vit_base_patch16_224", num_classes=0).to(device).train()
-    step, flops = train_step(peer, lambda: peer.forward_features(normalised).pow(2).mean())
-    rows.append(time_steps("timm vit_base_patch16_224", step, device, batch, warmup, repeats, flops))
-    return rows
+    peer_step, peer_flops = train_step(peer, lambda: peer.forward_features(normalised).pow(2).mean())
+    return time_interleaved([("vlforge TimmVisionTower", ours_step, batch, ours_flops),
+                             ("timm vit_base_patch16_224", peer_step, batch, peer_flops)], device, warmup, repeats)
 
 
 def main() -> None:

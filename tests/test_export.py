@@ -27,5 +27,6 @@ def test_a_pretrained_language_model_is_recorded_by_its_config(tmp_path) -> None
     assert set(cfg.model.language_model) == {"config"} and cfg.model.load_4bit is False
     (tmp_path / "lm" / "config.json").unlink()  # the export no longer needs the LM's directory
     lm = build_causal_lm(**OmegaConf.to_container(cfg.model.language_model))
-    assert (lm.config.hidden_size, lm.config.vocab_size, lm.dtype) == (16, 40, torch.float32)
+    # In the dtype the LM's own config gives, as from_pretrained loads it for the run.
+    assert (lm.config.hidden_size, lm.config.vocab_size, lm.dtype) == (16, 40, torch.float16)
     assert _self_contained_language_model(OmegaConf.create({"model": {"language_model": {"config": {}}}})) is None

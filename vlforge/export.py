@@ -63,7 +63,8 @@ def _self_contained_language_model(cfg: DictConfig) -> str | None:
         raise CheckpointError(f"model.language_model.pretrained={pretrained}: its config.json, which the export "
                               f"records so that it loads without it, is unreadable ({err})") from None
     keep = {k: v for k, v in OmegaConf.to_container(lm, resolve=True).items() if k not in ("pretrained", "device_map")}
-    cfg.model.language_model = {**keep, "config": language_model_config_node(lm_config)}
+    # In the dtype `from_pretrained` loaded it in (its config's), as loading the run itself does.
+    cfg.model.language_model = {**keep, "config": language_model_config_node(lm_config, keep_dtype=True)}
     for key in ("load_4bit", "load_8bit"):
         if cfg.model.get(key):
             cfg.model[key] = False

@@ -88,3 +88,11 @@ def test_beam_search_captions_are_identical(pair, min_length: int) -> None:
     for row_expected, row_got in zip(expected.tolist(), got.tolist()):
         trim = lambda row: row[: row.index(SEP) + 1] if SEP in row[3:] else row  # noqa: E731
         assert trim(row_got) == trim(row_expected)
+
+
+def test_beams_share_an_image_so_prompts_and_images_must_pair(pair) -> None:
+    _, ours = pair
+    pixels, _ = _images(3)
+    prompt = torch.tensor([[BOS, 7, 8]] * 2)
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        ours.generate_ids(pixels, prompt, max_length=12, num_beams=3)

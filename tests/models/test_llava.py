@@ -92,11 +92,14 @@ def test_batched_splice_equals_splicing_row_by_row(tokenizer_dir: Path, left_pad
     ids = torch.randint(6, 20, (4, 9), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, 6:], mask[2, :3], mask[3, 7:] = 0, 0, 0  # right pads, left pads (a generation prompt), more right pads
-    ids[0, 2], ids[1, 0], ids[2, 5] = IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID  # row 3: text only
+    ids[0, 2], ids[1, 0], ids[2, 5] = IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
+    ids[3, 8] = IMAGE_TOKEN_ID  # row 3: text only, an image token under its padding mask is padding
     labels = torch.where(torch.rand(4, 9, generator=generator) < 0.5, ids, IGNORE).masked_fill(ids == IMAGE_TOKEN_ID, IGNORE)
     image = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=generator)
     with torch.no_grad():
         got = model._splice(image, ids, mask, labels, left_pad=left_pad)
+    ids[3, 8] = 7  # the row-by-row reference drops masked positions before looking for the image
+    with torch.no_grad():
         expected = _splice_row_by_row(model, image, ids, mask, labels, left_pad)
     for g, e in zip(got, expected):
         assert g.shape == e.shape

@@ -173,3 +173,14 @@ def test_device_map_places_the_lm_through_accelerate(tmp_path: Path) -> None:
     pixels, _ = images(2, seed=7)
     assert mapped.generate({"image": pixels}, num_beams=2, max_length=5) == plain.generate({"image": pixels}, num_beams=2,
                                                                                            max_length=5)
+
+
+def test_a_language_model_without_linear_layers_is_not_quantized_silently() -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vlforge.models.quantize import quantize_language_model
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(ValueError, match="no nn.Linear layer to quantize.*Conv1D"):
+        quantize_language_model(gpt2, 4, "bfloat16", "cpu")

@@ -102,6 +102,8 @@ class BlipCaptioner(nn.Module):
         sampling per `cfg` (or GenerationConfig keyword arguments). `prompt_ids` [B, P] start with
         the bos id; returns [B, <= max_length] ids including the prompt, padded after [SEP]."""
         cfg = cfg or GenerationConfig(**cfg_kwargs)
+        if prompt_ids.shape[0] != image.shape[0]:
+            raise ValueError(f"generate_ids: {prompt_ids.shape[0]} prompts for {image.shape[0]} images")
         # One row of image tokens per image, whatever the beams: they share its cross-attention keys.
         image_tokens = self.image_tokens(image)
         return generate(decoder_step(self.text_decoder, self.lm_head, image_tokens), self.text_decoder.new_cache(),

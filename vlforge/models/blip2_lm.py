@@ -51,11 +51,12 @@ def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | N
                       f"loadable from the hub (offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from None
 
 
-def language_model_config_node(config: Any) -> dict[str, Any]:
+def language_model_config_node(config: Any, keep_dtype: bool) -> dict[str, Any]:
     """A transformers config (PretrainedConfig) as a `language_model.config` node: what rebuilds the
-    same architecture with `build_causal_lm(config=...)`, in the default dtype (its saved `dtype` and
-    bookkeeping keys left out)."""
-    dropped = ("transformers_version", "dtype", "torch_dtype")
+    same architecture with `build_causal_lm(config=...)`. `from_config` builds in the config's `dtype`:
+    `keep_dtype` keeps it (what `from_pretrained` would have loaded the LM in), else the LM is built in
+    the default dtype."""
+    dropped = ("transformers_version", "torch_dtype", *(() if keep_dtype else ("dtype",)))
     return {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in dropped}
 
 
@@ -129,7 +130,7 @@ class Blip2CausalLM(nn.Module):
         logits = self.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
         # The last query predicts the first text token, so an LM without a bos token learns it too.
         text_logits = logits[:, embeds.shape[1] - ids.shape[1] - 1 : -1]
-        labels = lm_labels(ids, mask, batch.get("text_prompt_length", self.prompt_length))
+        labels = lm_labels(ids, mask, batch.get("text_prompt_length", self.prompt_length)).to(text_logits.device)
         lm = F.cross_entropy(text_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return ModelOutput(loss=lm, losses={"lm": lm.detach()})
 

@@ -58,7 +58,8 @@ def blip2_dimensions(hf_config: Any) -> dict[str, Any]:
     vision, qformer = hf_config.vision_config, hf_config.qformer_config
     from vlforge.models.blip2_lm import language_model_config_node
 
-    lm = language_model_config_node(hf_config.text_config)
+    # Built in the default dtype, as the rest of the model (the published files hold fp32 weights).
+    lm = language_model_config_node(hf_config.text_config, keep_dtype=False)
     return {
         "vision": {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.hidden_size,
                    "depth": vision.num_hidden_layers, "num_heads": vision.num_attention_heads,

@@ -1,8 +1,8 @@
 """Autoregressive decoding over a KV cache: greedy, nucleus sampling and beam search.
 
-A model supplies `step(new_ids [N, t], cache) -> next-token logits [N, V]`; its image context must
-already have one row per decoded row (beam search: `num_beams` rows per image, beam-major within an
-image). Under ZeRO-3 every forward gathers parameters collectively, so with `sync_ranks` all ranks
+A model supplies `step(new_ids [N, t], cache) -> next-token logits [N, V]`; its image context has
+one row per decoded row, or one per image shared by that image's `num_beams` consecutive rows (beam
+search reorders rows only within an image). Under ZeRO-3 every forward gathers parameters collectively, so with `sync_ranks` all ranks
 keep stepping until every rank has finished (a finished rank feeds padding and ignores the result).
 """
 from __future__ import annotations

@@ -110,8 +110,9 @@ class Llava(nn.Module):
             features = self.image_features(image)
         embed = self.language_model.get_input_embeddings()
         device = embed.weight.device
-        input_ids, attention_mask, is_image = input_ids.to(device), attention_mask.to(device), is_image.to(device)
-        text = embed(input_ids.masked_fill(is_image, 0))
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        text = embed(input_ids.masked_fill(is_image.to(device), 0))
+        is_image = is_image.to(device) & attention_mask.bool()  # an image token under the mask is padding
         # With language_model.device_map the LM's first layers may sit on another device than the tower.
         features = features.to(device=device, dtype=text.dtype)
         batch, num_features = input_ids.shape[0], features.shape[1]

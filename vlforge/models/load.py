@@ -185,8 +185,8 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
 
 
 def _to_device(model: nn.Module, device: torch.device) -> None:
-    """`model.to(device)`, but for submodules accelerate has already placed (an LM loaded with
-    `device_map`, or quantized by bitsandbytes), which stay where they are."""
+    """`model.to(device)`, but for submodules accelerate has placed (an LM loaded or dispatched with a
+    `device_map`), which stay where they are. Layers quantized onto `device` are already there."""
     placed = {id(m) for m in model.modules() if getattr(m, "hf_device_map", None)}
     if not placed:
         model.to(device)

@@ -33,6 +33,8 @@ def quant_bits(load_4bit: bool, load_8bit: bool) -> int | None:
 def quantization_config(load_4bit: bool, load_8bit: bool, compute_dtype: str) -> Any:
     """transformers' BitsAndBytesConfig, for a pretrained LM quantized as it loads."""
     bits = quant_bits(load_4bit, load_8bit)
+    if compute_dtype not in DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {', '.join(DTYPES)}")
     _bitsandbytes()
     from transformers import BitsAndBytesConfig
 
@@ -70,6 +72,9 @@ def quantize_language_model(language_model: nn.Module, bits: int, compute_dtype:
     head = language_model.get_output_embeddings() if hasattr(language_model, "get_output_embeddings") else None
     targets = [(name, module) for name, module in language_model.named_modules()
                if isinstance(module, nn.Linear) and module is not head]
+    if not targets:
+        raise ValueError(f"{type(language_model).__name__} has no nn.Linear layer to quantize (GPT-2's Conv1D "
+                         "layers are not supported); load it without load_4bit / load_8bit")
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = language_model.get_submodule(parent_name) if parent_name else language_model
