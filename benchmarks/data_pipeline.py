@@ -151,7 +151,7 @@ def main() -> None:
                 for name, run in (("per-file", lambda: per_file_pass(per_file, tokenizer, size, workers)),
                                   ("draft off", lambda: vlforge_pass(urls, tokenizer, size, workers, draft=False)),
                                   ("vlforge", lambda: vlforge_pass(urls, tokenizer, size, workers, draft=True))):
-                    def one_pass(run=run) -> None:
+                    def one_pass(run=run, name=name) -> None:
                         seen = run()
                         assert seen == total, (name, seen, total)
                     runs.append(time_steps(name, one_pass, device, total, warmup=1, repeats=args.repeats))

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,21 +23,17 @@ from pathlib import Path
 
 import torch
 
+from vlforge.trainer.distributed import _free_port as free_port
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"0": "zero0", "2": "zero2", "3": "zero3", "3_offload": "zero3_offload"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_stage(stage: str, model: str, steps: int, batch: int, work: Path) -> tuple[float, float]:
     """(peak MiB of the largest rank, seconds) of a short BLIP training run under ZeRO `stage`."""
     run_dir = work / f"zero{stage}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", "recipe=blip_caption_demo", f"model={model}", f"deepspeed={STAGES[stage]}",
            f"run_dir={run_dir}", "logger=jsonl", f"trainer.max_steps={steps}", "trainer.log_every=1",
            "trainer.eval_every=0", "trainer.eval_at_end=false", "trainer.save_every=0", "trainer.save_at_end=false",

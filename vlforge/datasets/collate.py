@@ -25,6 +25,16 @@ def load_tokenizer(name_or_path: str) -> Any:
         ) from None
 
 
+def tokenize_texts(tokenizer: str, texts: str | Sequence[str], max_len: int,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of `texts` (a string or a list), padded to the longest and cut at
+    `max_len`, on `device`: how models tokenize LAVIS's `text_input` strings at inference."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    encoded = load_tokenizer(tokenizer)(texts, padding="longest", truncation=True, max_length=max_len,
+                                        return_tensors="pt")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
 def end_token_id(tok: Any) -> int | None:
     """The id that ends a text: eos, or [SEP] for BERT-style tokenizers, which have no eos."""
     return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id

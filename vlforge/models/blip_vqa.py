@@ -119,7 +119,7 @@ class BlipVQA(nn.Module):
         (the image row of each in `question_sample_index` when present)."""
         if self.tokenizer_name is None:
             raise ValueError("predict_answers needs the model's tokenizer; use generate_answer_ids with ids")
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.datasets.collate import load_tokenizer, tokenize_texts
 
         tok = load_tokenizer(self.tokenizer_name)
         if "question_input_ids" in samples:
@@ -129,9 +129,7 @@ class BlipVQA(nn.Module):
             questions = [questions] if isinstance(questions, str) else list(questions)
             if len(questions) != samples["image"].shape[0]:
                 raise ValueError(f"predict_answers: {len(questions)} questions for {samples['image'].shape[0]} images")
-            encoded = tok(questions, padding="longest", truncation=True, max_length=max_question_len,
-                          return_tensors="pt").to(samples["image"].device)
-            ids, mask = encoded["input_ids"], encoded["attention_mask"]
+            ids, mask = tokenize_texts(self.tokenizer_name, questions, max_question_len, samples["image"].device)
         ids = self.generate_answer_ids(samples["image"], ids, mask, max_length, num_beams,
                                        samples.get("question_sample_index"))
         return [a.strip() for a in tok.batch_decode(ids[:, 1:], skip_special_tokens=True)]

@@ -139,9 +139,6 @@ class DualEncoderFeatures:
         if name is None:
             raise ValueError(f"{type(self).__name__} was built without a tokenizer: pass text_input_ids and "
                              "text_attention_mask, or build it with tokenizer=<directory or hub id>")
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.datasets.collate import tokenize_texts
 
-        device = next(self.parameters()).device  # type: ignore[attr-defined]
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        encoded = load_tokenizer(name)(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-        return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        return tokenize_texts(name, texts, max_len, next(self.parameters()).device)  # type: ignore[attr-defined]
