@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, autocast, environment, setup, time_steps  # noqa: E402
+from common import Timing, autocast, environment, setup, time_interleaved, time_steps  # noqa: E402
 from train_step import images, vlforge_model  # noqa: E402
 
 BOS, SEP, SIZE, NEW_TOKENS = 30522, 102, 384, 20
@@ -64,8 +64,8 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
         assert out.shape[1] == len(PROMPT) - 1 + NEW_TOKENS, out.shape
 
     samples = batch  # per image; tokens/s = samples * NEW_TOKENS / median
-    return [time_steps("vlforge", vlforge_step, device, samples, warmup, repeats),
-            time_steps("transformers", transformers_step, device, samples, warmup, repeats)]
+    return time_interleaved([("vlforge", vlforge_step, samples, 0.0), ("transformers", transformers_step, samples, 0.0)],
+                            device, warmup, repeats)
 
 
 def decode_alone(ours: torch.nn.Module, device: str, dtype: torch.dtype, warmup: int, repeats: int) -> Timing:

@@ -31,6 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timing, autocast, environment, matmul_peak_flops, setup, table, time_interleaved  # noqa: E402
 
+from vlforge.trainer.engine import adamw  # noqa: E402
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "model"
 
 
@@ -46,11 +48,17 @@ def vlforge_model(name: str, **overrides) -> torch.nn.Module:
 PRECISION: dict[str, object] = {"device": "cpu", "dtype": torch.float32}
 
 
-def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], float]:
+def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
+               fused: bool = False) -> tuple[Callable[[], None], float]:
     """(one AdamW training step, its FLOPs counted once by torch's flop counter). The forward runs under
-    the benchmark's autocast (bf16 on a GPU), the same for every model of a table."""
+    the benchmark's autocast (bf16 on a GPU), the same for every model of a table.
+
+    Each run steps with the AdamW its framework's trainer builds: fused for vlforge (`engine.adamw`)
+    and for transformers (the Trainer's default `adamw_torch_fused` on torch >= 2.8); foreach for
+    open_clip, whose training script leaves torch's default (foreach on CUDA, a loop over the tensors
+    on CPU, which would be slower still)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    optimizer = adamw(params, lr=1e-5) if fused else torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
     def loss() -> torch.Tensor:
         with autocast(str(PRECISION["device"]), PRECISION["dtype"]):  # type: ignore[arg-type]
@@ -86,10 +94,10 @@ def bench_blip(device: str, warmup: int, repeats: int) -> list[Timing]:
     ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=30522, eos_token_id=102).to(device).train()
     batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask,
                   "text_prompt_length": torch.full((batch,), 4, device=device)}
-    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss)
+    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss, fused=True)
     peer = BlipForConditionalGeneration(BlipConfig()).to(device).train()
     peer_step, peer_flops = train_step(peer, lambda: peer(pixel_values=normalised, input_ids=ids, attention_mask=mask,
-                                                          labels=ids).loss)
+                                                          labels=ids).loss, fused=True)
     return time_interleaved([("vlforge BlipCaptioner", ours_step, batch, ours_flops),
                              ("transformers BlipForConditionalGeneration", peer_step, batch, peer_flops)],
                             device, warmup, repeats)
@@ -111,7 +119,7 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
     # elementwise passes where GELU takes one), so the vlforge row builds the same architecture as the peer.
     ours = vlforge_model("clip_vit_b16", tokenizer=None, **{"vision.act_layer": "gelu", "text.act": "gelu"}).to(device).train()
     batch_dict = {"image": pixels, "text_input_ids": ids, "text_attention_mask": mask}
-    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss)
+    ours_step, ours_flops = train_step(ours, lambda: ours(batch_dict).loss, fused=True)
 
     peer = open_clip.create_model("ViT-B-16", pretrained=None).to(device).train()
     loss_fn = open_clip.ClipLoss()
@@ -125,7 +133,7 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
     config = CLIPConfig(vision_config={"patch_size": 16, "hidden_act": "gelu"}, text_config={"hidden_act": "gelu"})
     hf = CLIPModel(config).to(device).train()
     hf_step, hf_flops = train_step(hf, lambda: hf(input_ids=ids, pixel_values=normalised, attention_mask=mask,
-                                                  return_loss=True).loss)
+                                                  return_loss=True).loss, fused=True)
     return time_interleaved([("vlforge CLIP", ours_step, batch, ours_flops),
                              ("open_clip ViT-B-16", peer_step, batch, peer_flops),
                              ("transformers CLIPModel", hf_step, batch, hf_flops)], device, warmup, repeats)
