@@ -243,7 +243,7 @@ class TimmVisionTower(VisionTowerBase):
         `norm_eps` sets the LayerNorm epsilon of ViT-style backbones (BLIP and HF ViTs use 1e-5,
         timm's default is 1e-6); `pool_heads` the attention pool's heads (width // 64 by default);
         `channels_last` runs a convolutional trunk in NHWC memory order (timm's `--channels-last`):
-        oneDNN's and cuDNN's convolutions are faster on it (about 1.3x a ResNet training step on CPU);
+        oneDNN's and cuDNN's convolutions are faster on it (resnet10t's training step 1.18x on CPU here);
         the values are the same. A ViT gains nothing from it.
         Other keyword arguments go to `timm.create_model`."""
         super().__init__()
