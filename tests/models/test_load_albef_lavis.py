@@ -184,6 +184,33 @@ def test_a_short_download_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_download_removes_the_parts_of_killed_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A SIGKILLed download leaves its part behind; the next download of the file removes it, but not
+    # the part of a download still running (here: this test's parent process) nor another host's.
+    import io
+    import subprocess
+    import sys
+
+    from vlforge.models.sources import _HOST, download
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".w.pt.{_HOST}.{int(dead.stdout)}.part"
+    running = out / f".w.pt.{_HOST}.{os.getppid()}.part"
+    elsewhere = out / ".w.pt.other-host.1.part"
+    for part in (stale, running, elsewhere):
+        part.write_bytes(b"x" * 10)
+
+    class Whole(io.BytesIO):
+        headers = {"Content-Length": "4"}
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: Whole(b"abcd"))
+    download("https://example.invalid/w.pt", out / "w.pt")
+    assert (out / "w.pt").read_bytes() == b"abcd"
+    assert sorted(os.listdir(out)) == sorted(["w.pt", running.name, elsewhere.name])
+
+
 def test_original_albef_token_type_table_is_folded(lavis: dict) -> None:
     """Original ALBEF's mscoco.pth has this layout plus BERT's token type table (LAVIS's med.py drops it):
     row 0, the only type ALBEF uses, folds into the position embeddings, as for its pretraining files."""

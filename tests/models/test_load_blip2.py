@@ -3,6 +3,7 @@ a tiny byte-level BPE tokenizer in OPT's files: the same logits as transformers,
 errors for a missing shard and for a T5 BLIP-2."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +163,13 @@ def test_placement_options_are_checked(tmp_path: Path) -> None:
     save_hf_model(BlipForConditionalGeneration, tmp_path / "caption")
     with pytest.raises(ValueError, match="BlipCaptioner has none"):
         load_model("blip_caption", "base_coco", checkpoint=tmp_path / "caption", load_4bit=True)
+
+
+def test_device_map_without_accelerate_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_hf_blip2(tmp_path / "blip2")
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # what an environment without it imports
+    with pytest.raises(ImportError, match=r"device_map=.*accelerate.*pip install 'vlforge\[quant\]'"):
+        load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=tmp_path / "blip2", device_map={"": "cpu"})
 
 
 def test_device_map_places_the_lm_through_accelerate(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ then the hub when online. Tokenizers come with the weights, never from a second 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +130,10 @@ def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device
     if "language_model" not in cfg.model:
         raise ValueError(f"load_4bit / load_8bit / device_map apply to a model with a language model (blip2_opt, "
                          f"llava); {target} has none")
+    if placement.device_map is not None and importlib.util.find_spec("accelerate") is None:
+        # Checked before anything is built or read: the model would otherwise load whole first.
+        raise ImportError("device_map= places the language model through accelerate, which is not installed: "
+                          "pip install 'vlforge[quant]' (or pip install accelerate)")
     if placement.bits is None:
         return cfg, None
     if placement.device_map is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 from vlforge.models.zoo import ZooEntry
@@ -94,6 +95,25 @@ def hf_model_dir(entry: ZooEntry) -> Path:
     return local
 
 
+_HOST = socket.gethostname().replace(".", "-")  # part names split on dots
+
+
+def _remove_stale_parts(target: Path) -> None:
+    """Delete the temporary files of earlier downloads of `target` on this host whose process is gone:
+    a killed download runs no cleanup, and a weights file's part can be gigabytes. Parts of other
+    hosts sharing the cache (a network file system) are left alone: their processes cannot be seen."""
+    for part in target.parent.glob(f".{target.name}.{_HOST}.*.part"):
+        pid = part.name[len(f".{target.name}.{_HOST}."):-len(".part")]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            part.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def download(url: str, target: Path, timeout: float = 10.0) -> None:
     """`url` into `target`, through a temporary name in the same directory that is renamed once every
     byte has come: an interrupted or short download leaves nothing under `target`. `timeout` bounds
@@ -102,7 +122,8 @@ def download(url: str, target: Path, timeout: float = 10.0) -> None:
     import urllib.request
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    _remove_stale_parts(target)
+    part = target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
