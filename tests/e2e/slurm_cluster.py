@@ -132,17 +132,22 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         raise TimeoutError(f"job {job} not in {states} after {timeout:.0f} s (state {self.job_field(job, 'JobState')})")
 
     def start_now(self, job: str, timeout: float = 120) -> None:
-        """A requeued job waits about two minutes (SLURM's requeue delay); let it start at once. The
+        """A requeued job waits about two minutes (SLURM's requeue delay); let it start sooner. The
         delay is set when the requeue completes, after the old processes are gone, so wait for the
-        job to be pending again and repeat until it runs."""
+        job to be pending again and repeat until it runs. Not at once, though: slurmd refuses a job
+        credential created in the same second as the killed run's revocation (it compares whole
+        seconds; "Job credential revoked" fails the job), which the delay exists to avoid."""
         deadline = time.monotonic() + timeout
+        pending_since: float | None = None
         while time.monotonic() < deadline:
             state = self.job_field(job, "JobState")
             if state in ("RUNNING", "COMPLETED", "FAILED", "CANCELLED"):
                 return
             if state == "PENDING":
-                self._run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-            time.sleep(1)
+                pending_since = pending_since or time.monotonic()
+                if time.monotonic() - pending_since >= 2.0:
+                    self._run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            time.sleep(0.5)
         raise TimeoutError(f"requeued job {job} did not start within {timeout:.0f} s")
 
     def signal(self, job: str, name: str) -> None:
