@@ -268,8 +268,8 @@ class TimmVisionTower(VisionTowerBase):
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         # Only the input is converted: given an NHWC input the convolutions run NHWC whatever the
-        # weights' order. The weights stay NCHW because DeepSpeed views parameters as flat bytes
-        # (its broadcast at initialize, ZeRO's flat buffers), which needs them contiguous.
+        # weights' order. The weights stay NCHW: DeepSpeed's parameter broadcast at initialize views
+        # each one as flat bytes, which fails on a channels_last weight.
         self.channels_last = channels_last
         self.width: int = self.backbone.num_features
         self.pool = pool
