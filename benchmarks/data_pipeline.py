@@ -106,7 +106,7 @@ class PerFileCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        from vlforge.datasets.collate import load_tokenizer
+        from vlforge.core.tokenizers import load_tokenizer
 
         tokens = load_tokenizer(self.tokenizer)([s[1] for s in samples], padding="longest", return_tensors="pt")
         return {"image": torch.stack([s[0] for s in samples]), **tokens}
@@ -119,9 +119,10 @@ def per_file_pass(root: Path, tokenizer: str, size: int, workers: int) -> int:
 
 
 def vlforge_pass(urls: list[str], tokenizer: str, size: int, workers: int, draft: bool) -> int:
+    from vlforge.config.data import ImageTransformConfig
     from vlforge.datasets.collate import Collator
     from vlforge.datasets.loader import ShardLoader
-    from vlforge.datasets.processors import ImageTransformConfig, TextProcessor, build_image_transform
+    from vlforge.datasets.processors import TextProcessor, build_image_transform
     from vlforge.datasets.samples import ImageTextSample
     from vlforge.datasets.shards import ShardStream
 

@@ -41,7 +41,7 @@ def build() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: int, device: str, dtype: torch.dtype,
                warmup: int, repeats: int) -> list[Timing]:
-    from vlforge.models.generation import GenerationConfig
+    from vlforge.models.layers.generation import GenerationConfig
 
     pixels = images(batch, SIZE, torch.Generator().manual_seed(batch)).to(device)
     normalised = pixels.float() / 255
@@ -70,8 +70,8 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
 
 def decode_alone(ours: torch.nn.Module, device: str, dtype: torch.dtype, warmup: int, repeats: int) -> Timing:
     """vlforge's decoding loop at batch 1, greedy, on an image encoded beforehand."""
-    from vlforge.models.blip import decoder_step
-    from vlforge.models.generation import GenerationConfig, generate
+    from vlforge.models.blip.decoder import decoder_step
+    from vlforge.models.layers.generation import GenerationConfig, generate
 
     pixels = images(1, SIZE, torch.Generator().manual_seed(1)).to(device)
     prompt = torch.tensor([PROMPT], device=device)

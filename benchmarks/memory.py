@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vlforge.trainer.distributed import _free_port as free_port
+from vlforge.core.distributed import _free_port as free_port
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"0": "zero0", "2": "zero2", "3": "zero3", "3_offload": "zero3_offload"}

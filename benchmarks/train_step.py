@@ -142,7 +142,7 @@ def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
 def bench_tower(device: str, warmup: int, repeats: int) -> list[Timing]:
     import timm
 
-    from vlforge.models.vision import TimmVisionTower
+    from vlforge.models.towers.timm_tower import TimmVisionTower
 
     batch, size = 8, 224
     pixels = images(batch, size, torch.Generator().manual_seed(0)).to(device)

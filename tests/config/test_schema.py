@@ -6,7 +6,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from vlforge.config.recipes import available_recipes, compose_recipe
-from vlforge.config.schema import ConfigError, DataConfig, RunConfig, TrainerConfig, validate_config
+from vlforge.config.schema import DataConfig, RunConfig, TrainerConfig, validate_config
+from vlforge.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,8 @@ import torch
 
 from vlforge.config.recipes import compose_recipe
 from vlforge.config.schema import validate_config
-from vlforge.datasets.collate import Collator, load_tokenizer
+from vlforge.core.tokenizers import load_tokenizer
+from vlforge.datasets.collate import Collator
 from vlforge.datasets.demo_tokenizer import save_wordpiece_tokenizer
 
 PROMPT = "a picture of "
@@ -51,7 +52,7 @@ def test_prompt_length_counts_the_leading_special_token_and_the_prompt(tokenizer
     assert length.shape == (len(CAPTIONS),) and length.dtype == torch.long
     expected = 1 + len(_bare(tokenizer_dir, PROMPT))
     assert length.tolist() == [expected] * len(CAPTIONS)
-    # What vlforge.models.blip.special_token_ids derives from the tokenizer for the same prompt.
+    # What vlforge.models.blip.decoder.special_token_ids derives from the tokenizer for the same prompt.
     assert expected == len(tok(PROMPT).input_ids) - 1
     # Masking the first prompt_length positions leaves exactly the caption and [SEP] to be scored.
     for row, n, caption in zip(_rows(batch), length.tolist(), CAPTIONS):
@@ -141,8 +142,8 @@ def test_data_prompts_reach_the_training_batches(tmp_path: Path) -> None:
     many tokens the prefix took."""
     from hydra.utils import instantiate
 
+    from vlforge.core.distributed import DistEnv
     from vlforge.datasets.prepare import prepare_data
-    from vlforge.trainer.distributed import DistEnv
 
     overrides = [f"data.demo.root={tmp_path}/demo", "data.demo.num_train=16", "data.demo.num_val=8",
                  "data.demo.num_test=8", "data.demo.samples_per_shard=8", "data.batch_size=4", "data.num_workers=0"]

@@ -7,9 +7,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from vlforge.datasets.conversation import (
+    IGNORE,
+    IMAGE_TOKEN_ID,
+    ConversationTemplate,
+    check_conversation,
+    encode_conversation,
+    from_captions,
+    from_questions,
+)
 from vlforge.datasets.demo_tokenizer import SPECIAL_TOKENS, save_vocab_tokenizer
-from vlforge.datasets.conversation import (IGNORE, IMAGE_TOKEN_ID, ConversationTemplate, check_conversation,
-                                           encode_conversation, from_captions, from_questions)
 from vlforge.datasets.instruct import ConversationCollator
 from vlforge.datasets.samples import SampleError
 

@@ -13,7 +13,8 @@ import pytest
 from braceexpand import braceexpand
 from PIL import Image
 
-from vlforge.datasets.demo import DemoConfig, build_demo_dataset
+from vlforge.config.data import DemoConfig
+from vlforge.datasets.demo import build_demo_dataset
 from vlforge.datasets.demo_scenes import (
     COLORS,
     LARGE_PX,

@@ -9,10 +9,11 @@ import torch
 from braceexpand import braceexpand
 from PIL import Image
 
+from vlforge.config.data import DemoConfig, ImageTransformConfig
 from vlforge.datasets.collate import Collator
-from vlforge.datasets.demo import DemoConfig, build_demo_dataset
+from vlforge.datasets.demo import build_demo_dataset
 from vlforge.datasets.loader import ShardLoader
-from vlforge.datasets.processors import ImageTransformConfig, TextProcessor, build_image_transform
+from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.datasets.samples import ImageTextSample
 from vlforge.datasets.shards import DataError, ShardStream
 from vlforge.datasets.writer import ShardWriter

@@ -8,8 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlforge.datasets.make_shards import (main, write_caption_shards, write_conversation_shards, write_folder_shards,
-                                         write_vqa_shards)
+from vlforge.datasets.make_shards import (
+    main,
+    write_caption_shards,
+    write_conversation_shards,
+    write_folder_shards,
+    write_vqa_shards,
+)
 
 
 def _jpeg(path: Path, color=(200, 30, 30), size=(40, 30)) -> bytes:

@@ -6,12 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlforge.datasets.processors import (
-    ImageTransformConfig,
-    TextProcessor,
-    TextProcessorConfig,
-    build_image_transform,
-)
+from vlforge.config.data import ImageTransformConfig, TextProcessorConfig
+from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.datasets.samples import decode_image, load_image
 from vlforge.datasets.shards import RawSample
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series
 from vlforge.datasets.samples import decode_image, decode_meta
 from vlforge.datasets.shards import iter_shard
-from vlforge.export import main as export_main
-from vlforge.models import load_model, load_model_and_preprocess
-
-from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series
+from vlforge.hub.export import main as export_main
+from vlforge import load_model, load_model_and_preprocess
 
 CAPTION = ["recipe=blip_caption_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=32"]
 
@@ -54,7 +53,7 @@ def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dic
 
     # Exported, then loaded through the inference API: the captions training's evaluation wrote.
     exported = tmp_path / "export"
-    result = check(launch([sys.executable, "-m", "vlforge.export", str(run_dir), str(exported)], e2e_env))
+    result = check(launch([sys.executable, "-m", "vlforge.hub.export", str(run_dir), str(exported)], e2e_env))
     assert "exported step 60" in result.output
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.yaml", "tokenizer", "export.json"}
     model, vis, _ = load_model_and_preprocess("blip_caption", "demo", checkpoint=exported)

@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import (BIN, REPO, SMALL_DEMO, check, deepspeed_cmd, free_port, launch, python_cmd, read_metrics,
-                                series)
+from tests.e2e.conftest import (
+    BIN,
+    REPO,
+    SMALL_DEMO,
+    check,
+    deepspeed_cmd,
+    free_port,
+    launch,
+    python_cmd,
+    read_metrics,
+    series,
+)
 
 STEPS = 10
 GLOBAL_BATCH = 16

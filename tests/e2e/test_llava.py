@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlforge.export import export_run
 from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_metrics, series
+from vlforge.hub.export import export_run
 
 # The recipes' tower comes from runs/clip_demo in the full demo; here the tower is random and frozen.
 COMMON = [*SMALL_DEMO, "data.num_workers=1", "trainer.log_every=10", "optim.warmup_steps=5"]
@@ -42,7 +42,7 @@ def test_llava_pretrain_then_finetune_on_two_ranks(e2e_env: dict[str, str], tmp_
     results = json.loads((finetune / "results" / "test_step_00000030.json").read_text())
     assert len(results) == 64 and {"sample_id", "image_id", "question", "answer"} == set(results[0])
 
-    # The finetuned run exports whole (python -m vlforge.export does this): projector and LM, all finite.
+    # The finetuned run exports whole (python -m vlforge.hub.export does this): projector and LM, all finite.
     exported = tmp_path / "export"
     export_run(finetune, exported)
     weights = load_file(str(exported / "model.safetensors"))

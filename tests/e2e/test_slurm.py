@@ -17,7 +17,7 @@ import torch
 
 from tests.e2e.conftest import REPO, SMALL_DEMO
 from tests.e2e.slurm_cluster import LocalSlurm, missing_requirements
-from vlforge.trainer.weights import read_weights
+from vlforge.core.state_dict import read_weights
 
 BASE = ["recipe=clip_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=16", "trainer.log_every=4",
         "trainer.eval_every=0", "trainer.eval_at_end=false", "optim.warmup_steps=5"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
 
-from vlforge.models.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from vlforge.models.towers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 VOCAB, BOS, SEP, PAD = 64, 1, 2, 0
 IMAGE, PATCH, WIDTH = 32, 8, 32

@@ -77,9 +77,9 @@ def test_two_ranks_give_the_matrices_of_one(tmp_path: Path) -> None:
 def test_every_itm_model_gives_what_reranking_reads() -> None:
     """BLIP, ALBEF and BLIP-2 give the ITM tokens and the ITC embeddings from one tower forward, and
     re-ranking runs on them."""
-    from vlforge.models.albef import ALBEF
-    from vlforge.models.blip2 import Blip2Pretrain
-    from vlforge.models.blip_retrieval import BlipRetrieval
+    from vlforge.models.albef.model import ALBEF
+    from vlforge.models.blip.retrieval import BlipRetrieval
+    from vlforge.models.blip2.pretrain import Blip2Pretrain
 
     vision = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)
     text = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from vlforge.config.recipes import compose_recipe
-from vlforge.config.schema import ConfigError, RunConfig, validate_config
+from vlforge.config.schema import RunConfig, validate_config
+from vlforge.core.errors import ConfigError
 from vlforge.trainer.engine import (
     batch_arithmetic,
     build_optimizer,

@@ -2,7 +2,6 @@
 (`trainer.init_from`), plainly and under ZeRO-3 partitioning."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -12,11 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from tests.e2e.conftest import free_port
-from vlforge.models.blip_pretrain import BlipPretrain
-from vlforge.models.blip_vqa import BlipVQA
-from vlforge.models.vision import TimmVisionTower
-from vlforge.trainer.checkpoint import CheckpointError
-from vlforge.trainer.weights import init_weights, read_weights
+from vlforge.core.errors import CheckpointError
+from vlforge.core.state_dict import read_weights
+from vlforge.models.blip.pretrain import BlipPretrain
+from vlforge.models.blip.vqa import BlipVQA
+from vlforge.models.towers.timm_tower import TimmVisionTower
+from vlforge.trainer.weights import init_weights
 
 TEXT = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)
@@ -58,8 +58,8 @@ def test_a_finetune_starts_from_pretrained_weights(tmp_path: Path) -> None:
     bigger = BlipVQA(VISION, {**TEXT, "layers": 3}, bos_token_id=1, eos_token_id=2)
     with pytest.raises(CheckpointError, match=r"missing \['text_encoder.layers.2"):
         init_weights(bigger, str(pth))
-    with pytest.raises(CheckpointError, match="cannot import 'vlforge.models.convert_lavis:nothing'"):
-        init_weights(vqa, str(pth), "vlforge.models.convert_lavis:nothing")
+    with pytest.raises(CheckpointError, match="cannot import 'vlforge.models.blip.convert:nothing'"):
+        init_weights(vqa, str(pth), "vlforge.models.blip.convert:nothing")
 
 
 def test_a_partial_start_keeps_the_weights_the_checkpoint_lacks_or_shapes_differently(tmp_path: Path) -> None:
@@ -83,8 +83,8 @@ def test_a_partial_start_keeps_the_weights_the_checkpoint_lacks_or_shapes_differ
 
 def test_albef_starts_both_towers_from_a_dual_encoder(tmp_path: Path) -> None:
     # albef_retrieval_demo: the CLIP demo's tower into ALBEF's model and momentum copies, text fresh.
-    from vlforge.models.albef import ALBEF
-    from vlforge.models.clip import CLIP
+    from vlforge.models.albef.model import ALBEF
+    from vlforge.models.clip.model import CLIP
 
     vision = dict(name="resnet10t")
     clip = CLIP(vision, dict(vocab_size=50, width=32, layers=2, heads=4, max_len=16), embed_dim=16)
@@ -92,7 +92,7 @@ def test_albef_starts_both_towers_from_a_dual_encoder(tmp_path: Path) -> None:
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
     albef = ALBEF(vision, dict(TEXT, layers=3), embed_dim=16, fusion_layer=1, queue_size=8)
     text_before = albef.model.text.word_embeddings.weight.clone()
-    _, report = init_weights(albef, str(tmp_path / "clip.pt"), "vlforge.models.convert:albef_towers_from_dual_encoder",
+    _, report = init_weights(albef, str(tmp_path / "clip.pt"), "vlforge.models.albef.convert:albef_towers_from_dual_encoder",
                              partial=True)
     for name, value in clip.vision.state_dict().items():
         assert torch.equal(albef.model.vision.state_dict()[name], value), name
@@ -101,7 +101,7 @@ def test_albef_starts_both_towers_from_a_dual_encoder(tmp_path: Path) -> None:
     assert not report.mismatched and all(".vision." not in k for k in report.missing)
     with pytest.raises(KeyError, match="no 'vision.' weights"):
         torch.save({"text.weight": torch.zeros(2)}, tmp_path / "text_only.pt")
-        init_weights(albef, str(tmp_path / "text_only.pt"), "vlforge.models.convert:albef_towers_from_dual_encoder",
+        init_weights(albef, str(tmp_path / "text_only.pt"), "vlforge.models.albef.convert:albef_towers_from_dual_encoder",
                      partial=True)
 
 

@@ -1,17 +1,18 @@
 """Where the recipe tree is, and composing a recipe outside a launcher (tests, evaluation, load_model)."""
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import vlforge.recipes
 from vlforge.config.schema import register_schemas
 
 # Installed: the package vlforge.recipes; editable: the repo's recipes/ (setup.py maps one to the other).
-RECIPES_DIR = Path(vlforge.recipes.__file__).resolve().parent
+# Looked up by name: importing the package would import vlforge's top, and with it the hub.
+RECIPES_DIR = Path(str(files("vlforge.recipes"))).resolve()
 register_schemas()
 
 

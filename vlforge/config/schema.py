@@ -12,12 +12,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlforge.datasets.demo import DemoConfig
-from vlforge.datasets.processors import ImageTransformConfig, TextProcessorConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot run; the message names the key."""
+from vlforge.config.data import DemoConfig, ImageTransformConfig, TextProcessorConfig
+from vlforge.core.errors import ConfigError
 
 
 @dataclass
@@ -36,7 +32,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # null | auto | path to a checkpoint tag directory
     # Weights to start from (a finetune): a vlforge run or checkpoint directory, or a state-dict file
     # (.pth/.pt/.bin/.safetensors, e.g. a LAVIS or HF checkpoint). `init_converter` ("module:function",
-    # e.g. vlforge.models.convert_lavis:blip_caption_from_lavis) maps its keys to the model's first.
+    # e.g. vlforge.models.blip.convert:blip_caption_from_lavis) maps its keys to the model's first.
     # Every model weight must be found; checkpoint keys the model lacks are listed and left out.
     # `init_partial`: model weights the checkpoint lacks or holds in another shape keep their fresh
     # initialisation instead (listed), e.g. a task model started from another model's tower.

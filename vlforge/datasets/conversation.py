@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vlforge.datasets.collate import end_token_id
+from vlforge.core.tokenizers import end_token_id
 from vlforge.datasets.samples import SampleError, captions_of, questions_of
 
 IMAGE_PLACEHOLDER = "<image>"

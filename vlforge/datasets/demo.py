@@ -5,7 +5,6 @@
 Builds train/val/test shards plus a WordPiece tokenizer, needs no network and is deterministic.
 The build is cached (root/meta.json) and safe to call from every rank of a distributed job.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from vlforge.config.data import DemoConfig
 from vlforge.datasets.demo_scenes import (
     BACKGROUNDS,
     COLORS,
@@ -38,28 +38,12 @@ from vlforge.datasets.writer import ShardWriter
 
 # Bump whenever generation changes, so cached datasets built by older code are rebuilt.
 FORMAT_VERSION = 3  # 2: count answers are digits, as VQAv2 writes them; 3: every template caption
+
 JPEG_QUALITY = 90
+
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
+
 TOKENIZER_MAX_LENGTH = 128
-
-
-@dataclass
-class DemoConfig:
-    root: str
-    num_train: int = 6000
-    num_val: int = 300
-    num_test: int = 600
-    image_size: int = 64
-    samples_per_shard: int = 250
-    seed: int = 0
-    vocab_size: int = 400
-
-    def validate(self) -> None:
-        for name in ("num_train", "num_val", "num_test", "samples_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DemoConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_size < 32:
-            raise ValueError(f"DemoConfig.image_size must be >= 32 to keep shapes recognisable, got {self.image_size}")
 
 
 @dataclass

@@ -53,7 +53,14 @@ def save_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str
 def save_vocab_tokenizer(vocab: list[str], out_dir: str | Path, max_length: int = 128) -> None:
     """A BERT-style WordPiece tokenizer of exactly `vocab` (token i has id i; it must hold every one of
     SPECIAL_TOKENS), saved so `AutoTokenizer.from_pretrained(out_dir)` loads it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]

@@ -7,10 +7,23 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from vlforge.datasets.collate import load_tokenizer, pad_token_id
-from vlforge.datasets.conversation import (IGNORE, ConversationTemplate, check_conversation, encode_conversation,
-                                           from_captions, from_questions, IMAGE_PLACEHOLDER)
-from vlforge.datasets.samples import SampleError, captions_of, decode_meta, load_image, questions_of
+from vlforge.core.tokenizers import load_tokenizer, pad_token_id
+from vlforge.datasets.conversation import (
+    IGNORE,
+    IMAGE_PLACEHOLDER,
+    ConversationTemplate,
+    check_conversation,
+    encode_conversation,
+    from_captions,
+    from_questions,
+)
+from vlforge.datasets.samples import (
+    SampleError,
+    captions_of,
+    decode_meta,
+    load_image,
+    questions_of,
+)
 from vlforge.datasets.shards import RawSample
 
 SOURCES = ("conversations", "captions", "questions")

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from vlforge.datasets.conversation import check_conversation
+from vlforge.datasets.samples import SampleError
 from vlforge.datasets.writer import ShardWriter
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -203,9 +205,6 @@ def _vqa_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample 
 
 def _conversation_samples(annotations: list[dict], image_root: Path) -> Iterator[_Sample | _Skip]:
     """LLaVA's instruction JSON (entries: id, image, conversations), one sample per entry."""
-    from vlforge.datasets.conversation import check_conversation
-    from vlforge.datasets.samples import SampleError
-
     for item in _entries_with_images(annotations, "no 'image' field (text-only conversations are not supported)"):
         if isinstance(item, _Skip):
             yield item

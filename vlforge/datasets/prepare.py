@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from vlforge.config.schema import DataConfig
+from vlforge.core.distributed import DistEnv
 from vlforge.datasets.demo import build_demo_dataset
-from vlforge.trainer.distributed import DistEnv
 
 
 def prepare_data(data: DataConfig, dist_env: DistEnv) -> None:

@@ -1,38 +1,15 @@
 """Per-sample image and text processors run inside DataLoader workers."""
-
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-
-@dataclass
-class ImageTransformConfig:
-    size: int = 224
-    train: bool = False
-    # RandomResizedCrop area fraction and aspect-ratio ranges (train only).
-    scale: tuple[float, float] = (0.5, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = False
-    randaugment: bool = False
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    # Eval: resize the shorter side to size * resize_ratio, then center-crop `size`.
-    # 1.0 resizes straight to size x size (aspect ratio not kept), as BLIP-style eval does, unless
-    # center_crop is set (CLIP and timm eval: shorter side to size, then the central square).
-    resize_ratio: float = 1.0
-    center_crop: bool = False
-    # JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still gives at least the
-    # size the transform resizes to (`size`, or `size * resize_ratio`) in both dimensions: libjpeg
-    # then skips most of the work. A training crop of a drafted image may be upsampled where the full
-    # image's would not (a crop is at least `scale[0]` of the area); set false to always decode whole.
-    draft: bool = True
+from vlforge.config.data import ImageTransformConfig, TextProcessorConfig
 
 
 class ConvertRGB:
@@ -118,15 +95,9 @@ def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
     return ImageTransform(steps, (needed, needed) if cfg.draft else None)
 
 
-@dataclass
-class TextProcessorConfig:
-    lowercase: bool = True
-    max_words: int = 50
-    strip_punctuation: bool = True
-
-
 # The punctuation set LAVIS' BlipCaptionProcessor replaces; apostrophes, commas and '?' survive.
 _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+
 _WHITESPACE = re.compile(r"\s+")
 
 

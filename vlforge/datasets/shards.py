@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-
 import webdataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 META_KEYS = ("__slot__", "__cursor__", "__events__", "__keys__")
 

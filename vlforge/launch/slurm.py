@@ -84,7 +84,7 @@ def render(job: SlurmJob) -> str:
              'echo "vlforge: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST"',
              "# One task per GPU. Each task reads its rank from SLURM_PROCID / SLURM_LOCALID, and the",
              "# rendezvous from the first node's NodeAddr and a port unique to the job and each requeue",
-             "# (vlforge/trainer/distributed.py: prepare_launch_env).",
+             "# (vlforge/core/distributed.py: prepare_launch_env).",
              f"srun --kill-on-bad-exit=1 --cpu-bind=none {shlex.quote(job.python)} launch/train.py {arguments} "
              "trainer.resume=auto", ""]
     return "\n".join(lines)

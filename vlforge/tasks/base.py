@@ -10,12 +10,12 @@ import torch.distributed as dist
 from torch import nn
 
 from vlforge.config.schema import DataConfig, SplitConfig
+from vlforge.core.distributed import DistEnv
 from vlforge.datasets.collate import Collator
 from vlforge.datasets.loader import ShardLoader
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.datasets.samples import ImageTextSample
 from vlforge.datasets.shards import DataError, RawSample, ShardStream, expand_shard_spec
-from vlforge.trainer.distributed import DistEnv
 
 
 @dataclass

@@ -8,9 +8,16 @@ import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.tasks.base import EvalResult, ImageTextTask, broadcast_object, gather_objects, lockstep, to_device
+from vlforge.core.distributed import DistEnv
+from vlforge.tasks.base import (
+    EvalResult,
+    ImageTextTask,
+    broadcast_object,
+    gather_objects,
+    lockstep,
+    to_device,
+)
 from vlforge.tasks.metrics.captioning import caption_metrics
-from vlforge.trainer.distributed import DistEnv
 
 
 class CaptionTask(ImageTextTask):

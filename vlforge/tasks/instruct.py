@@ -9,13 +9,20 @@ import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
+from vlforge.core.distributed import DistEnv
 from vlforge.datasets.conversation import IGNORE, ConversationTemplate
 from vlforge.datasets.instruct import ConversationCollator, ConversationSample
-from vlforge.tasks.base import (EvalResult, Task, broadcast_object, gather_objects, image_text_samples, lockstep,
-                                to_device)
+from vlforge.tasks.base import (
+    EvalResult,
+    Task,
+    broadcast_object,
+    gather_objects,
+    image_text_samples,
+    lockstep,
+    to_device,
+)
 from vlforge.tasks.metrics.captioning import caption_metrics
 from vlforge.tasks.metrics.vqa import vqa_metrics
-from vlforge.trainer.distributed import DistEnv
 
 
 class InstructTask(Task):

@@ -7,15 +7,26 @@ import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.datasets.collate import load_tokenizer
-from vlforge.models.contrastive import image_text_similarity
-from vlforge.tasks.base import EvalResult, ImageTextTask, gather_objects, lockstep, to_device
+from vlforge.core.distributed import DistEnv
+from vlforge.core.tokenizers import load_tokenizer
+from vlforge.models.layers.contrastive import image_text_similarity
+from vlforge.tasks.base import (
+    EvalResult,
+    ImageTextTask,
+    gather_objects,
+    lockstep,
+    to_device,
+)
 from vlforge.tasks.itm_rerank import itm_rerank
 from vlforge.tasks.metrics.classification import per_class_accuracy, topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
-from vlforge.tasks.zero_shot import (build_zero_shot_classifier, describe, load_class_names, load_templates,
-                                     zero_shot_scores)
-from vlforge.trainer.distributed import DistEnv
+from vlforge.tasks.zero_shot import (
+    build_zero_shot_classifier,
+    describe,
+    load_class_names,
+    load_templates,
+    zero_shot_scores,
+)
 
 
 class ImageTextPretrainTask(ImageTextTask):

@@ -10,12 +10,19 @@ import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.datasets.collate import load_tokenizer
+from vlforge.core.distributed import DistEnv
+from vlforge.core.tokenizers import load_tokenizer
 from vlforge.datasets.samples import VQASample
-from vlforge.tasks.base import (EvalResult, Task, broadcast_object, gather_objects, image_text_samples, lockstep,
-                                to_device)
+from vlforge.tasks.base import (
+    EvalResult,
+    Task,
+    broadcast_object,
+    gather_objects,
+    image_text_samples,
+    lockstep,
+    to_device,
+)
 from vlforge.tasks.metrics.vqa import vqa_metrics
-from vlforge.trainer.distributed import DistEnv
 
 
 def load_answer_list(answer_list: str | Sequence[str]) -> list[str]:

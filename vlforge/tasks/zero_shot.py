@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlforge.datasets.collate import load_tokenizer
-from vlforge.models.contrastive import image_text_similarity
+from vlforge.core.tokenizers import load_tokenizer
+from vlforge.models.layers.contrastive import image_text_similarity
 
 
 def load_class_names(classes: Sequence[str] | str) -> list[str]:

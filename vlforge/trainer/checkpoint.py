@@ -19,28 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vlforge.trainer.distributed import DistEnv
+from vlforge.core.checkpoints import COMPLETE, complete_checkpoints, tag_for
+from vlforge.core.distributed import DistEnv
+from vlforge.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-COMPLETE = "complete.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    found = []
-    for path in ckpt_dir.glob("step_*"):
-        marker = path / COMPLETE
-        if marker.is_file():
-            found.append((json.loads(marker.read_text())["step"], path))
-    return sorted(found)
 
 
 def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:

@@ -8,7 +8,8 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
-from vlforge.config.schema import ConfigError, RunConfig
+from vlforge.config.schema import RunConfig
+from vlforge.core.errors import ConfigError
 
 
 def resolve_precision(precision: str) -> str:

@@ -9,10 +9,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlforge.config.schema import ConfigError
+from vlforge.core.checkpoints import consolidated_state_dict, resolve_checkpoint
+from vlforge.core.errors import ConfigError
+from vlforge.core.state_dict import load_into_model
 from vlforge.trainer.run import start_session
 from vlforge.trainer.tracking import Tracker
-from vlforge.trainer.weights import consolidated_state_dict, load_into_model, resolve_checkpoint
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -6,7 +6,8 @@ import importlib
 import os
 import sys
 
-from vlforge.trainer.distributed import prepare_launch_env
+from vlforge.config.recipes import RECIPES_DIR
+from vlforge.core.distributed import prepare_launch_env
 
 
 def launch(config_name: str, entry: str) -> None:
@@ -16,8 +17,6 @@ def launch(config_name: str, entry: str) -> None:
     sys.argv = prepare_launch_env(sys.argv)
     import hydra
     from omegaconf import DictConfig
-
-    from vlforge.config.recipes import RECIPES_DIR
 
     module, function = entry.split(":")
 

@@ -14,10 +14,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlforge.config.schema import RunConfig
+from vlforge.core.distributed import DistEnv
 from vlforge.datasets.loader import ShardLoader
 from vlforge.tasks.base import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
-from vlforge.trainer.distributed import DistEnv
 from vlforge.trainer.preemption import StopRequest
 from vlforge.trainer.tracking import Tracker
 

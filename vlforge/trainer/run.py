@@ -13,12 +13,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlforge.config.schema import RunConfig, validate_config
+from vlforge.core.distributed import DistEnv, init_distributed, read_dist_env
+from vlforge.core.errors import CheckpointError
 from vlforge.datasets.prepare import prepare_data
-from vlforge.models.vision import check_tower_precision
+from vlforge.models.towers.base import check_tower_precision
 from vlforge.tasks.base import Task
-from vlforge.trainer.checkpoint import CheckpointError, load_checkpoint, resolve_resume, set_rng_state
-from vlforge.trainer.distributed import DistEnv, init_distributed, read_dist_env
-from vlforge.trainer.engine import batch_arithmetic, build_engine, deepspeed_config, model_init_context, resolve_precision
+from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+from vlforge.trainer.engine import (
+    batch_arithmetic,
+    build_engine,
+    deepspeed_config,
+    model_init_context,
+    resolve_precision,
+)
 from vlforge.trainer.loop import Trainer
 from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job
 from vlforge.trainer.tracking import Tracker

@@ -1,177 +1,25 @@
-"""A checkpoint's model weights as one full state dict, and loading such a dict into a (possibly
-ZeRO-3 partitioned) model: what evaluation and export need, whatever stage and world size trained it."""
+"""`trainer.init_from`: a model started from other weights before training."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import contextlib
-import importlib
-import json
-from pathlib import Path
-from typing import Callable, Iterable
-
-import torch
 from torch import nn
 
-from vlforge.trainer.checkpoint import COMPLETE, CheckpointError, complete_checkpoints
-from vlforge.trainer.distributed import default_ds_accelerator
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A `checkpoints/step_N` directory as given, or the newest complete one of a run directory (or of
-    its `checkpoints/`)."""
-    path = Path(path)
-    if (path / COMPLETE).is_file():
-        return path
-    for ckpt_dir in (path / "checkpoints", path):
-        found = complete_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []
-        if found:
-            return found[-1][1]
-    if path.is_dir() and path.name.startswith("step_"):
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE}): a save was interrupted")
-    raise CheckpointError(f"no complete checkpoint at {path} (expected a checkpoints/step_N directory or a run directory)")
-
-
-def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model state (parameters, frozen ones included, and persistent buffers)."""
-    if any(step_dir.glob("zero_pp_rank_*_optim_states.pt")):
-        default_ds_accelerator()  # outside a launcher (export, load_model) on a machine without CUDA
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # ZeRO-1/2/3: the fp32 master partitions of every rank, joined.
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name))
-    model_files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
-    if not model_files:
-        raise CheckpointError(f"{step_dir} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    # Without ZeRO every rank held the whole model, in the training dtype.
-    state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a vlforge run/checkpoint directory, an HF-style model directory, or a file
-    (.safetensors, or a torch pickle whose weights may sit under "model", "state_dict" or "module")."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / COMPLETE).is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")):
-            return consolidated_state_dict(resolve_checkpoint(path))
-        for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json"):
-            if (path / name).is_file():
-                return read_weights(path / name)
-        raise CheckpointError(f"{path}: neither a vlforge run/checkpoint nor a model directory "
-                              "(model.safetensors or pytorch_model.bin, whole or sharded with an .index.json)")
-    if not path.is_file():
-        raise CheckpointError(f"no weights at {path}")
-    if path.name.endswith(".index.json"):
-        return _read_shards(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    # Only load checkpoints you trust: LAVIS and DeepSpeed files hold pickled objects besides tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors")
-    return state
-
-
-def _read_shards(index: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a sharded HF checkpoint: every shard its `.index.json` names, each checked to
-    hold the keys the index places in it."""
-    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (index.parent / shard).is_file():
-            raise CheckpointError(f"{index} names the shard {index.parent / shard}, which is missing")
-        part = read_weights(index.parent / shard)
-        absent = [k for k, s in weight_map.items() if s == shard and k not in part]
-        if absent:
-            raise CheckpointError(f"shard {index.parent / shard} lacks {absent[:5]} ({len(absent)}), which {index.name} places there")
-        state.update(part)
-    return state
-
-
-def _fit_position_embeddings(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ViT position embeddings of another image size, resampled to the model's grid (bicubic, the
-    class token kept), as BLIP does when it finetunes its 224 px pretraining at 384 px."""
-    out = dict(state_dict)
-    for key, target in expected.items():
-        source = state_dict.get(key)
-        if (not key.endswith("pos_embed") or source is None or source.shape == target.shape or source.ndim != 3
-                or source.shape[-1] != target.shape[-1]):
-            continue
-        from timm.layers import resample_abs_pos_embed
-
-        prefix = 1  # the class token: BLIP / ALBEF / CLIP ViTs carry one
-        side = round((target.shape[1] - prefix) ** 0.5)
-        if side * side + prefix != target.shape[1]:
-            continue  # not a square grid after one class token: left for the shape check to report
-        out[key] = resample_abs_pos_embed(source.float(), [side, side], num_prefix_tokens=prefix).to(source.dtype)
-    return out
-
-
-@dataclass
-class LoadReport:
-    """What a load left aside: checkpoint keys the model lacks, and (partial loads only) model weights
-    the checkpoint lacks or holds in another shape, which keep their initialisation."""
-    unexpected: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-
-def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False,
-                    partial: bool = False, allow_missing: Iterable[str] = ()) -> LoadReport:
-    """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
-    has wrapped it). Every model key must be there with its shape unless `partial`, but for the keys
-    in `allow_missing` (which keep their initialisation); checkpoint keys the model does not have are
-    an error unless `allow_unexpected`."""
-    allow_missing = set(allow_missing)
-    params = list(module.parameters())
-    partitioned = any(hasattr(p, "ds_id") for p in params)
-    if partitioned:
-        import deepspeed
-
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    else:
-        context = contextlib.nullcontext()
-    with context:
-        expected = module.state_dict()
-        state_dict = _fit_position_embeddings(state_dict, expected)
-        kept = [k for k in expected if k not in state_dict and k in allow_missing]  # keep their initialisation
-        missing = [k for k in expected if k not in state_dict and k not in allow_missing]
-        unexpected = sorted(k for k in state_dict if k not in expected)
-        mismatched = [k for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]
-        if ((missing or shapes) and not partial) or (unexpected and not allow_unexpected):
-            raise CheckpointError(f"checkpoint does not fit {type(module).__name__}: missing {missing[:10]} "
-                                  f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), "
-                                  f"shape mismatches {shapes[:10]}")
-        fitting = {k: v for k, v in state_dict.items() if k in expected and k not in mismatched}
-        if not fitting:
-            raise CheckpointError(f"checkpoint has no weight that fits {type(module).__name__}")
-        module.load_state_dict(fitting, strict=not (partial or kept))
-    return LoadReport(unexpected, missing, mismatched)
-
-
-def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """"package.module:function" (or "package.module.function") -> the function."""
-    module, _, name = dotted.partition(":") if ":" in dotted else dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise CheckpointError(f"trainer.init_converter: cannot import {dotted!r} ({err})") from None
+from vlforge.core.state_dict import (
+    LoadReport,
+    load_into_model,
+    read_weights,
+    resolve_converter,
+)
+from vlforge.models.towers.pos_embed import fit_position_embeddings
 
 
 def init_weights(module: nn.Module, init_from: str, converter: str | None = None, partial: bool = False) -> tuple[int, LoadReport]:
     """Start `module` from other weights (`trainer.init_from`); returns (weights loaded, what was left
     aside). `partial` (`trainer.init_partial`) lets model weights the checkpoint lacks or shapes
-    differently keep their initialisation."""
+    differently keep their initialisation. ViT position embeddings of another image size are resampled
+to the model's grid."""
     state = read_weights(init_from)
     if converter:
         state = resolve_converter(converter)(state)
+    state = fit_position_embeddings(state, module)
     report = load_into_model(module, state, allow_unexpected=True, partial=partial)
     return len(state) - len(report.unexpected) - len(report.mismatched), report

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
-from vlforge.trainer.distributed import prepare_launch_env  # noqa: E402
+from vlforge.core.distributed import prepare_launch_env  # noqa: E402
 
 sys.argv = prepare_launch_env(sys.argv)
 
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from vlforge.config.recipes import compose_recipe  # noqa: E402
 from vlforge.config.schema import validate_config  # noqa: E402
-from vlforge.trainer.distributed import init_distributed, read_dist_env  # noqa: E402
+from vlforge.core.distributed import init_distributed, read_dist_env  # noqa: E402
 from vlforge.trainer.engine import build_engine, deepspeed_config, model_init_context  # noqa: E402
 
 STEPS, MOMENTUM = 4, 0.9

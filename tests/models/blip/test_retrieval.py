@@ -1,0 +1,82 @@
+"""BLIP retrieval loaded from transformers' BlipForImageTextRetrieval: same ITC and ITM scores."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BlipForImageTextRetrieval
+
+from tests.models.tiny_blip import TEXT, VISION, VOCAB, hf_config, images
+from vlforge.models.blip.convert import blip_retrieval_from_hf
+from vlforge.models.blip.retrieval import BlipRetrieval
+from vlforge.models.layers.convert import load_mapped
+from vlforge.models.layers.itm import sample_hard_negatives
+
+EMBED = 16
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[BlipForImageTextRetrieval, BlipRetrieval]:
+    torch.manual_seed(0)
+    hf = BlipForImageTextRetrieval(hf_config(image_text_hidden_size=EMBED)).eval()
+    ours = BlipRetrieval(VISION, TEXT, embed_dim=EMBED).eval()
+    load_mapped(ours, blip_retrieval_from_hf(hf.state_dict()), ignore=("logit_scale",))
+    return hf, ours
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    pixels, normalised = images(3, seed=5)
+    ids = torch.randint(3, VOCAB, (3, 8), generator=gen)
+    ids[:, 0] = 1
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    ids[2, 5:] = 0
+    return pixels, normalised, ids, mask
+
+
+def test_itm_scores_match(pair) -> None:
+    hf, ours = pair
+    pixels, normalised, ids, mask = _batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=normalised, attention_mask=mask, use_itm_head=True).itm_score
+        tokens, _ = ours.image_features(pixels)
+        got = ours.itm_logits(tokens, ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_itc_similarities_match(pair) -> None:
+    hf, ours = pair
+    pixels, normalised, ids, mask = _batch()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=normalised, attention_mask=mask, use_itm_head=False).itm_score
+        feats = ours.extract_features({"image": pixels, "text_input_ids": ids, "text_attention_mask": mask})
+    torch.testing.assert_close(feats["image_embeds"] @ feats["text_embeds"].t(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_step_has_both_losses_and_gradients(pair) -> None:
+    _, ours = pair
+    pixels, _, ids, mask = _batch()
+    ours.train()
+    out = ours({"image": pixels, "text_input_ids": ids, "text_attention_mask": mask})
+    out.loss.backward()
+    ours.eval()
+    assert set(out.losses) == {"itc", "itm"} and torch.isfinite(out.loss)
+    assert ours.itm_head.weight.grad.abs().sum() > 0 and ours.logit_scale.log_scale.grad.abs().sum() > 0
+    ours.zero_grad()
+
+
+def test_hard_negatives_are_never_the_positive_and_prefer_similar() -> None:
+    sim = torch.tensor([[5.0, 4.0, -9.0], [0.0, 5.0, 0.0], [-9.0, 4.0, 5.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, gen) for _ in range(200)])
+    assert (draws != torch.arange(3)).all()
+    assert (draws[:, 0] == 1).float().mean() > 0.95  # row 0: column 1 is far more similar than column 2
+
+
+def test_hard_negatives_skip_identical_texts() -> None:
+    # Column 1 is row 0's most similar, but its text reads like row 0's: it is no negative.
+    sim = torch.tensor([[5.0, 4.9, 0.0, -1.0], [4.9, 5.0, 0.0, -1.0], [0.0, 0.0, 5.0, 1.0], [-1.0, -1.0, 1.0, 5.0]])
+    same = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_hard_negatives(sim, gen, positives=same) for _ in range(200)])
+    assert not same[torch.arange(4), draws].any()

@@ -1,0 +1,245 @@
+"""`load_model` and `load_model_and_preprocess`: a zoo model, or any vlforge run or export, built from
+its recipe and loaded with its weights, ready for `generate`, `predict_answers` and the encoders.
+
+    model, vis, txt = load_model_and_preprocess("blip_caption", "base_coco", device="cuda")
+    model.generate({"image": vis["eval"](pil_image)[None].cuda()})
+
+The weights are found in this order: `checkpoint=` (a vlforge run, checkpoint or export directory, or
+an HF-format model directory for the hub entries), then the cache (`$VLFORGE_HOME/models/<name>/<type>`),
+then the hub when online. Tokenizers come with the weights, never from a second download.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vlforge.config.recipes import compose_recipe
+from vlforge.config.schema import validate_config
+from vlforge.core.checkpoints import (
+    COMPLETE,
+    consolidated_state_dict,
+    resolve_checkpoint,
+)
+from vlforge.core.errors import CheckpointError
+from vlforge.core.state_dict import load_into_model, read_weights, resolve_converter
+from vlforge.datasets.processors import TextProcessor, build_image_transform
+from vlforge.hub.dimensions import apply_dimensions
+from vlforge.hub.export import is_export, read_export, run_config
+from vlforge.hub.sources import (
+    WeightsNotFoundError,
+    hf_model_dir,
+    missing_files,
+    url_model_dir,
+    weights_file,
+)
+from vlforge.hub.zoo import ZooEntry, find_entry
+from vlforge.models.language.quantize import quant_bits, quantize_language_model
+from vlforge.models.towers.pos_embed import fit_position_embeddings
+
+
+@dataclass
+class _Resolved:
+    cfg: DictConfig  # a composed recipe: its model and data nodes are read
+    state: dict[str, torch.Tensor]  # already in the model's key names
+    source: str
+    keep_initialised: tuple[str, ...] = ()  # model keys the source has no value for (ZooEntry.ignore)
+
+
+def _is_vlforge(path: Path) -> bool:
+    return (is_export(path) or (path / "config.yaml").is_file() or (path / COMPLETE).is_file()
+            or (path / "checkpoints").is_dir())
+
+
+def _recipe_target(entry: ZooEntry) -> str:
+    return str(compose_recipe(entry.recipe, list(entry.overrides)).model._target_)
+
+
+def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
+    if is_export(path):
+        cfg, state = read_export(path)
+    else:
+        step_dir = resolve_checkpoint(path)
+        cfg, state = run_config(step_dir), consolidated_state_dict(step_dir)
+    expected, found = _recipe_target(entry), str(cfg.model.get("_target_"))
+    if found != expected:
+        raise ValueError(f"{path} holds a {found.rpartition('.')[2]} (recipe {cfg.get('name')}); "
+                         f"{entry.name}/{entry.model_type} is a {expected.rpartition('.')[2]}")
+    return _Resolved(cfg, state, str(path))
+
+
+def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
+    directory = directory.resolve()
+    missing = missing_files(directory, entry)
+    if missing:
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {directory / missing[0]} is missing "
+                                   f"(the directory needs {', '.join(entry.files)} and one of {', '.join(entry.weights)})")
+    cfg = compose_recipe(entry.recipe, [*entry.overrides, f"data.tokenizer={directory}"])
+    if entry.dimensions is not None:
+        apply_dimensions(cfg, entry.dimensions, directory)
+    state = resolve_converter(entry.converter)(read_weights(weights_file(directory, entry)))
+    return _Resolved(cfg, state, str(directory), entry.ignore)
+
+
+def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+        if _is_vlforge(path):
+            return _from_vlforge(entry, path)
+        if entry.kind not in ("hf", "url"):
+            raise CheckpointError(f"checkpoint={path}: {entry.name}/{entry.model_type} loads a vlforge run, "
+                                  f"checkpoint or export directory (config.yaml, complete.json or export.json)")
+        return _from_hf(entry, path)
+    if entry.kind == "run":
+        path = Path(entry.location)
+        if not path.exists():
+            raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no run at {path.resolve()}; train it first "
+                                       f"(deepspeed launch/train.py recipe={entry.recipe}) or pass checkpoint=")
+        return _from_vlforge(entry, path)
+    # A "url:" entry loads as an "hf:" one, its dimensions from the recipe (ZooEntry.dimensions None).
+    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry))
+
+
+# The image tower's dtype option (vision.py TOWER_DTYPES) for each LM compute dtype.
+_TOWER_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class LanguageModelPlacement:
+    """How `load_model` holds a model's language model: quantized (`bits` 4 or 8, computing in
+    `compute_dtype`, the image tower held in it too) or spread over GPUs (`device_map`)."""
+
+    bits: int | None = None
+    compute_dtype: str | None = None
+    device_map: str | dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.bits is not None or self.device_map is not None
+
+
+def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device: torch.device) -> tuple[DictConfig, str | None]:
+    """The config to build with, and the compute dtype of a quantized LM."""
+    if not placement.active:
+        return cfg, None
+    target = str(cfg.model.get("_target_")).rpartition(".")[2]
+    if "language_model" not in cfg.model:
+        raise ValueError(f"load_4bit / load_8bit / device_map apply to a model with a language model (blip2_opt, "
+                         f"llava); {target} has none")
+    if placement.device_map is not None and importlib.util.find_spec("accelerate") is None:
+        # Checked before anything is built or read: the model would otherwise load whole first.
+        raise ImportError("device_map= places the language model through accelerate, which is not installed: "
+                          "pip install 'vlforge[quant]' (or pip install accelerate)")
+    if placement.bits is None:
+        return cfg, None
+    if placement.device_map is not None:
+        raise ValueError("load_4bit / load_8bit with device_map: quantize onto one device (device=...); "
+                         "a 4-bit LM of 7B parameters fits one GPU")
+    compute_dtype = placement.compute_dtype or ("float16" if device.type == "cuda" else "bfloat16")
+    if compute_dtype not in _TOWER_DTYPE:
+        raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {', '.join(_TOWER_DTYPE)}")
+    cfg = copy.deepcopy(cfg)
+    # The seed's loader: the tower in the half precision the LM computes in; a run's own quantize-at-load
+    # (QLoRA) options are off, since its weights load in full precision first.
+    OmegaConf.update(cfg, "model.vision.dtype", _TOWER_DTYPE[compute_dtype], force_add=True)
+    for key in ("load_4bit", "load_8bit"):
+        if key in cfg.model:
+            cfg.model[key] = False
+    return cfg, compute_dtype
+
+
+def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, compute_dtype: str | None,
+                          device: torch.device) -> None:
+    if placement.bits is not None:
+        if getattr(model, "lora", False):
+            # LoRA adapters are merged into the weights they adapt, which are then quantized.
+            model.language_model = model.language_model.merge_and_unload()
+            model.lora = False
+        quantize_language_model(model.language_model, placement.bits, compute_dtype, device)
+    if placement.device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        lm = model.language_model
+        device_map = placement.device_map
+        if device_map == "auto":
+            device_map = infer_auto_device_map(lm, no_split_module_classes=getattr(lm, "_no_split_modules", None))
+        dispatch_model(lm, device_map=dict(device_map))
+
+
+def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
+           placement: LanguageModelPlacement = LanguageModelPlacement()) -> nn.Module:
+    device = torch.device(device)
+    cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
+    model = instantiate(cfg.model, _convert_="all")
+    try:
+        # Strict (every key both ways, every shape) but for the model keys the source never has.
+        state = fit_position_embeddings(resolved.state, model)
+        load_into_model(model, state, allow_missing=resolved.keep_initialised)
+    except CheckpointError as err:
+        raise CheckpointError(f"{resolved.source}: {err}") from None
+    _place_language_model(model, placement, compute_dtype, device)
+    _to_device(model, device)
+    return model.eval() if is_eval else model
+
+
+def _to_device(model: nn.Module, device: torch.device) -> None:
+    """`model.to(device)`, but for submodules accelerate has placed (an LM loaded or dispatched with a
+    `device_map`), which stay where they are. Layers quantized onto `device` are already there."""
+    placed = {id(m) for m in model.modules() if getattr(m, "hf_device_map", None)}
+    if not placed:
+        model.to(device)
+        return
+    for child in model.children():
+        if not any(id(m) in placed for m in child.modules()):
+            child.to(device)
+
+
+def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
+               checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
+               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None) -> nn.Module:
+    """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
+    unless `is_eval=False`. `checkpoint`: a local directory to load instead of the zoo's (a vlforge run,
+    checkpoint or export, or an HF / open_clip model directory for the hub entries).
+
+    For a model with a language model (blip2_opt, llava): `load_4bit` / `load_8bit` quantize the LM's
+    linear layers with bitsandbytes (nf4 with double quantization / LLM.int8) onto `device`, its head
+    and embeddings unquantized, and hold the image tower in `compute_dtype` (default float16 on a GPU,
+    bfloat16 on the CPU); `device_map="auto"` (or a map) spreads the LM over the visible GPUs with
+    accelerate."""
+    entry = find_entry(name, model_type)
+    return _build(_resolve(entry, checkpoint), is_eval, device, _placement(load_4bit, load_8bit, compute_dtype, device_map))
+
+
+def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,
+               device_map: str | dict[str, Any] | None) -> LanguageModelPlacement:
+    return LanguageModelPlacement(quant_bits(load_4bit, load_8bit), compute_dtype, device_map)
+
+
+def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable]]:
+    """The recipe's image and text processors, {"train": ..., "eval": ...} each, as training uses them:
+    images become uint8 [3, H, W] tensors (the model normalises), texts are normalised strings."""
+    data = validate_config(cfg).data
+    vis = {"train": build_image_transform(data.train_image), "eval": build_image_transform(data.eval_image)}
+    text = TextProcessor(data.text)
+    return vis, {"train": text, "eval": text}
+
+
+def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
+                              checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
+                              compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+                              ) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
+    """(model, image processors, text processors) of `load_model`, the processors from the same recipe."""
+    entry = find_entry(name, model_type)
+    resolved = _resolve(entry, checkpoint)
+    vis, txt = processors(resolved.cfg)
+    placement = _placement(load_4bit, load_8bit, compute_dtype, device_map)
+    return _build(resolved, is_eval, device, placement), vis, txt

@@ -1,0 +1,116 @@
+"""BLIP-2 stage 2: the Q-Former's queries, projected, become a visual prefix to a frozen causal LM.
+
+Any transformers AutoModelForCausalLM serves (OPT, Llama, GPT-2, ...): from a local directory or hub
+id (`language_model.pretrained`), or built from a config (`language_model.config`, tiny and random
+in tests and the demo). The batch's text must be tokenized with the LM's own tokenizer.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from vlforge.core.tokenizers import end_token_id, load_tokenizer
+from vlforge.models.blip.decoder import lm_labels
+from vlforge.models.blip2.pretrain import QueryImageEncoder
+from vlforge.models.language.causal_lm import build_causal_lm, prompt_token_count
+from vlforge.models.layers.zero_init import outside_zero_init
+from vlforge.models.output import ModelOutput
+
+
+class Blip2CausalLM(nn.Module):
+    """Stage-2 BLIP-2: loss `lm` over the text after the visual prefix (and after the prompt).
+
+    The LM is frozen by default (`freeze_language_model`), kept in eval mode so its dropout is off,
+    as BLIP-2 trains only the Q-Former, the tower's LayerNorm and the projection.
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        qformer: Mapping[str, Any],
+        language_model: Mapping[str, Any],
+        tokenizer: str | None = None,
+        prompt: str = "",
+        freeze_language_model: bool = True,
+    ) -> None:
+        super().__init__()
+        # Stage 2 feeds no text to the Q-Former, so it carries no text embedding or text feed-forward.
+        self.encoder = QueryImageEncoder(vision, {**qformer, "vocab_size": None})
+        # transformers initialises (and from_pretrained loads) weights after building each module,
+        # which zero.Init's empty placeholders would swallow: the LM is built whole, and
+        # deepspeed.initialize partitions it, broadcasting rank 0's values.
+        with outside_zero_init():
+            self.language_model = build_causal_lm(**language_model)
+        self.language_projection = nn.Linear(self.encoder.qformer.width, self.language_model.config.hidden_size)
+        self.freeze_language_model = freeze_language_model
+        if freeze_language_model:
+            self.language_model.requires_grad_(False)
+            self.language_model.eval()
+        self.tokenizer_name, self.prompt = tokenizer, prompt
+        self.prompt_length = 0 if tokenizer is None else prompt_token_count(tokenizer, prompt)
+
+    def train(self, mode: bool = True) -> "Blip2CausalLM":
+        super().train(mode)
+        if self.freeze_language_model:
+            self.language_model.eval()
+        return self
+
+    def visual_prefix(self, image: torch.Tensor) -> torch.Tensor:
+        """[B, num_queries, LM width]: the inputs the LM reads before the text."""
+        return self.language_projection(self.encoder(image)[1])
+
+    def _inputs(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.visual_prefix(image)
+        # With a device_map the LM's embeddings may sit on another device than the Q-Former.
+        embed = self.language_model.get_input_embeddings()
+        text = embed(input_ids.to(embed.weight.device))
+        embeds = torch.cat([prefix.to(device=text.device, dtype=text.dtype), text], dim=1)
+        attention_mask = attention_mask.to(text.device)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=text.device),
+                          attention_mask], dim=1)
+        return embeds, mask
+
+    def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
+        ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+        embeds, full_mask = self._inputs(batch["image"], ids, mask)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
+        # The last query predicts the first text token, so an LM without a bos token learns it too.
+        text_logits = logits[:, embeds.shape[1] - ids.shape[1] - 1 : -1]
+        labels = lm_labels(ids, mask, batch.get("text_prompt_length", self.prompt_length)).to(text_logits.device)
+        lm = F.cross_entropy(text_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(loss=lm, losses={"lm": lm.detach()})
+
+    @torch.no_grad()
+    def generate_ids(self, image: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 30, **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids [B, <= max_new_tokens] after the visual prefix and `prompt_ids` (which start
+        with the tokenizer's bos, if it has one), by the LM's own `generate` (greedy unless told)."""
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        embeds, mask = self._inputs(image, prompt_ids, prompt_mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                            max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 5,
+                 max_length: int = 30, min_length: int = 1, top_p: float = 0.9,
+                 repetition_penalty: float = 1.0) -> list[str]:
+        """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt; LAVIS's
+        arguments (lengths count new tokens). With several ranks every rank keeps stepping until all
+        are done (transformers' synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
+        if self.tokenizer_name is None:
+            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
+
+        tok = load_tokenizer(self.tokenizer_name)
+        image = samples["image"]
+        prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
+        eos = end_token_id(tok)
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_length, min_new_tokens=min_length,
+                                num_beams=num_beams, do_sample=use_nucleus_sampling,
+                                top_p=top_p if use_nucleus_sampling else None, repetition_penalty=repetition_penalty,
+                                eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=synced)
+        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
