@@ -40,9 +40,10 @@ from vlforge.hub.sources import (
     url_model_dir,
     weights_file,
 )
-from vlforge.hub.zoo import ZooEntry, find_entry
+from vlforge.hub.zoo import find_entry
 from vlforge.models.language.quantize import quant_bits, quantize_language_model
 from vlforge.models.towers.pos_embed import fit_position_embeddings
+from vlforge.models.zoo_entry import ZooEntry
 
 
 @dataclass

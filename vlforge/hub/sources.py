@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from vlforge.hub.zoo import ZooEntry
+from vlforge.models.zoo_entry import ZooEntry
 
 _TRUE = ("1", "true", "yes", "on")
 

@@ -1,0 +1,46 @@
+"""A row of the model zoo: a (name, model type) pair, the recipe that builds the model and where its
+weights come from. Each family lists its rows in its own zoo.py; vlforge.hub.zoo joins them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    model_type: str
+    recipe: str  # recipes/recipe/<recipe>.yaml: the model node and the image / text processors
+    description: str
+    # Where the weights are: "hf:<repo id>" (an HF-format model directory: its config.json decides the
+    # dimensions and its tokenizer files come along), "url:<address>" (one weights file, saved as
+    # `weights[0]`; the recipe sets the dimensions) or "run:<directory>" (a vlforge run or export,
+    # relative to the working directory).
+    source: str
+    # "module:function" mapping the source's keys to the model's (none for vlforge runs).
+    converter: str | None = None
+    # Files of an "hf:" source that loading needs besides one weights file, and the weights files to
+    # look for, in order (vlforge.hub.sources).
+    files: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    # The hub repo a "url:" source's `files` (its tokenizer) come from; its weights come from the url.
+    files_repo: str | None = None
+    # Which of the source's config files sets the model's dimensions: "blip" / "blip2" (transformers'
+    # config.json) or "open_clip" (open_clip_config.json); none: the recipe's (vlforge.hub.dimensions).
+    dimensions: str | None = None
+    # Model keys the source has no value for, which keep their initialisation (HF BLIP retrieval keeps
+    # no temperature: logit_scale).
+    ignore: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # Hydra overrides on top of the recipe
+
+    @property
+    def kind(self) -> str:
+        return self.source.partition(":")[0]
+
+    @property
+    def location(self) -> str:
+        return self.source.partition(":")[2]
+
+
+def demo_run(name: str, recipe: str, description: str) -> ZooEntry:
+    """The `demo` type of `name`: the run the `_demo` recipe leaves in runs/ (train it first)."""
+    return ZooEntry(name, "demo", recipe, description, f"run:runs/{recipe}")
