@@ -9,6 +9,7 @@ from torch import nn
 
 from vlforge.config.schema import DataConfig
 from vlforge.core.distributed import DistEnv
+from vlforge.models.protocols import TextGenerator, require
 from vlforge.tasks.base import (
     EvalResult,
     ImageTextTask,
@@ -35,12 +36,13 @@ class CaptionTask(ImageTextTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+        generator = require(model, TextGenerator, "the caption task")
         device = next(model.parameters()).device
         local: dict[str, list[Any]] = {"image_id": [], "caption": [], "references": []}
         pixels: list[torch.Tensor] = []
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
-            captions = model.generate(batch, **self.generate_kwargs)
+            captions = generator.generate(batch, **self.generate_kwargs)
             if not real:
                 continue
             if "captions" not in batch:

@@ -12,6 +12,7 @@ from vlforge.config.schema import DataConfig
 from vlforge.core.distributed import DistEnv
 from vlforge.datasets.conversation import IGNORE, ConversationTemplate
 from vlforge.datasets.instruct import ConversationCollator, ConversationSample
+from vlforge.models.protocols import PromptedGenerator, require
 from vlforge.tasks.base import (
     EvalResult,
     Task,
@@ -52,6 +53,7 @@ class InstructTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+        generator = require(model, PromptedGenerator, "the instruct task")
         device = next(model.parameters()).device
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.float64)
@@ -60,11 +62,11 @@ class InstructTask(Task):
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
             # The image tower runs once for both the loss and the answers.
-            batch["image_features"] = model.image_features(batch["image"])
+            batch["image_features"] = generator.image_features(batch["image"])
             # The model's loss is the mean over the scored tokens (the answers); weighted by their count
             # here, so the split's loss is the mean over all its answer tokens.
             mean_loss = model(batch).loss
-            predictions = model.generate(batch, **self.generate_kwargs)
+            predictions = generator.generate(batch, **self.generate_kwargs)
             if not real:
                 continue
             scored = (batch["labels"][:, 1:] != IGNORE).sum().double().cpu()

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from vlforge.models.protocols import ImageTextMatcher
 from vlforge.tasks.base import gather_objects
 
 # Below any re-ranked score (an ITM logit plus a cosine similarity): candidates outside the top-k keep
@@ -26,7 +26,7 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _rescore(model: nn.Module, sim: torch.Tensor, k: int, pairs_per_forward: int, score_rows) -> torch.Tensor:
+def _rescore(model: ImageTextMatcher, sim: torch.Tensor, k: int, pairs_per_forward: int, score_rows) -> torch.Tensor:
     """Fill this rank's rows of a [rows, cols] matrix with `score_rows(rows, top_indices)` + ITC."""
     rank, world = _rank_and_world()
     rows = list(range(rank, sim.shape[0], world))
@@ -49,7 +49,7 @@ def _rescore(model: nn.Module, sim: torch.Tensor, k: int, pairs_per_forward: int
 
 
 @torch.no_grad()
-def itm_rerank(model: nn.Module, sim_i2t: torch.Tensor, image_tokens: Sequence[torch.Tensor], captions: Sequence[str],
+def itm_rerank(model: ImageTextMatcher, sim_i2t: torch.Tensor, image_tokens: Sequence[torch.Tensor], captions: Sequence[str],
                tokenizer, max_len: int, k: int, device: torch.device,
                pairs_per_forward: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(i2t [images, texts], t2i [texts, images]) re-ranked score matrices; outside each row's top-k

@@ -10,6 +10,7 @@ from vlforge.config.schema import DataConfig
 from vlforge.core.distributed import DistEnv
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.models.layers.contrastive import image_text_similarity
+from vlforge.models.protocols import FeatureExtractor, ImageTextMatcher, require
 from vlforge.tasks.base import (
     EvalResult,
     ImageTextTask,
@@ -63,24 +64,24 @@ class ImageTextPretrainTask(ImageTextTask):
         device = next(model.buffers(), torch.empty(0)).device
         tok = load_tokenizer(data.tokenizer)
         rerank = self.retrieval and self.itm_rerank_k > 0
-        if rerank and not (hasattr(model, "itm_match_scores") and hasattr(model, "image_features")):
-            raise ValueError(f"task.itm_rerank_k needs a model with an ITM head; {type(model).__name__} has none")
+        features = require(model, FeatureExtractor, f"the {self.__class__.__name__} evaluation")
+        matcher = require(model, ImageTextMatcher, "task.itm_rerank_k > 0") if rerank else None
         local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": [],
                                        "caption": [], "itm_tokens": []}
         pixels: list[torch.Tensor] = []  # the first few images of this rank, for the predictions table
         for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
             batch = to_device(batch, device)
             if rerank:  # one tower forward for both: the ITC embeddings and what ITM reads
-                itm_tokens, image_embeds = model.image_features(batch["image"])
+                itm_tokens, image_embeds = matcher.image_features(batch["image"])
                 itm_tokens, image_embeds = itm_tokens.cpu(), image_embeds.float().cpu()
             else:
                 itm_tokens = None
-                image_embeds = model.extract_features(batch, mode="image")["image_embeds"].float().cpu()
+                image_embeds = features.extract_features(batch, mode="image")["image_embeds"].float().cpu()
             text_embeds = None
             if self.retrieval and "captions" in batch:
                 flat = [c for caps in batch["captions"] for c in caps]
                 tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
-                text_embeds = model.extract_features(
+                text_embeds = features.extract_features(
                     {"text_input_ids": tokens["input_ids"].to(device), "text_attention_mask": tokens["attention_mask"].to(device)},
                     mode="text",
                 )["text_embeds"].float().cpu()
@@ -128,7 +129,7 @@ class ImageTextPretrainTask(ImageTextTask):
             wording = merged["caption"] if self.retrieval_match == "wording" else None
             result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners, captions=wording).items()})
             if rerank:
-                i2t, t2i = itm_rerank(model, sim, merged["itm_tokens"], merged["caption"], tok, data.max_text_len,
+                i2t, t2i = itm_rerank(matcher, sim, merged["itm_tokens"], merged["caption"], tok, data.max_text_len,
                                       self.itm_rerank_k, device)
                 result.metrics.update({f"retrieval_itm_{k}": v for k, v in recall_at_k(i2t, owners, sim_t2i=t2i, captions=wording).items()})
         return result

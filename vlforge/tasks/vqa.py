@@ -13,6 +13,7 @@ from vlforge.config.schema import DataConfig
 from vlforge.core.distributed import DistEnv
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.datasets.samples import VQASample
+from vlforge.models.protocols import AnswerPredictor, AnswerRanker, require
 from vlforge.tasks.base import (
     EvalResult,
     Task,
@@ -63,15 +64,16 @@ class VQATask(Task):
     def _answer(self, model: nn.Module, image: torch.Tensor, questions: dict[str, torch.Tensor],
                 candidates: dict[str, torch.Tensor] | None) -> list[str]:
         if self.mode == "generate":
-            return model.predict_answers({"image": image, **questions}, max_length=self.max_answer_length,
+            return require(model, AnswerPredictor, "task.mode=generate").predict_answers({"image": image, **questions}, max_length=self.max_answer_length,
                                          num_beams=self.num_beams)
-        best = model.rank_answers(image, questions["question_input_ids"], questions["question_attention_mask"],
+        best = require(model, AnswerRanker, "task.mode=rank").rank_answers(image, questions["question_input_ids"], questions["question_attention_mask"],
                                   candidates["input_ids"], candidates["attention_mask"], k=self.rank_k,
                                   image_index=questions["question_sample_index"])
         return [self.answer_list[i] for i in best.tolist()]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+        require(model, AnswerRanker if self.mode == "rank" else AnswerPredictor, f"task.mode={self.mode}")
         device = next(model.parameters()).device
         tok = load_tokenizer(data.tokenizer)
         candidates = None

@@ -7,10 +7,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.models.layers.contrastive import image_text_similarity
+from vlforge.models.protocols import FeatureExtractor
 
 
 def load_class_names(classes: Sequence[str] | str) -> list[str]:
@@ -43,7 +43,7 @@ def load_templates(templates: Sequence[str] | str) -> list[str]:
 
 @torch.no_grad()
 def build_zero_shot_classifier(
-    model: nn.Module,
+    model: FeatureExtractor,
     class_names: Sequence[str],
     templates: Sequence[str],
     tokenizer: str,
