@@ -22,6 +22,7 @@ import torch.distributed as dist
 from vlforge.core.checkpoints import COMPLETE, complete_checkpoints, tag_for
 from vlforge.core.distributed import DistEnv
 from vlforge.core.errors import CheckpointError
+from vlforge.trainer.engine import TrainingEngine
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _atomic_write(path: Path, writer: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path, step: int, rank_state: dict[str, Any], dist_env: DistEnv, keep_last: int) -> Path:
+def save_checkpoint(engine: TrainingEngine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], dist_env: DistEnv, keep_last: int) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's directory."""
     tag = tag_for(step)
     path = ckpt_dir / tag
@@ -92,7 +93,7 @@ def _prune(ckpt_dir: Path, keep_last: int, current: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, path: Path, dist_env: DistEnv) -> tuple[int, dict[str, Any] | None]:
+def load_checkpoint(engine: TrainingEngine, path: Path, dist_env: DistEnv) -> tuple[int, dict[str, Any] | None]:
     """Restore model, optimizer and schedule; return (step, this rank's RNG/data state or None)."""
     info = json.loads((path / COMPLETE).read_text())
     loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,

@@ -3,13 +3,41 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from torch import nn
 
 from vlforge.config.schema import RunConfig
 from vlforge.core.errors import ConfigError
+
+
+class TrainingEngine(Protocol):
+    """What the loop, checkpoints and evaluation use of the engine `build_engine` returns (DeepSpeed's
+    DeepSpeedEngine): the wrapped model, one micro-batch forward / backward / step, and its state."""
+
+    module: nn.Module
+    device: torch.device
+    optimizer: Any  # DeepSpeed's wrapper: param_groups, and cur_scale under fp16
+    skipped_steps: int
+
+    def __call__(self, batch: dict[str, Any]) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def fp16_enabled(self) -> bool: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict | None = None) -> Any: ...
+
+    def load_checkpoint(self, load_dir: str, tag: str, **options: Any) -> tuple[Any, dict | None]: ...
 
 
 def resolve_precision(precision: str) -> str:
@@ -179,7 +207,7 @@ def adamw(params: Any, **options: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **options)
 
 
-def build_engine(model: nn.Module, run: RunConfig, config: dict[str, Any]) -> Any:
+def build_engine(model: nn.Module, run: RunConfig, config: dict[str, Any]) -> TrainingEngine:
     """The DeepSpeed engine that owns the model, the optimizer and the schedule."""
     import deepspeed
 

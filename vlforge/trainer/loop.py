@@ -18,6 +18,7 @@ from vlforge.core.distributed import DistEnv
 from vlforge.datasets.loader import ShardLoader
 from vlforge.tasks.base import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
+from vlforge.trainer.engine import TrainingEngine
 from vlforge.trainer.preemption import StopRequest
 from vlforge.trainer.tracking import Tracker
 
@@ -91,7 +92,7 @@ class LossMeter:
 class Trainer:
     def __init__(
         self,
-        engine: Any,
+        engine: TrainingEngine,
         loader: ShardLoader,
         run: RunConfig,
         dist_env: DistEnv,

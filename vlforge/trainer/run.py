@@ -20,6 +20,7 @@ from vlforge.models.towers.base import check_tower_precision
 from vlforge.tasks.base import Task
 from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from vlforge.trainer.engine import (
+    TrainingEngine,
     batch_arithmetic,
     build_engine,
     deepspeed_config,
@@ -69,7 +70,7 @@ class Session:
     dist_env: DistEnv
     task: Task
     run_dir: Path
-    engine: Any
+    engine: TrainingEngine
     grad_accum: int
     global_batch: int
 
