@@ -18,7 +18,7 @@ from vlforge.models.layers.contrastive import (
     all_gather_rows,
     text_groups,
 )
-from vlforge.models.layers.itm import sample_hard_negatives
+from vlforge.models.layers.itm import hard_negative_pairs, itm_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
@@ -237,16 +237,9 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         itc = (i2t + t2i) / 2
         self._enqueue(image_feat_m, text_feat_m, groups)
 
-        with torch.no_grad():
-            sim = image_feat @ text_feat.t()
-            neg_text = sample_hard_negatives(sim, positives=same)
-            neg_image = sample_hard_negatives(sim.t(), positives=same)
-        batch_size = ids.shape[0]
-        fused = self.model.fuse(torch.cat([text_hidden, text_hidden[neg_text], text_hidden]),
-                                torch.cat([mask, mask[neg_text], mask]),
-                                torch.cat([image_tokens, image_tokens, image_tokens[neg_image]]))
-        labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
-        itm = F.cross_entropy(self.itm_head(fused[:, 0]).float(), labels)
+        pairs = hard_negative_pairs((image_feat @ text_feat.t()).detach(), positives=same)
+        fused = self.model.fuse(text_hidden[pairs.text_rows], mask[pairs.text_rows], image_tokens[pairs.image_rows])
+        itm = itm_loss(self.itm_head(fused[:, 0]), pairs)
 
         if not self.mlm:  # ALBEF's retrieval finetune: ITC + ITM only
             return ModelOutput(loss=itc + itm, losses={"itc": itc.detach(), "itm": itm.detach()})

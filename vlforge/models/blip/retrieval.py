@@ -14,7 +14,7 @@ from vlforge.models.layers.contrastive import (
     contrastive_loss,
     text_groups,
 )
-from vlforge.models.layers.itm import sample_hard_negatives
+from vlforge.models.layers.itm import hard_negative_pairs, itm_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
@@ -86,17 +86,10 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         groups = text_groups(ids, mask) if self.match_identical_texts else None
         itc = contrastive_loss(image_emb, text_emb, self.logit_scale(), groups)
 
-        with torch.no_grad():
-            sim = image_emb @ text_emb.t()
-            same = None if groups is None else groups[:, None] == groups[None, :]
-            neg_text = sample_hard_negatives(sim, positives=same)
-            neg_image = sample_hard_negatives(sim.t(), positives=same)
-        batch_size = ids.shape[0]
-        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        all_ids = torch.cat([ids, ids[neg_text], ids])
-        all_mask = torch.cat([mask, mask[neg_text], mask])
-        labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
-        itm = F.cross_entropy(self.itm_logits(tokens, all_ids, all_mask).float(), labels)
+        same = None if groups is None else groups[:, None] == groups[None, :]
+        pairs = hard_negative_pairs((image_emb @ text_emb.t()).detach(), positives=same)
+        logits = self.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows])
+        itm = itm_loss(logits, pairs)
         loss = itc + itm
         return ModelOutput(loss=loss, losses={"itc": itc.detach(), "itm": itm.detach()},
                            extras={"image_tokens": image_tokens})

@@ -21,7 +21,7 @@ from vlforge.models.layers.contrastive import (
     contrastive_loss,
     image_text_similarity,
 )
-from vlforge.models.layers.itm import sample_hard_negatives
+from vlforge.models.layers.itm import hard_negative_pairs, itm_loss
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
@@ -113,14 +113,8 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         text_emb = self.encode_text(ids, mask)
         itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
 
-        with torch.no_grad():
-            sim = image_text_similarity(image_emb, text_emb)
-            neg_text, neg_image = sample_hard_negatives(sim), sample_hard_negatives(sim.t())
-        batch_size = ids.shape[0]
-        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
-        labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long().to(ids.device)
-        itm_logits = self.itm_logits(tokens, torch.cat([ids, ids[neg_text], ids]), torch.cat([mask, mask[neg_text], mask]))
-        itm = F.cross_entropy(itm_logits.float(), labels)
+        pairs = hard_negative_pairs(image_text_similarity(image_emb, text_emb).detach())
+        itm = itm_loss(self.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows]), pairs)
 
         decoder_ids = ids.clone()
         decoder_ids[:, 0] = self.bos_token_id  # [CLS] becomes [DEC]
