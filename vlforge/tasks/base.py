@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from vlforge.config.schema import DataConfig, SplitConfig
@@ -16,73 +14,16 @@ from vlforge.datasets.loader import ShardLoader
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.datasets.samples import ImageTextSample
 from vlforge.datasets.shards import DataError, RawSample, ShardStream, expand_shard_spec
-
-
-@dataclass
-class EvalResult:
-    metrics: dict[str, float]
-    # Sample predictions for the tracker: column names and rows (a PIL image or tensor may be a cell).
-    table_columns: list[str] = field(default_factory=list)
-    table_rows: list[list[Any]] = field(default_factory=list)
-    # Every prediction (e.g. {image_id, caption}), saved by the trainer as results/{split}_step_N.json.
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def lockstep(batches: Iterator[dict], device: torch.device) -> Iterator[tuple[dict, bool]]:
-    """Yield (batch, is_real) until every rank is out of batches.
-
-    Under ZeRO-3 every forward gathers parameters collectively, so all ranks must run the same number of
-    forwards; a rank that runs out repeats its last batch with is_real=False and drops the result.
-    """
-    last: dict | None = None
-    iterator = iter(batches)
-    while True:
-        batch = next(iterator, None)
-        if not _is_distributed():
-            if batch is None:
-                return
-            yield batch, True
-            continue
-        flags = torch.tensor([batch is not None, batch is not None or last is not None], device=device, dtype=torch.int32)
-        any_has = flags.clone()
-        dist.all_reduce(any_has, op=dist.ReduceOp.MAX)
-        all_started = flags[1:].clone()
-        dist.all_reduce(all_started, op=dist.ReduceOp.MIN)
-        if not any_has[0]:
-            return
-        if not all_started[0]:
-            raise DataError("an evaluation split has fewer batches than ranks: a rank has no sample to evaluate")
-        if batch is not None:
-            last = batch
-            yield batch, True
-        else:
-            yield last, False
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (just [obj] when not distributed)."""
-    if not _is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank (for a result only rank 0 computes, such as Java-backed metrics)."""
-    if not _is_distributed():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+from vlforge.tasks.evaluation import (
+    EvalResult,
+    EvalStep,
+    broadcast_object,
+    gather_objects,
+    lockstep,
+    merge_records,
+    model_device,
+    to_device,
+)
 
 
 class Task(ABC):
@@ -99,9 +40,47 @@ class Task(ABC):
     def eval_sample(self, data: DataConfig) -> Callable[[RawSample], dict]:
         """The same for evaluation samples (no augmentation, every caption or answer kept)."""
 
+    # The report table's columns (`summarize` fills its rows), and how many rows a rank reports.
+    table_columns: tuple[str, ...] = ()
+    report_images: int = 16
+    # A summary that calls the model collectively (ITM re-ranking) runs on every rank; otherwise rank 0
+    # summarizes (Java-backed caption metrics, say) and broadcasts the metrics.
+    summarize_on_every_rank: bool = False
+
+    def eval_state(self, model: nn.Module, data: DataConfig, split: str) -> Any:
+        """What a split's evaluation computes once before its batches (checks the model's capabilities,
+        loads a tokenizer); handed to every `eval_step` and to `summarize`."""
+        return None
+
     @abstractmethod
+    def eval_step(self, model: nn.Module, batch: dict, state: Any, report_rows: int) -> EvalStep:
+        """One batch (on the model's device): its records, and at most `report_rows` report rows."""
+
+    @abstractmethod
+    def summarize(self, records: dict[str, list[Any]], table: list[list[Any]], state: Any) -> EvalResult:
+        """The split's result from every rank's records (`merge_records`) and this rank's report rows."""
+
+    @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
-        """Collective: every rank calls it; every rank returns the same metrics."""
+        """Collective: every rank calls it; every rank returns the same metrics (the results file and
+        the table come from rank 0, or from every rank when `summarize_on_every_rank`)."""
+        state = self.eval_state(model, data, split)
+        device = model_device(model)
+        records: dict[str, list[Any]] = {}
+        table: list[list[Any]] = []
+        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
+            step = self.eval_step(model, to_device(batch, device), state, self.report_images - len(table))
+            if not real:  # a rank out of batches repeats its last one so that ZeRO-3's gathers line up
+                continue
+            for key, values in step.records.items():
+                records.setdefault(key, []).extend(values)
+            table.extend(step.table[: self.report_images - len(table)])
+        merged = merge_records(gather_objects(records))
+        if self.summarize_on_every_rank:
+            return self.summarize(merged, table, state)
+        result = self.summarize(merged, table, state) if dist_env.is_main else None
+        metrics = broadcast_object(result.metrics if result is not None else None)
+        return result if result is not None else EvalResult(metrics=metrics)
 
     def collator(self, data: DataConfig) -> Callable[[list[dict]], dict]:
         """What turns a list of samples into a batch, inside the loader workers."""

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.core.distributed import DistEnv
 from vlforge.datasets.conversation import IGNORE, ConversationTemplate
 from vlforge.datasets.instruct import ConversationCollator, ConversationSample
 from vlforge.models.protocols import PromptedGenerator, require
-from vlforge.tasks.base import (
-    EvalResult,
-    Task,
-    broadcast_object,
-    gather_objects,
-    image_text_samples,
-    lockstep,
-    to_device,
-)
+from vlforge.tasks.base import Task, image_text_samples
+from vlforge.tasks.evaluation import EvalResult, EvalStep
 from vlforge.tasks.metrics.captioning import caption_metrics
 from vlforge.tasks.metrics.vqa import vqa_metrics
 
@@ -51,48 +42,37 @@ class InstructTask(Task):
     def collator(self, data: DataConfig) -> ConversationCollator:
         return ConversationCollator(data.tokenizer)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
-        generator = require(model, PromptedGenerator, "the instruct task")
-        device = next(model.parameters()).device
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        tokens = torch.zeros((), dtype=torch.float64)
-        local: dict[str, list[Any]] = {"sample_id": [], "image_id": [], "question": [], "prediction": [], "answers": []}
-        rows: list[list[Any]] = []
-        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
-            batch = to_device(batch, device)
-            # The image tower runs once for both the loss and the answers.
-            batch["image_features"] = generator.image_features(batch["image"])
-            # The model's loss is the mean over the scored tokens (the answers); weighted by their count
-            # here, so the split's loss is the mean over all its answer tokens.
-            mean_loss = model(batch).loss
-            predictions = generator.generate(batch, **self.generate_kwargs)
-            if not real:
-                continue
-            scored = (batch["labels"][:, 1:] != IGNORE).sum().double().cpu()
-            loss_sum += mean_loss.double().cpu() * scored
-            tokens += scored
-            local["sample_id"] += batch["sample_id"]
-            local["image_id"] += batch["image_id"]
-            local["question"] += batch["question"]
-            local["prediction"] += predictions
-            local["answers"] += batch["answers"]
-            for row in range(min(len(predictions), self.report_images - len(rows))):
-                rows.append([batch["image"][row].cpu(), batch["question"][row], predictions[row], batch["answers"][row][0]])
-        parts = gather_objects({"loss": float(loss_sum), "tokens": float(tokens), **local})
-        merged = {key: [v for part in parts for v in part[key]] for key in local}
-        total_tokens = sum(part["tokens"] for part in parts)
-        metrics = None
-        if dist_env.is_main:
-            predictions = dict(zip(merged["sample_id"], merged["prediction"]))
-            references = dict(zip(merged["sample_id"], merged["answers"]))
-            if self.source == "captions":
-                metrics = caption_metrics(predictions, references)
-            else:
-                metrics = {f"answer_{k}": v for k, v in vqa_metrics(predictions, references).items()}
-            metrics["loss"] = sum(part["loss"] for part in parts) / max(1.0, total_tokens)
-        metrics = broadcast_object(metrics)
-        metrics["num_samples"] = float(len(merged["sample_id"]))
-        return EvalResult(metrics=metrics, table_columns=["image", "question", "answer", "reference"], table_rows=rows,
+    table_columns = ("image", "question", "answer", "reference")
+
+    def eval_state(self, model: nn.Module, data: DataConfig, split: str) -> PromptedGenerator:
+        return require(model, PromptedGenerator, "the instruct task")
+
+    def eval_step(self, model: nn.Module, batch: dict, state: PromptedGenerator, report_rows: int) -> EvalStep:
+        # The image tower runs once for both the loss and the answers.
+        batch["image_features"] = state.image_features(batch["image"])
+        # The model's loss is the mean over the scored tokens (the answers); weighted by their count
+        # here, so the split's loss is the mean over all its answer tokens.
+        mean_loss = model(batch).loss
+        predictions = state.generate(batch, **self.generate_kwargs)
+        scored = float((batch["labels"][:, 1:] != IGNORE).sum())
+        rows = [[batch["image"][row].cpu(), batch["question"][row], predictions[row], batch["answers"][row][0]]
+                for row in range(min(len(predictions), report_rows))]
+        return EvalStep({"loss_sum": [float(mean_loss.double()) * scored], "tokens": [scored],
+                         "sample_id": list(batch["sample_id"]), "image_id": list(batch["image_id"]),
+                         "question": list(batch["question"]), "prediction": predictions,
+                         "answers": list(batch["answers"])}, rows)
+
+    def summarize(self, records: dict[str, list[Any]], table: list[list[Any]], state: Any) -> EvalResult:
+        ids = records.get("sample_id", [])
+        predictions = dict(zip(ids, records.get("prediction", [])))
+        references = dict(zip(ids, records.get("answers", [])))
+        if self.source == "captions":
+            metrics = caption_metrics(predictions, references)
+        else:
+            metrics = {f"answer_{k}": v for k, v in vqa_metrics(predictions, references).items()}
+        metrics["loss"] = sum(records.get("loss_sum", [])) / max(1.0, sum(records.get("tokens", [])))
+        metrics["num_samples"] = float(len(ids))
+        return EvalResult(metrics=metrics, table_columns=list(self.table_columns), table_rows=table,
                           results=[{"sample_id": s, "image_id": i, "question": q, "answer": p} for s, i, q, p in
-                                   zip(merged["sample_id"], merged["image_id"], merged["question"], merged["prediction"])])
+                                   zip(ids, records.get("image_id", []), records.get("question", []),
+                                       records.get("prediction", []))])

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vlforge.models.protocols import ImageTextMatcher
-from vlforge.tasks.base import gather_objects
+from vlforge.tasks.evaluation import gather_objects
 
 # Below any re-ranked score (an ITM logit plus a cosine similarity): candidates outside the top-k keep
 # their ITC order after every re-ranked one, so recall@k beyond the re-ranked k stays ITC's.

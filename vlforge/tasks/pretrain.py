@@ -1,23 +1,18 @@
 """Image-text pretraining (CLIP-style), evaluated by zero-shot classification and ITC retrieval."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.core.distributed import DistEnv
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.models.layers.contrastive import image_text_similarity
 from vlforge.models.protocols import FeatureExtractor, ImageTextMatcher, require
-from vlforge.tasks.base import (
-    EvalResult,
-    ImageTextTask,
-    gather_objects,
-    lockstep,
-    to_device,
-)
+from vlforge.tasks.base import ImageTextTask
+from vlforge.tasks.evaluation import EvalResult, EvalStep, model_device
 from vlforge.tasks.itm_rerank import itm_rerank
 from vlforge.tasks.metrics.classification import per_class_accuracy, topk_accuracy
 from vlforge.tasks.metrics.retrieval import recall_at_k
@@ -59,85 +54,78 @@ class ImageTextPretrainTask(ImageTextTask):
         self.retrieval = retrieval
         self.itm_rerank_k = itm_rerank_k
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
-        device = next(model.buffers(), torch.empty(0)).device
-        tok = load_tokenizer(data.tokenizer)
+    table_columns = ("image", "image_id", "label", "prediction")
+    # ITM re-ranking runs the model on every rank, each re-scoring its share of the rows.
+    summarize_on_every_rank = True
+
+    def eval_state(self, model: nn.Module, data: DataConfig, split: str) -> _PretrainState:
         rerank = self.retrieval and self.itm_rerank_k > 0
-        features = require(model, FeatureExtractor, f"the {self.__class__.__name__} evaluation")
-        matcher = require(model, ImageTextMatcher, "task.itm_rerank_k > 0") if rerank else None
-        local: dict[str, list[Any]] = {"image_id": [], "image": [], "label": [], "text": [], "text_owner": [],
-                                       "caption": [], "itm_tokens": []}
-        pixels: list[torch.Tensor] = []  # the first few images of this rank, for the predictions table
-        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
-            batch = to_device(batch, device)
-            if rerank:  # one tower forward for both: the ITC embeddings and what ITM reads
-                itm_tokens, image_embeds = matcher.image_features(batch["image"])
-                itm_tokens, image_embeds = itm_tokens.cpu(), image_embeds.float().cpu()
-            else:
-                itm_tokens = None
-                image_embeds = features.extract_features(batch, mode="image")["image_embeds"].float().cpu()
-            text_embeds = None
-            if self.retrieval and "captions" in batch:
-                flat = [c for caps in batch["captions"] for c in caps]
-                tokens = tok(flat, padding="longest", truncation=True, max_length=data.max_text_len, return_tensors="pt")
-                text_embeds = features.extract_features(
-                    {"text_input_ids": tokens["input_ids"].to(device), "text_attention_mask": tokens["attention_mask"].to(device)},
-                    mode="text",
-                )["text_embeds"].float().cpu()
-            if not real:
-                continue
-            offset = 0
-            for row, image_id in enumerate(batch["image_id"]):
-                local["image_id"].append(image_id)
-                local["image"].append(image_embeds[row])
-                if itm_tokens is not None:
-                    local["itm_tokens"].append(itm_tokens[row])
-                if len(pixels) < 16:
-                    pixels.append(batch["image"][row].cpu())
-                if "label" in batch:
-                    local["label"].append(int(batch["label"][row]))
-                if text_embeds is not None:
-                    count = len(batch["captions"][row])
-                    local["text"].extend(text_embeds[offset : offset + count])
-                    local["caption"].extend(batch["captions"][row])
-                    local["text_owner"].extend([image_id] * count)
-                    offset += count
-        merged = _merge(gather_objects(local))
-        result = EvalResult(metrics={"num_images": float(len(merged["image_id"]))})
-        image_embeds = torch.stack(merged["image"])
+        return _PretrainState(require(model, FeatureExtractor, f"the {type(self).__name__} evaluation"),
+                              require(model, ImageTextMatcher, "task.itm_rerank_k > 0") if rerank else None,
+                              load_tokenizer(data.tokenizer), data, split, model_device(model))
+
+    def eval_step(self, model: nn.Module, batch: dict, state: _PretrainState, report_rows: int) -> EvalStep:
+        records: dict[str, list[Any]] = {"image_id": list(batch["image_id"])}
+        if state.matcher is not None:  # one tower forward for both: the ITC embeddings and what ITM reads
+            itm_tokens, image_embeds = state.matcher.image_features(batch["image"])
+            records["itm_tokens"] = list(itm_tokens.cpu())
+        else:
+            image_embeds = state.features.extract_features(batch, mode="image")["image_embeds"]
+        records["image"] = list(image_embeds.float().cpu())
+        if "label" in batch:
+            records["label"] = [int(label) for label in batch["label"]]
+        if self.retrieval and "captions" in batch:
+            flat = [c for caps in batch["captions"] for c in caps]
+            tokens = state.tokenizer(flat, padding="longest", truncation=True, max_length=state.data.max_text_len,
+                                     return_tensors="pt")
+            records["text"] = list(state.features.extract_features(
+                {"text_input_ids": tokens["input_ids"].to(state.device),
+                 "text_attention_mask": tokens["attention_mask"].to(state.device)},
+                mode="text",
+            )["text_embeds"].float().cpu())
+            records["caption"] = flat
+            records["text_owner"] = [i for i, caps in zip(batch["image_id"], batch["captions"]) for _ in caps]
+        return EvalStep(records, [[batch["image"][row].cpu()] for row in range(min(len(batch["image_id"]), report_rows))])
+
+    def summarize(self, records: dict[str, list[Any]], table: list[list[Any]], state: _PretrainState) -> EvalResult:
+        image_ids = records.get("image_id", [])
+        result = EvalResult(metrics={"num_images": float(len(image_ids))})
+        image_embeds = torch.stack(records["image"])
         if self.zero_shot_classes is not None:
-            if len(merged["label"]) != len(merged["image_id"]):
-                raise ValueError(f"zero-shot evaluation needs a 'label' in every sample of data.{split}")
+            if len(records.get("label", [])) != len(image_ids):
+                raise ValueError(f"zero-shot evaluation needs a 'label' in every sample of data.{state.split}")
             names = load_class_names(self.zero_shot_classes)
-            classifier = build_zero_shot_classifier(model, names, self.zero_shot_templates, data.tokenizer,
-                                                    data.max_text_len, device).cpu()
+            classifier = build_zero_shot_classifier(state.features, names, self.zero_shot_templates,
+                                                    state.data.tokenizer, state.data.max_text_len, state.device).cpu()
             scores = zero_shot_scores(image_embeds, classifier)
-            labels = torch.tensor(merged["label"])
+            labels = torch.tensor(records["label"])
             result.metrics.update({f"zeroshot_{k}": v for k, v in topk_accuracy(scores, labels).items()})
             counts = torch.bincount(labels, minlength=len(names)).tolist()
             result.results = [{"class": names[c], "top1": acc, "num_images": counts[c]}
                               for c, acc in per_class_accuracy(scores, labels).items()]
             # Rank 0's rows come first in the merged order, so its pixels line up with the first rows.
-            result.table_columns = ["image", "image_id", "label", "prediction"]
-            result.table_rows = [[px, i, d["label"], d["prediction"]]
-                                 for px, i, d in zip(pixels, merged["image_id"], describe(names, scores, labels))]
-        if merged["text"]:
-            index = {image_id: i for i, image_id in enumerate(merged["image_id"])}
-            sim = image_text_similarity(image_embeds, torch.stack(merged["text"]))
-            owners = [index[owner] for owner in merged["text_owner"]]
-            wording = merged["caption"] if self.retrieval_match == "wording" else None
+            result.table_columns = list(self.table_columns)
+            result.table_rows = [[row[0], i, d["label"], d["prediction"]]
+                                 for row, i, d in zip(table, image_ids, describe(names, scores, labels))]
+        if records.get("text"):
+            index = {image_id: i for i, image_id in enumerate(image_ids)}
+            sim = image_text_similarity(image_embeds, torch.stack(records["text"]))
+            owners = [index[owner] for owner in records["text_owner"]]
+            wording = records["caption"] if self.retrieval_match == "wording" else None
             result.metrics.update({f"retrieval_{k}": v for k, v in recall_at_k(sim, owners, captions=wording).items()})
-            if rerank:
-                i2t, t2i = itm_rerank(matcher, sim, merged["itm_tokens"], merged["caption"], tok, data.max_text_len,
-                                      self.itm_rerank_k, device)
-                result.metrics.update({f"retrieval_itm_{k}": v for k, v in recall_at_k(i2t, owners, sim_t2i=t2i, captions=wording).items()})
+            if state.matcher is not None:
+                i2t, t2i = itm_rerank(state.matcher, sim, records["itm_tokens"], records["caption"], state.tokenizer,
+                                      state.data.max_text_len, self.itm_rerank_k, state.device)
+                result.metrics.update({f"retrieval_itm_{k}": v
+                                       for k, v in recall_at_k(i2t, owners, sim_t2i=t2i, captions=wording).items()})
         return result
 
 
-def _merge(parts: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
-    merged: dict[str, list[Any]] = {key: [] for key in parts[0]}
-    for part in parts:
-        for key, values in part.items():
-            merged[key].extend(values)
-    return merged
+@dataclass
+class _PretrainState:
+    features: FeatureExtractor
+    matcher: ImageTextMatcher | None  # with task.itm_rerank_k > 0
+    tokenizer: Any
+    data: DataConfig
+    split: str
+    device: torch.device

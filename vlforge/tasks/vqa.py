@@ -3,6 +3,7 @@ answers generated freely (`mode: generate`) or picked from a candidate list (`mo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,19 +11,11 @@ import torch
 from torch import nn
 
 from vlforge.config.schema import DataConfig
-from vlforge.core.distributed import DistEnv
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.datasets.samples import VQASample
 from vlforge.models.protocols import AnswerPredictor, AnswerRanker, require
-from vlforge.tasks.base import (
-    EvalResult,
-    Task,
-    broadcast_object,
-    gather_objects,
-    image_text_samples,
-    lockstep,
-    to_device,
-)
+from vlforge.tasks.base import Task, image_text_samples
+from vlforge.tasks.evaluation import EvalResult, EvalStep, model_device
 from vlforge.tasks.metrics.vqa import vqa_metrics
 
 
@@ -36,6 +29,13 @@ def load_answer_list(answer_list: str | Sequence[str]) -> list[str]:
     if not answers:
         raise ValueError("task.answer_list is empty")
     return answers
+
+
+@dataclass
+class _VQAState:
+    tokenizer: Any
+    candidates: dict[str, torch.Tensor] | None  # the answer list, tokenized (mode: rank)
+    split: str
 
 
 class VQATask(Task):
@@ -71,47 +71,37 @@ class VQATask(Task):
                                   image_index=questions["question_sample_index"])
         return [self.answer_list[i] for i in best.tolist()]
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str, data: DataConfig, dist_env: DistEnv, seed: int) -> EvalResult:
+    table_columns = ("image", "question", "answer", "human_answer")
+
+    def eval_state(self, model: nn.Module, data: DataConfig, split: str) -> _VQAState:
         require(model, AnswerRanker if self.mode == "rank" else AnswerPredictor, f"task.mode={self.mode}")
-        device = next(model.parameters()).device
         tok = load_tokenizer(data.tokenizer)
         candidates = None
         if self.mode == "rank":
+            device = model_device(model)
             candidates = {k: v.to(device) for k, v in tok(self.answer_list, padding="longest", return_tensors="pt").items()
                           if k in ("input_ids", "attention_mask")}
-        local: dict[str, list[Any]] = {"question_id": [], "prediction": [], "answers": [], "answer_type": []}
-        rows: list[list[Any]] = []
-        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
-            batch = to_device(batch, device)
-            if "question_input_ids" not in batch:
-                raise ValueError(f"VQA evaluation needs questions in every sample of data.{split}")
-            # The collator tokenized every question of each image (prompts included, as in training)
-            # and recorded each one's image row.
-            owner = batch["question_sample_index"]
-            questions = {key: batch[key] for key in ("question_input_ids", "question_attention_mask",
-                                                     "question_sample_index")}
-            predictions = self._answer(model, batch["image"], questions, candidates)
-            if not real:
-                continue
-            flat_ids = [i for ids in batch["question_ids"] for i in ids]
-            local["question_id"] += flat_ids
-            local["prediction"] += predictions
-            local["answers"] += [a for answers in batch["answers"] for a in answers]
-            local["answer_type"] += [t for types in batch["answer_types"] for t in types]
-            shown = max(0, min(len(predictions), self.report_images - len(rows)))
-            texts = tok.batch_decode(batch["question_input_ids"][:shown], skip_special_tokens=True)
-            for row, question, prediction, answers in zip(owner.tolist(), texts, predictions,
-                                                          local["answers"][-len(predictions):]):
-                rows.append([batch["image"][row].cpu(), question, prediction, answers[0]])
-        parts = gather_objects(local)
-        merged = {key: [v for part in parts for v in part[key]] for key in local}
-        metrics = None
-        if dist_env.is_main:
-            metrics = vqa_metrics(dict(zip(merged["question_id"], merged["prediction"])),
-                                  dict(zip(merged["question_id"], merged["answers"])),
-                                  dict(zip(merged["question_id"], merged["answer_type"])))
-        metrics = broadcast_object(metrics)
-        metrics["num_questions"] = float(len(merged["question_id"]))
-        return EvalResult(metrics=metrics, table_columns=["image", "question", "answer", "human_answer"], table_rows=rows,
-                          results=[{"question_id": q, "answer": p} for q, p in zip(merged["question_id"], merged["prediction"])])
+        return _VQAState(tok, candidates, split)
+
+    def eval_step(self, model: nn.Module, batch: dict, state: _VQAState, report_rows: int) -> EvalStep:
+        if "question_input_ids" not in batch:
+            raise ValueError(f"VQA evaluation needs questions in every sample of data.{state.split}")
+        # The collator tokenized every question of each image (prompts included, as in training)
+        # and recorded each one's image row.
+        questions = {key: batch[key] for key in ("question_input_ids", "question_attention_mask", "question_sample_index")}
+        predictions = self._answer(model, batch["image"], questions, state.candidates)
+        answers = [a for per_image in batch["answers"] for a in per_image]
+        shown = max(0, min(len(predictions), report_rows))
+        texts = state.tokenizer.batch_decode(batch["question_input_ids"][:shown], skip_special_tokens=True)
+        rows = [[batch["image"][owner].cpu(), question, prediction, human[0]] for owner, question, prediction, human
+                in zip(batch["question_sample_index"].tolist(), texts, predictions, answers)]
+        return EvalStep({"question_id": [i for ids in batch["question_ids"] for i in ids], "prediction": predictions,
+                         "answers": answers, "answer_type": [t for types in batch["answer_types"] for t in types]}, rows)
+
+    def summarize(self, records: dict[str, list[Any]], table: list[list[Any]], state: _VQAState) -> EvalResult:
+        ids = records.get("question_id", [])
+        metrics = vqa_metrics(dict(zip(ids, records.get("prediction", []))), dict(zip(ids, records.get("answers", []))),
+                              dict(zip(ids, records.get("answer_type", []))))
+        metrics["num_questions"] = float(len(ids))
+        return EvalResult(metrics=metrics, table_columns=list(self.table_columns), table_rows=table,
+                          results=[{"question_id": q, "answer": p} for q, p in zip(ids, records.get("prediction", []))])

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from vlforge.config.schema import RunConfig
 from vlforge.core.distributed import DistEnv
 from vlforge.datasets.loader import ShardLoader
-from vlforge.tasks.base import to_device
+from vlforge.tasks.evaluation import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
 from vlforge.trainer.engine import TrainingEngine
 from vlforge.trainer.preemption import StopRequest
