@@ -13,8 +13,16 @@ from vlforge.models.blip2.causal_lm import Blip2CausalLM
 from vlforge.models.blip2.pretrain import Blip2Pretrain
 from vlforge.models.clip.model import CLIP
 from vlforge.models.llava.model import Llava
-from vlforge.models.protocols import (AnswerPredictor, AnswerRanker, FeatureExtractor, ImageTextMatcher,
-                                      PromptedGenerator, TextGenerator, require)
+from vlforge.models.protocols import (
+    AnswerPredictor,
+    AnswerRanker,
+    FeatureExtractor,
+    ImageTextMatcher,
+    PromptedGenerator,
+    TextGenerator,
+    require,
+)
+from vlforge.models.siglip.model import SigLIP
 from vlforge.tasks.captioning import CaptionTask
 
 CAPABILITIES = (TextGenerator, FeatureExtractor, AnswerPredictor, AnswerRanker, ImageTextMatcher, PromptedGenerator)
@@ -27,6 +35,7 @@ EXPECTED = {
     ALBEF: {FeatureExtractor, ImageTextMatcher},
     Blip2Pretrain: {FeatureExtractor, ImageTextMatcher},
     CLIP: {FeatureExtractor},
+    SigLIP: {FeatureExtractor},
 }
 
 

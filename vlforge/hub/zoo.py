@@ -13,9 +13,10 @@ from vlforge.models.blip import zoo as blip
 from vlforge.models.blip2 import zoo as blip2
 from vlforge.models.clip import zoo as clip
 from vlforge.models.llava import zoo as llava
+from vlforge.models.siglip import zoo as siglip
 from vlforge.models.zoo_entry import ZooEntry
 
-ENTRIES: tuple[ZooEntry, ...] = (*blip.ZOO, *albef.ZOO, *blip2.ZOO, *clip.ZOO, *llava.ZOO)
+ENTRIES: tuple[ZooEntry, ...] = (*blip.ZOO, *albef.ZOO, *blip2.ZOO, *clip.ZOO, *siglip.ZOO, *llava.ZOO)
 
 
 def find_entry(name: str, model_type: str) -> ZooEntry:
