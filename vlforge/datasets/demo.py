@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from tqdm import tqdm
+
 from vlforge.config.data import DemoConfig
 from vlforge.datasets.demo_scenes import (
     BACKGROUNDS,
@@ -119,7 +121,9 @@ def _build_into(directory: Path, cfg: DemoConfig) -> dict:
     texts: list[str] = _vocabulary_words()
     for split in SPLIT_OFFSETS:
         with ShardWriter(directory / f"{split}-%06d.tar", max_count=cfg.samples_per_shard) as writer:
-            for key, image, meta in _generate_split(split, cfg):
+            samples = tqdm(_generate_split(split, cfg), total=_split_sizes(cfg)[split], desc=f"demo data {split}",
+                           unit="scene", disable=None, leave=False)  # a bar on a terminal only
+            for key, image, meta in samples:
                 writer.write(key, image, meta)
                 texts += meta["captions"]
                 texts += [part for qa in meta["qa"] for part in (qa["question"], qa["answers"][0])]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from vlforge.datasets.conversation import check_conversation
 from vlforge.datasets.samples import SampleError
@@ -131,7 +132,9 @@ def _write_samples(items: Iterable[_Sample | _Skip], out: str | Path, max_count:
     report = ShardReport()
     cache = _ImageCache()
     with ShardWriter(out, max_count=max_count, max_bytes=max_bytes) as writer:
-        for index, item in enumerate(items):
+        # A progress bar on a terminal only (tqdm's disable=None): logs and pipes get the summary alone.
+        progress = tqdm(items, desc=f"make-shards {Path(str(out)).name}", unit="sample", disable=None, leave=False)
+        for index, item in enumerate(progress):
             if isinstance(item, _Skip):
                 report.skipped.append((item.entry, item.reason))
                 continue

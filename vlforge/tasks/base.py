@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vlforge.config.schema import DataConfig, SplitConfig
 from vlforge.core.distributed import DistEnv
@@ -68,7 +69,9 @@ class Task(ABC):
         device = model_device(model)
         records: dict[str, list[Any]] = {}
         table: list[list[Any]] = []
-        for batch, real in lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device):
+        batches = tqdm(lockstep(iter(self.eval_loader(split, data, dist_env, seed)), device), desc=f"eval {split}",
+                       unit="batch", leave=False, dynamic_ncols=True, disable=not dist_env.is_main)
+        for batch, real in batches:
             step = self.eval_step(model, to_device(batch, device), state, self.report_images - len(table))
             if not real:  # a rank out of batches repeats its last one so that ZeRO-3's gathers line up
                 continue

@@ -7,6 +7,7 @@ import os
 import sys
 
 from vlforge.config.recipes import RECIPES_DIR
+from vlforge.core.console import install as install_quiet_console
 from vlforge.core.distributed import prepare_launch_env
 
 
@@ -15,6 +16,8 @@ def launch(config_name: str, entry: str) -> None:
     # Before Hydra parses argv (it rejects deepspeed's --local_rank) and before deepspeed is imported
     # (DS_ACCELERATOR).
     sys.argv = prepare_launch_env(sys.argv)
+    # Third-party warnings and build output to the run's log from the first import on (VLFORGE_VERBOSE=1: not).
+    install_quiet_console()
     import hydra
     from omegaconf import DictConfig
 

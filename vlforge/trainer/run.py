@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vlforge.config.schema import RunConfig, validate_config
+from vlforge.core.console import attach_log, output_to_log
 from vlforge.core.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.core.errors import CheckpointError
 from vlforge.datasets.prepare import prepare_data
@@ -100,7 +101,11 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
     task = build_task(cfg)
     run_dir = Path(run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_distributed(dist_env)
+    log = attach_log(run_dir / "logs" / f"rank{dist_env.rank}.log")
+    _say(dist_env, f"vlforge: starting {dist_env.world_size} rank(s) via {dist_env.launcher}"
+         + (f"; DeepSpeed's build output and third-party warnings go to {log}" if log else ""))
+    with output_to_log():  # DeepSpeed compiles its CPU communication op here on the first run
+        init_distributed(dist_env)
     if dist_env.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     prepare_data(run.data, dist_env)
@@ -122,7 +127,8 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
              + _listed("checkpoint entries the model has no place for were left out", report.unexpected)
              + _listed("model weights the checkpoint lacks keep their initialisation", report.missing)
              + _listed("model weights the checkpoint shapes differently keep their initialisation", report.mismatched))
-    engine = build_engine(model, run, ds_config)
+    with output_to_log():
+        engine = build_engine(model, run, ds_config)
     return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch)
 
 
