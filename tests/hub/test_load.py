@@ -29,6 +29,8 @@ WORDS = ["a", "picture", "of", "red", "blue", "circle", "square", "what", "colou
 def _offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("VLFORGE_HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # never the machine's own cache
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
 
@@ -104,6 +106,21 @@ def test_caption_model_from_the_cache_matches_transformers(_offline_cache: Path)
     captions = model.generate({"image": image[None]}, num_beams=2, max_length=8, min_length=2)
     assert len(captions) == 1 and isinstance(captions[0], str)
     assert txt["eval"]("A Picture, of THE Circle.") == "a picture, of the circle"
+
+
+def test_a_snapshot_in_the_hugging_face_cache_under_hf_home_loads_offline(tmp_path: Path) -> None:
+    # The layout huggingface_hub writes: models--<org>--<name>/refs/main naming a snapshot directory.
+    repo = tmp_path / "hf_home" / "hub" / "models--Salesforce--blip-image-captioning-base"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    hf = save_hf_model(BlipForConditionalGeneration, repo / "snapshots" / "0123abcd")
+    model = load_model("blip_caption", "base_coco")
+    pixels, normalised = images(1, seed=6)
+    ids = torch.tensor([[BOS, 6, 7, SEP]])
+    with torch.no_grad():
+        expected = hf(pixel_values=normalised, input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = model.logits(model.image_tokens(pixels), ids, torch.ones_like(ids))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_vqa_and_retrieval_load_from_a_checkpoint_directory(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ its recipe and loaded with its weights, ready for `generate`, `predict_answers` 
     model.generate({"image": vis["eval"](pil_image)[None].cuda()})
 
 The weights are found in this order: `checkpoint=` (a vlforge run, checkpoint or export directory, or
-an HF-format model directory for the hub entries), then the cache (`$VLFORGE_HOME/models/<name>/<type>`),
-then the hub when online. Tokenizers come with the weights, never from a second download.
+an HF-format model directory for the hub entries), then the Hugging Face cache (HF_HOME), then files put
+by hand in `$VLFORGE_HOME/models/<name>/<type>`, then the hub when online. Tokenizers come with the weights, never from a second download.
 """
 from __future__ import annotations
 

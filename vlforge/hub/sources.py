@@ -1,4 +1,5 @@
-"""Where a zoo model's files are: a path the user gives, the local cache, or (online only) the hub.
+"""Where a zoo model's files are: a path the user gives, the Hugging Face cache (HF_HOME), a directory
+under $VLFORGE_HOME, or (online only) the hub, fetched into the Hugging Face cache.
 
 Nothing here waits on a network that is not there: offline (HF_HUB_OFFLINE=1 or VLFORGE_OFFLINE=1)
 the cache is the only place looked at, and a miss is an error that names the missing file, the
@@ -65,34 +66,66 @@ def missing_files(directory: Path, entry: ZooEntry) -> list[str]:
     return missing
 
 
+def hf_hub_cache() -> Path:
+    """The Hugging Face cache, as huggingface_hub resolves it, read when called (so a process that sets
+    HF_HOME after importing vlforge is honoured): $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _patterns(entry: ZooEntry, weights: str) -> list[str]:
+    return [*entry.files, *OPTIONAL_FILES, weights, *filter(None, [shard_pattern(weights)])]
+
+
+def _cached_snapshot(entry: ZooEntry) -> Path | None:
+    """The entry's snapshot in the Hugging Face cache, if one is there with every file loading needs."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(entry.location, cache_dir=str(hf_hub_cache()), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+    return snapshot if not missing_files(snapshot, entry) else None
+
+
 def hf_model_dir(entry: ZooEntry) -> Path:
-    """The cached HF-format directory of an "hf:" entry, fetched first when online and incomplete."""
+    """The HF-format directory of an "hf:" entry: its snapshot in the Hugging Face cache (HF_HOME), or
+    a directory of the files put by hand at `$VLFORGE_HOME/models/<name>/<type>`; online, what is
+    missing is fetched into the Hugging Face cache first."""
+    snapshot = _cached_snapshot(entry)
+    if snapshot is not None:
+        return snapshot
     local = cache_dir(entry)
     missing = missing_files(local, entry)
     if not missing:
         return local
     url = f"https://huggingface.co/{entry.location}"
-    where = (f"download {', '.join(missing)} from {url} into {local}, or pass "
-             f"checkpoint=<a directory holding them>")
+    where = (f"download {', '.join(missing)} from {url} into {local} (or into the Hugging Face cache, "
+             f"{hf_hub_cache()}), or pass checkpoint=<a directory holding them>")
     if offline():
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and the hub "
                                    f"is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
     from huggingface_hub import snapshot_download
 
+    snapshot = local
     for weights in entry.weights:
-        patterns = [*entry.files, *OPTIONAL_FILES, weights, *filter(None, [shard_pattern(weights)])]
         try:
             # A short timeout and no retry loop: a machine without network learns so in seconds.
-            snapshot_download(entry.location, allow_patterns=patterns, local_dir=str(local), etag_timeout=5)
+            snapshot = Path(snapshot_download(entry.location, allow_patterns=_patterns(entry, weights),
+                                              cache_dir=str(hf_hub_cache()), etag_timeout=5))
         except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and "
                                        f"fetching it from {url} failed ({type(err).__name__}: {err}): {where}") from None
-        if (local / weights).is_file():
+        if (snapshot / weights).is_file():
             break
-    missing = missing_files(local, entry)
+    missing = missing_files(snapshot, entry)
     if missing:
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {url} has no {', '.join(missing)}: {where}")
-    return local
+    return snapshot
 
 
 _HOST = socket.gethostname().replace(".", "-")  # part names split on dots

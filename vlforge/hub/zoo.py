@@ -3,8 +3,8 @@ weights come from. Data, not registration: each family lists its rows in models/
 they are joined here, in this order, and nowhere else.
 
 Names and types follow LAVIS where they overlap. A `demo` type is the run a `_demo` recipe leaves in
-`runs/` (train it first); the others name published weights, fetched once into the cache
-(`$VLFORGE_HOME`, default `~/.cache/vlforge`) or read from any local directory given as `checkpoint=`.
+`runs/` (train it first); the others name published weights, fetched once into the Hugging Face cache
+(LAVIS's single files into `$VLFORGE_HOME`) or read from any local directory given as `checkpoint=`.
 """
 from __future__ import annotations
 
