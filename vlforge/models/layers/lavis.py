@@ -1,4 +1,5 @@
-"""LAVIS (salesforce/LAVIS) BLIP and ALBEF checkpoints -> vlforge state dicts, by key mapping.
+"""Reading LAVIS (salesforce/LAVIS) BLIP and ALBEF checkpoints, shared by the families' converters
+(`blip/convert.py`, `albef/convert.py`): the key bookkeeping and the parts both families have.
 
 A LAVIS `.pth` file is `{"model": state_dict, ...}`; pass `checkpoint["model"]`. Every key of it is
 mapped, ignored for a reason written next to the ignore, or named in a KeyError, so a checkpoint of
