@@ -14,8 +14,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipForCond
 from tests.hub.test_load import save_hf_model
 from tests.models.tiny_blip import images
 from vlforge import load_model, load_model_and_preprocess
-from vlforge.hub.dimensions import blip2_dimensions
 from vlforge.hub.sources import WeightsNotFoundError
+from vlforge.models.blip2.convert import blip2_dimensions
 
 WIDTH, QUERIES, VOCAB, IMAGE_TOKEN = 32, 4, 320, 319
 TEXTS = ["a photo of a red circle", "a blue square on the left", "two green triangles"]

@@ -4,7 +4,7 @@ reason written beside it, or named in a KeyError."""
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -157,3 +157,23 @@ def blip_vqa_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     out.update(prefixed("lm_head.", lavis_lm_head(ckpt, "text_decoder.cls.predictions.",
                                               "text_decoder.bert.embeddings.word_embeddings.weight")))
     return check_all_mapped(ckpt, out)
+
+
+def blip_dimensions(hf_config: Any, target: str) -> dict[str, Any]:
+    """Model-node values of an HF BLIP checkpoint's config (BlipConfig): the ViT and BERT dimensions,
+    the special token ids and (retrieval) the ITC width. The converters map the weights themselves."""
+    vision, text = hf_config.vision_config, hf_config.text_config
+    node: dict[str, Any] = {
+        "vision": {"name": "vit_base_patch16_224", "img_size": vision.image_size, "patch_size": vision.patch_size,
+                   "embed_dim": vision.hidden_size, "depth": vision.num_hidden_layers,
+                   "num_heads": vision.num_attention_heads, "mlp_ratio": vision.intermediate_size / vision.hidden_size,
+                   "norm_eps": vision.layer_norm_eps},
+        "text": {"vocab_size": text.vocab_size, "width": text.hidden_size, "layers": text.num_hidden_layers,
+                 "heads": text.num_attention_heads, "intermediate": text.intermediate_size,
+                 "max_len": text.max_position_embeddings},
+    }
+    if target.endswith("BlipRetrieval"):
+        node["embed_dim"] = hf_config.image_text_hidden_size
+    else:  # the captioner and VQA decoders: HF BLIP starts decoding at bos ([DEC]) and stops at [SEP]
+        node.update(bos_token_id=text.bos_token_id, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id)
+    return node

@@ -1,11 +1,13 @@
-"""transformers' BLIP-2 checkpoints -> vlforge's Blip2CausalLM state dict, by key mapping."""
+"""transformers' BLIP-2 checkpoints -> vlforge's Blip2CausalLM: the state dict by key mapping, the model node
+from the checkpoint's config (`blip2_dimensions`)."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from vlforge.models.blip.convert import blip_vision_from_hf
+from vlforge.models.language.causal_lm import language_model_config_node
 from vlforge.models.layers.convert import map_keys
 
 # transformers' Blip2QFormerModel names -> vlforge.models.fusion.qformer.QFormer names.
@@ -55,3 +57,27 @@ def blip2_causal_lm_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
         raise KeyError(f"no vlforge name for BLIP-2 checkpoint keys {unknown[:10]} ({len(unknown)})")
     out.update({k: v for k, v in state_dict.items() if k.startswith(("language_projection.", "language_model."))})
     return out
+
+
+def blip2_dimensions(hf_config: Any) -> dict[str, Any]:
+    """Model-node values of an HF BLIP-2 checkpoint's config (Blip2Config with a decoder-only LM): the
+    EVA ViT (no final norm: BLIP-2's LayerNorm on its output is the model's `vision_norm`), the Q-Former,
+    and the LM, built from its config here and loaded from the same weights file."""
+    if not hf_config.use_decoder_only_language_model:
+        raise ValueError(f"BLIP-2 with a {hf_config.text_config.model_type} (encoder-decoder) LM: vlforge's "
+                         "Blip2CausalLM takes decoder-only LMs (OPT, Llama, ...)")
+    vision, qformer = hf_config.vision_config, hf_config.qformer_config
+
+    # Built in the default dtype, as the rest of the model (the published files hold fp32 weights).
+    lm = language_model_config_node(hf_config.text_config, keep_dtype=False)
+    return {
+        "vision": {"img_size": vision.image_size, "patch_size": vision.patch_size, "embed_dim": vision.hidden_size,
+                   "depth": vision.num_hidden_layers, "num_heads": vision.num_attention_heads,
+                   "mlp_ratio": vision.intermediate_size / vision.hidden_size, "norm_eps": vision.layer_norm_eps,
+                   "final_norm": False},
+        "qformer": {"num_queries": hf_config.num_query_tokens, "width": qformer.hidden_size,
+                    "layers": qformer.num_hidden_layers, "heads": qformer.num_attention_heads,
+                    "intermediate": qformer.intermediate_size, "cross_every": qformer.cross_attention_frequency,
+                    "eps": qformer.layer_norm_eps, "activation": qformer.hidden_act},
+        "language_model": {"config": lm},
+    }

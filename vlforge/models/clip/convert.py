@@ -1,8 +1,9 @@
-"""open_clip checkpoints -> vlforge's CLIP state dict, by key mapping (no code of open_clip runs)."""
+"""open_clip checkpoints -> vlforge's CLIP: the state dict by key mapping (no code of open_clip runs), the
+model node from open_clip_config.json (`open_clip_dimensions`)."""
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -60,3 +61,22 @@ def clip_from_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         name, reshape = _OPEN_CLIP_SIMPLE[key]
         out[name] = reshape(value)
     return out
+
+
+def open_clip_dimensions(model_cfg: dict[str, Any], quick_gelu: bool) -> dict[str, Any]:
+    """Model-node values of an open_clip checkpoint's `model_cfg` (open_clip_config.json, a ViT CLIP):
+    the tower and text dimensions, the embedding width and the activation (QuickGELU for OpenAI's
+    weights: the config's `quick_gelu`, else `quick_gelu` as the recipe has it)."""
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    if not isinstance(vision.get("patch_size"), int) or "timm_model_name" in vision:
+        raise ValueError("open_clip_config.json: only ViT image towers (vision_cfg.patch_size) load here")
+    act = "quick_gelu" if model_cfg.get("quick_gelu", quick_gelu) else "gelu"
+    return {
+        "embed_dim": model_cfg["embed_dim"],
+        "vision": {"name": "vit_base_patch16_clip_224", "pretrained": False, "img_size": vision["image_size"],
+                   "patch_size": vision["patch_size"], "embed_dim": vision["width"], "depth": vision["layers"],
+                   "num_heads": vision["width"] // vision.get("head_width", 64),
+                   "mlp_ratio": vision.get("mlp_ratio", 4.0), "act_layer": act},
+        "text": {"vocab_size": text["vocab_size"], "width": text["width"], "layers": text["layers"],
+                 "heads": text["heads"], "max_len": text["context_length"], "act": act},
+    }
