@@ -14,6 +14,7 @@ from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_me
     ("blip_pretrain", ("itc", "itm", "lm")),
     ("albef_pretrain", ("itc", "itm", "mlm")),
     ("blip2_pretrain", ("itc", "itm", "itg")),
+    ("siglip_demo", ("sigmoid",)),
 ])
 def test_every_loss_part_falls_on_two_ranks(e2e_env: dict[str, str], tmp_path: Path, recipe: str, parts: tuple[str, ...]) -> None:
     result = check(launch(deepspeed_cmd(
