@@ -1,18 +1,28 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
+# One version, vlforge.__version__, read as text: importing vlforge here would need its dependencies.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (HERE / "vlforge" / "__init__.py").read_text(encoding="utf-8"),
+                    re.MULTILINE).group(1)
+
 setup(
     name="vlforge",
-    version="0.1.0",
+    version=VERSION,
     description="Distributed training of vision-language models from YAML recipes (DeepSpeed, Hydra, WebDataset).",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["vlforge", "vlforge.*"]) + ["vlforge.recipes"],
-    # The Hydra recipe tree lives at the repo top as recipes/ and ships inside the wheel as vlforge.recipes.
+    # The Hydra recipe tree lives at the repo top as recipes/ and ships inside the wheel as vlforge.recipes,
+    # every YAML file at any depth (hydra/launcher/ is two folders down); its folders, without an
+    # __init__.py, import as namespace packages (importlib.resources reads them).
     package_dir={"vlforge.recipes": "recipes"},
-    package_data={"vlforge.recipes": ["*.yaml", "*/*.yaml"]},
+    package_data={"vlforge": ["py.typed"], "vlforge.recipes": ["**/*.yaml"]},
+    entry_points={"console_scripts": ["vlforge=vlforge.cli.main:main"]},
     install_requires=[
         "torch>=2.2",
         "torchvision>=0.17",
@@ -24,6 +34,7 @@ setup(
         "webdataset>=0.2.86",
         "braceexpand>=0.1.7",
         "wandb>=0.16",
+        "huggingface_hub>=0.23",  # zoo weights and tokenizers (vlforge.hub.sources)
         "tokenizers>=0.15",
         "safetensors>=0.4",
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); METEOR needs Java

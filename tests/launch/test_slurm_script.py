@@ -23,7 +23,7 @@ def test_four_nodes_of_eight_gpus(capsys: pytest.CaptureFixture[str]) -> None:
         "#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
         "#SBATCH --output=runs/slurm/%x-%j.out",
     ]
-    assert script.rstrip().endswith("srun --kill-on-bad-exit=1 --cpu-bind=none python launch/train.py "
+    assert script.rstrip().endswith("srun --kill-on-bad-exit=1 --cpu-bind=none python -m vlforge.cli train "
                                      "recipe=blip_caption optim.lr=2e-5 'name=it'\"'\"'s mine' trainer.resume=auto")
     assert "MASTER_" not in script  # the rendezvous is worked out in one place: prepare_launch_env
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
@@ -38,7 +38,7 @@ def test_cpu_nodes_and_options() -> None:
 
 
 def test_checked_in_script_is_the_template() -> None:
-    # sbatch passes its extra arguments to the script: launch/train.py receives them as "$@".
+    # sbatch passes its extra arguments to the script: `vlforge train` receives them as "$@".
     assert (REPO / "launch" / "slurm" / "train.sbatch").read_text() == render(SlurmJob(python="python"))
 
 

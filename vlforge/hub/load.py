@@ -104,7 +104,7 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
         path = Path(entry.location)
         if not path.exists():
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no run at {path.resolve()}; train it first "
-                                       f"(deepspeed launch/train.py recipe={entry.recipe}) or pass checkpoint=")
+                                       f"(vlforge train recipe={entry.recipe}) or pass checkpoint=")
         return _from_vlforge(entry, path)
     # A "url:" entry loads as an "hf:" one, its dimensions from the recipe (ZooEntry.dimensions None).
     return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry))

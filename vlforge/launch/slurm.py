@@ -1,12 +1,15 @@
 """An sbatch script for a recipe on N nodes: one srun task per GPU, preemption-safe.
 
-    python -m vlforge.launch.slurm --nodes 4 --gpus-per-node 8 recipe=blip_caption optim.lr=2e-5
-    python -m vlforge.launch.slurm --nodes 4 --gpus-per-node 8 --submit recipe=blip_caption
+    vlforge slurm --nodes 4 --gpus-per-node 8 recipe=blip_caption optim.lr=2e-5
+    vlforge slurm --nodes 4 --gpus-per-node 8 --submit recipe=blip_caption
+
+(or `python -m vlforge.launch.slurm ...`, the same).
 
 Prints the script, or with --submit writes it to runs/slurm/<job name>.sbatch and submits it. The
 job asks for SIGUSR1 two minutes before its time limit; every rank then finishes its step, a
 checkpoint is saved and the job requeues itself, resuming from it (trainer.resume=auto).
-launch/slurm/train.sbatch is the same script with the recipe left to sbatch's arguments.
+Each task runs `python -m vlforge.cli train` (the `vlforge train` command, with --python's
+interpreter). launch/slurm/train.sbatch is the same script with the recipe left to sbatch's arguments.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class SlurmJob:
     signal_seconds: int = 120  # SIGUSR1 this long before the time limit
     output_dir: str = "runs/slurm"
     python: str = "python"
-    overrides: list[str] = field(default_factory=list)  # Hydra arguments of launch/train.py; [] -> "$@"
+    overrides: list[str] = field(default_factory=list)  # Hydra arguments of `vlforge train`; [] -> "$@"
 
     def validate(self) -> None:
         for name in ("nodes", "cpus_per_task"):
@@ -74,10 +77,10 @@ def render(job: SlurmJob) -> str:
     ]
     arguments = " ".join(shlex.quote(o) for o in job.overrides) if job.overrides else '"$@"'
     usage = [] if job.overrides else [
-        "# Usage (flags given to sbatch override the #SBATCH lines; the arguments go to launch/train.py):",
+        "# Usage (flags given to sbatch override the #SBATCH lines; the arguments go to `vlforge train`):",
         "#   mkdir -p runs/slurm",
         "#   sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 launch/slurm/train.sbatch recipe=blip_caption",
-        "# python -m vlforge.launch.slurm writes the same script with the numbers and the recipe filled in."]
+        "# `vlforge slurm` writes the same script with the numbers and the recipe filled in."]
     lines = ["#!/bin/bash", *usage, *(f"#SBATCH {d}" for d in directives), "", "set -euo pipefail",
              'cd "${SLURM_SUBMIT_DIR:-.}"',
              'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"',
@@ -85,13 +88,13 @@ def render(job: SlurmJob) -> str:
              "# One task per GPU. Each task reads its rank from SLURM_PROCID / SLURM_LOCALID, and the",
              "# rendezvous from the first node's NodeAddr and a port unique to the job and each requeue",
              "# (vlforge/core/distributed.py: prepare_launch_env).",
-             f"srun --kill-on-bad-exit=1 --cpu-bind=none {shlex.quote(job.python)} launch/train.py {arguments} "
+             f"srun --kill-on-bad-exit=1 --cpu-bind=none {shlex.quote(job.python)} -m vlforge.cli train {arguments} "
              "trainer.resume=auto", ""]
     return "\n".join(lines)
 
 
-def _parse_args(argv: list[str] | None) -> tuple[SlurmJob, bool]:
-    parser = argparse.ArgumentParser(prog="python -m vlforge.launch.slurm", description=__doc__.split("\n")[0])
+def _parse_args(argv: list[str] | None, prog: str) -> tuple[SlurmJob, bool]:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     defaults = SlurmJob()
     parser.add_argument("--nodes", type=int, default=defaults.nodes)
     parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node, help="0 for CPU nodes")
@@ -106,15 +109,17 @@ def _parse_args(argv: list[str] | None) -> tuple[SlurmJob, bool]:
     parser.add_argument("--output-dir", default=defaults.output_dir, help="where job logs go")
     parser.add_argument("--python", default=sys.executable, help="interpreter the tasks run (default: this one)")
     parser.add_argument("--submit", action="store_true", help="write the script under --output-dir and sbatch it")
-    parser.add_argument("overrides", nargs="+", help="recipe=<name> and other Hydra overrides of launch/train.py")
+    parser.add_argument("overrides", nargs="+", help="recipe=<name> and other Hydra overrides of `vlforge train`")
     args = parser.parse_args(argv)
     submit = args.submit
     del args.submit
     return SlurmJob(**vars(args)), submit
 
 
-def main(argv: list[str] | None = None) -> int:
-    job, submit = _parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m vlforge.launch.slurm") -> int:
+    """Print the script for the command line `argv`, or write and submit it with --submit; return the exit
+    status (2 for a request that cannot be rendered or submitted). `prog` names the command in its usage line."""
+    job, submit = _parse_args(argv, prog)
     try:
         script = render(job)
     except ValueError as err:

@@ -103,7 +103,7 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = attach_log(run_dir / "logs" / f"rank{dist_env.rank}.log")
     _say(dist_env, f"vlforge: starting {dist_env.world_size} rank(s) via {dist_env.launcher}"
-         + (f"; DeepSpeed's build output and third-party warnings go to {log}" if log else ""))
+         + (f"; DeepSpeed's build output and third-party warnings go to {log.parent}/rank<N>.log" if log else ""))
     with output_to_log():  # DeepSpeed compiles its CPU communication op here on the first run
         init_distributed(dist_env)
     if dist_env.is_main:
