@@ -134,7 +134,8 @@ def test_installed_command_trains_evaluates_and_exports(venv: Path, env: dict[st
 
     # Two ranks under the DeepSpeed launcher, each running the entry script inside the installed package.
     eval_dir = tmp_path / "eval"
-    out = _ok(run("eval", "--nproc", "2", "--master-port", str(master_port), "recipe=clip_demo", *SMALL,
+    # --verbose: the launcher prints the command line of each rank (quiet by default).
+    out = _ok(run("eval", "--verbose", "--nproc", "2", "--master-port", str(master_port), "recipe=clip_demo", *SMALL,
                   f"checkpoint={run_dir}", "splits=[val]", f"run_dir={eval_dir}"))
     assert f"{venv}/lib/" in out and "vlforge/cli/evaluate_entry.py" in out  # the launcher's command lines
     result = json.loads((eval_dir / "eval.json").read_text())
