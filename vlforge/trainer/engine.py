@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Mapping, Protocol
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from vlforge.config.schema import RunConfig
@@ -138,6 +140,16 @@ def model_init_context(config: dict[str, Any]) -> ContextManager:
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=config)
+
+
+def build_model(model_cfg: Mapping[str, Any], config: dict[str, Any]) -> nn.Module:
+    """The recipe's model node (`_target_` and its arguments) built, each rank holding only its
+    partition under ZeRO-3. The model's module is imported before zero.Init begins: zero.Init patches
+    torch.Tensor.__new__, and a library imported for the first time under the patch (torch._dynamo,
+    which timm's import of torchvision pulls in) refuses to load."""
+    importlib.import_module(str(model_cfg["_target_"]).rpartition(".")[0])
+    with model_init_context(config):
+        return instantiate(model_cfg, _convert_="all")
 
 
 def _full_ndim(param: torch.nn.Parameter) -> int:

@@ -24,8 +24,8 @@ from vlforge.trainer.engine import (
     TrainingEngine,
     batch_arithmetic,
     build_engine,
+    build_model,
     deepspeed_config,
-    model_init_context,
     resolve_precision,
 )
 from vlforge.trainer.loop import Trainer
@@ -113,8 +113,7 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
     ds_config = deepspeed_config(run, dist_env.world_size)
     _, grad_accum, global_batch = batch_arithmetic(run, dist_env.world_size)
     seed_everything(run.trainer.seed)  # the same initial weights on every rank and every world size
-    with model_init_context(ds_config):
-        model = instantiate(cfg.model, _convert_="all")
+    model = build_model(cfg.model, ds_config)
     if load_init_weights and run.trainer.init_from:
         # Before deepspeed.initialize, so the optimizer's fp32 master weights start from these values.
         try:

@@ -17,13 +17,12 @@ sys.argv = prepare_launch_env(sys.argv)
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from vlforge.config.recipes import compose_recipe  # noqa: E402
 from vlforge.config.schema import validate_config  # noqa: E402
 from vlforge.core.distributed import init_distributed, read_dist_env  # noqa: E402
-from vlforge.trainer.engine import build_engine, deepspeed_config, model_init_context  # noqa: E402
+from vlforge.trainer.engine import build_engine, build_model, deepspeed_config  # noqa: E402
 
 STEPS, MOMENTUM = 4, 0.9
 
@@ -45,8 +44,7 @@ def main() -> None:
     run = validate_config(cfg)
     ds_config = deepspeed_config(run, env.world_size)
     torch.manual_seed(0)
-    with model_init_context(ds_config):
-        model = instantiate(model_cfg, _convert_="all")
+    model = build_model(model_cfg, ds_config)
     engine = build_engine(model, run, ds_config)
     module = engine.module
     params = list(module.model.parameters())
