@@ -15,6 +15,7 @@ from vlforge.cli import evaluate_entry, launching, train_entry
 from vlforge.cli.jobs import EVALUATE, TRAIN, Job
 from vlforge.cli.main import main
 from vlforge.cli.usage import UsageError
+from vlforge.core.console import VERBOSE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,11 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
 
     monkeypatch.setattr(Job, "run", run)
     monkeypatch.setattr(launching, "run_child", lambda cmd, env=None: seen.append(("child", cmd)) or 7)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    # --verbose sets these for the ranks; restored after each test so that none leaks into later ones
+    # (an e2e run inheriting VLFORGE_VERBOSE=1 would print everything).
+    for name in ("HYDRA_FULL_ERROR", VERBOSE_ENV):
+        monkeypatch.setenv(name, "0")
+        monkeypatch.delenv(name)
     return seen
 
 
@@ -66,7 +71,7 @@ def test_nproc_starts_the_deepspeed_launcher_on_the_packaged_entry_script(starte
 def test_verbose_shows_the_command_and_asks_hydra_for_full_errors(started: list,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--verbose", "--nproc", "2", "recipe=clip_demo"]) == 7
-    assert os.environ.pop("HYDRA_FULL_ERROR") == "1"
+    assert os.environ["HYDRA_FULL_ERROR"] == "1" and os.environ[VERBOSE_ENV] == "1"
     assert capsys.readouterr().err.startswith(f"vlforge: {sys.executable} -m deepspeed.launcher.runner --num_gpus 2 ")
 
 
