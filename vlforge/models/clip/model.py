@@ -17,12 +17,34 @@ from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
 
-class CLIP(DualEncoderFeatures, nn.Module):
-    """`vision` and `text` are the arguments of `build_vision_tower` and TextTransformer.
+class CLIPTowers(DualEncoderFeatures, nn.Module):
+    """An image tower and a text tower projected into one space of `embed_dim`: `vision` and `text` are
+    the arguments of `build_vision_tower` and TextTransformer. CLIP and SigLIP add their loss to it.
 
     Every parameter lives in a submodule that is called, so ZeRO-3 gathers it (and its gradient is
     reduced) through the submodule's hooks, whichever method uses it.
     """
+
+    def __init__(self, vision: Mapping[str, Any], text: Mapping[str, Any], embed_dim: int = 512,
+                 tokenizer: str | None = None) -> None:
+        super().__init__()
+        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
+        self.vision = build_vision_tower(vision)
+        self.text = TextTransformer(**text)
+        self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.vision(image)
+        return F.normalize(self.vision_proj(pooled), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.text(input_ids, attention_mask)
+        return F.normalize(self.text_proj(pooled), dim=-1)
+
+
+class CLIP(CLIPTowers):
+    """CLIPTowers trained with the symmetric InfoNCE loss, exact across ranks."""
 
     def __init__(
         self,
@@ -33,21 +55,8 @@ class CLIP(DualEncoderFeatures, nn.Module):
         max_logit_scale: float = 100.0,
         tokenizer: str | None = None,
     ) -> None:
-        super().__init__()
-        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
-        self.vision = build_vision_tower(vision)
-        self.text = TextTransformer(**text)
-        self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
+        super().__init__(vision, text, embed_dim, tokenizer)
         self.logit_scale = LogitScale(init_temperature, max_logit_scale)
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.vision(image)
-        return F.normalize(self.vision_proj(pooled), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         image_emb = self.encode_image(batch["image"])

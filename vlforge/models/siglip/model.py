@@ -5,23 +5,18 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from vlforge.models.layers.contrastive import DualEncoderFeatures, LogitScale, text_groups
-from vlforge.models.layers.transformer import TextTransformer
+from vlforge.models.clip.model import CLIPTowers
+from vlforge.models.layers.contrastive import LogitScale, text_groups
 from vlforge.models.output import ModelOutput
 from vlforge.models.siglip.loss import LogitBias, sigmoid_loss
-from vlforge.models.towers.build import build_vision_tower
 
 
-class SigLIP(DualEncoderFeatures, nn.Module):
-    """`vision` and `text` are the arguments of `build_vision_tower` (any timm model) and
-    TextTransformer. The logit scale starts at 10 and the bias at -10, the paper's initialisation:
-    with mostly negative pairs in a batch, the loss starts near its prior instead of paying
-    log 2 for each of them. `match_identical_texts` makes identically worded texts (templated data)
-    matching pairs of each other's images rather than negatives."""
+class SigLIP(CLIPTowers):
+    """CLIP's two towers (`vision`: any `build_vision_tower` config, timm's by default; `text`: a
+    TextTransformer) under the pairwise sigmoid loss. The logit scale starts at 10 and the bias at
+    -10, the paper's initialisation: with mostly negative pairs in a batch, the loss starts near its
+    prior instead of paying log 2 for each of them. `match_identical_texts` makes identically worded
+    texts (templated data) matching pairs of each other's images rather than negatives."""
 
     def __init__(
         self,
@@ -34,25 +29,12 @@ class SigLIP(DualEncoderFeatures, nn.Module):
         match_identical_texts: bool = False,
         tokenizer: str | None = None,
     ) -> None:
-        super().__init__()
-        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
-        self.vision = build_vision_tower(vision)
-        self.text = TextTransformer(**text)
-        self.vision_proj = nn.Linear(self.vision.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.width, embed_dim, bias=False)
+        if not math.isfinite(init_logit_bias):
+            raise ValueError(f"model.init_logit_bias must be finite, got {init_logit_bias}")
+        super().__init__(vision, text, embed_dim, tokenizer)
         self.logit_scale = LogitScale(1.0 / init_logit_scale, max_logit_scale)
         self.logit_bias = LogitBias(init_logit_bias)
         self.match_identical_texts = match_identical_texts
-        if not math.isfinite(init_logit_bias):
-            raise ValueError(f"model.init_logit_bias must be finite, got {init_logit_bias}")
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.vision(image)
-        return F.normalize(self.vision_proj(pooled), dim=-1)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled, _ = self.text(input_ids, attention_mask)
-        return F.normalize(self.text_proj(pooled), dim=-1)
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
