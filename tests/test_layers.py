@@ -47,14 +47,9 @@ def _function_level_vlforge_imports(path: Path) -> list[int]:
     return found
 
 
-# The package top resolves the inference API on first use (PEP 562), so that importing a subpackage
-# in a loader worker does not import the hub: the one deliberate late import.
-LAZY_API = PACKAGE / "__init__.py"
-
-
 def test_no_vlforge_import_inside_a_function() -> None:
     found = {str(path.relative_to(REPO)): lines for path in sorted(PACKAGE.rglob("*.py"))
-             if path != LAZY_API and (lines := _function_level_vlforge_imports(path))}
+             if (lines := _function_level_vlforge_imports(path))}
     assert found == {}
 
 

@@ -1,16 +1,16 @@
 """The `vlforge` command's parser and its look-up subcommands, by value, in this process."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 import vlforge
-from vlforge.cli import catalog, launching
+from vlforge.cli import catalog
 from vlforge.cli.main import build_parser, main
 from vlforge.config.recipes import RECIPES_DIR, available_recipes
+from vlforge.hub import export
 from vlforge.hub.zoo import model_zoo
 
 COMMANDS = ["train", "eval", "export", "make-shards", "slurm", "recipes", "zoo"]
@@ -156,6 +156,12 @@ def test_slurm_renders_a_script_that_runs_the_command(capsys: pytest.CaptureFixt
 
 def test_export_runs_the_export_module(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    monkeypatch.setattr(launching, "run_child", lambda cmd, env=None: seen.append(cmd) or 3)
+    monkeypatch.setattr(export, "main", lambda argv: seen.append(argv) or 3)
     assert main(["export", "runs/clip_demo", "out dir", "--overwrite"]) == 3  # its exit status
-    assert seen == [[sys.executable, "-m", "vlforge.hub.export", "runs/clip_demo", "out dir", "--overwrite"]]
+    assert seen == [["runs/clip_demo", "out dir", "--overwrite"]]
+
+
+def test_make_shards_takes_its_arguments_and_names_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["make-shards", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: vlforge make-shards")
+    assert main(["make-shards", "caption", "--ann", "missing.json"]) == 2  # its own parser: --image-root, --out missing

@@ -20,18 +20,19 @@ import sys
 import vlforge
 from vlforge.cli import catalog, launching
 from vlforge.cli.usage import UsageError
+from vlforge.datasets import make_shards
+from vlforge.hub import export
 from vlforge.launch import slurm
 
 PROG = "vlforge"
 
-# Run as `python -m <module> <arguments>`: these import torch and the model code, which the other
-# subcommands (and `vlforge --help`) need not wait for.
-MODULE_COMMANDS = {
-    "make-shards": ("vlforge.datasets.make_shards",
+# Subcommands whose arguments go, all of them and in order, to another module's own parser (its --help
+# included): the module's main and a summary for `vlforge --help`.
+PASSTHROUGH = {
+    "make-shards": (make_shards.main,
                     "write WebDataset shards from caption / VQA / conversation annotations or an image folder"),
+    "slurm": (slurm.main, "write (or --submit) an sbatch script for a recipe"),
 }
-# Arguments that go, all of them and in order, to another module's own parser (its --help included).
-PASSTHROUGH = {*MODULE_COMMANDS, "slurm"}
 
 _JOB_HELP = {
     "train": ("train a recipe", (
@@ -76,10 +77,8 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     sub.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (must not exist, or be empty)")
     sub.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
 
-    for name, (_, summary) in MODULE_COMMANDS.items():
+    for name, (_, summary) in PASSTHROUGH.items():
         subs[name] = commands.add_parser(name, help=summary, add_help=False)
-    subs["slurm"] = commands.add_parser("slurm", help="write (or --submit) an sbatch script for a recipe",
-                                        add_help=False)
 
     sub = subs["recipes"] = commands.add_parser(
         "recipes", help="list the recipes, or print one's composed config",
@@ -127,8 +126,7 @@ def _dispatch(parser: argparse.ArgumentParser, subs: dict[str, argparse.Argument
         if args.command in launching.COMMANDS:
             return launching.run_job(launching.COMMANDS[args.command], args, extras, PROG)
         if args.command == "export":
-            return _run_module("vlforge.hub.export",
-                               [args.source, args.out_dir, *(["--overwrite"] if args.overwrite else [])])
+            return export.main([args.source, args.out_dir, *(["--overwrite"] if args.overwrite else [])])
         if args.command == "recipes":
             text = (catalog.list_recipes() if args.name is None
                     else catalog.describe_recipe(args.name, args.overrides, args.resolve))
@@ -143,16 +141,8 @@ def _dispatch(parser: argparse.ArgumentParser, subs: dict[str, argparse.Argument
 
 
 def _passthrough(command: str, argv: list[str]) -> int:
-    if command == "slurm":
-        return slurm.main(argv, prog=f"{PROG} slurm")
-    return _run_module(MODULE_COMMANDS[command][0], argv)
-
-
-def _run_module(module: str, argv: list[str]) -> int:
-    # PYTHONSAFEPATH (3.11+): `-m` would otherwise put the working directory first on sys.path, and a
-    # vlforge/ folder there (another checkout) would stand in for the package this command runs from.
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
-    return launching.run_child([sys.executable, "-m", module, *argv], env=env)
+    module_main, _ = PASSTHROUGH[command]
+    return module_main(argv, prog=f"{PROG} {command}")
 
 
 if __name__ == "__main__":

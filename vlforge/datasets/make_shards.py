@@ -301,8 +301,8 @@ def write_folder_shards(
     return report
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlforge.datasets.make_shards", description=__doc__.split("\n")[0])
+def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
 
     def add_output_args(p: argparse.ArgumentParser) -> None:
@@ -322,8 +322,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m vlforge.datasets.make_shards") -> int:
+    args = _parse_args(argv, prog)
     limits = {"max_count": args.max_count, "max_bytes": args.max_bytes}
     try:
         if args.kind == "caption":
