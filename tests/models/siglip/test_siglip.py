@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.gloo import run_on_ranks
 from vlforge.models.siglip.loss import sigmoid_loss
 
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
@@ -53,42 +52,24 @@ def test_identical_texts_are_matching_pairs_of_each_others_images() -> None:
     assert loss.item() == pytest.approx(_by_hand(image, text, 10.0, -10.0, positive), rel=1e-12)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _dist_worker(rank: int, world: int, port: int, image, text, groups, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        rows = image.shape[0] // world
-        local = slice(rank * rows, (rank + 1) * rows)
-        img = image[local].clone().requires_grad_(True)
-        txt = text[local].clone().requires_grad_(True)
-        scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
-        bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
-        loss = sigmoid_loss(img, txt, scale, bias, None if groups is None else groups[local])
-        loss.backward()
-        torch.save({"loss": loss.detach(), "image_grad": img.grad, "text_grad": txt.grad, "scale_grad": scale.grad,
-                    "bias_grad": bias.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank: int, world: int, image, text, groups, out_dir: str) -> None:
+    rows = image.shape[0] // world
+    local = slice(rank * rows, (rank + 1) * rows)
+    img = image[local].clone().requires_grad_(True)
+    txt = text[local].clone().requires_grad_(True)
+    scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
+    loss = sigmoid_loss(img, txt, scale, bias, None if groups is None else groups[local])
+    loss.backward()
+    torch.save({"loss": loss.detach(), "image_grad": img.grad, "text_grad": txt.grad, "scale_grad": scale.grad,
+                "bias_grad": bias.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("groups", [None, torch.tensor([0, 1, 2, 0, 4, 1, 6, 7])], ids=["plain", "identical-texts"])
 def test_sigmoid_loss_two_ranks_matches_one(tmp_path, groups) -> None:
-    import torch.multiprocessing as mp
-
     world = 2
     image, text = _embeddings(8, seed=1)
-    mp.spawn(_dist_worker, args=(world, _free_port(), image, text, groups, str(tmp_path)), nprocs=world, join=True)
+    run_on_ranks(world, _dist_worker, image, text, groups, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     img, txt = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
