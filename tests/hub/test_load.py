@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
@@ -29,8 +30,8 @@ WORDS = ["a", "picture", "of", "red", "blue", "circle", "square", "what", "colou
 def _offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("VLFORGE_HOME", str(home))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # never the machine's own cache
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # Never the machine's own Hugging Face cache (huggingface_hub reads HF_HOME when it is imported).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
 
@@ -108,7 +109,7 @@ def test_caption_model_from_the_cache_matches_transformers(_offline_cache: Path)
     assert txt["eval"]("A Picture, of THE Circle.") == "a picture, of the circle"
 
 
-def test_a_snapshot_in_the_hugging_face_cache_under_hf_home_loads_offline(tmp_path: Path) -> None:
+def test_a_snapshot_in_the_hugging_face_cache_loads_offline(tmp_path: Path) -> None:
     # The layout huggingface_hub writes: models--<org>--<name>/refs/main naming a snapshot directory.
     repo = tmp_path / "hf_home" / "hub" / "models--Salesforce--blip-image-captioning-base"
     (repo / "refs").mkdir(parents=True)

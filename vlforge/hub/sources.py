@@ -12,6 +12,10 @@ import os
 import socket
 from pathlib import Path
 
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 from vlforge.models.zoo_entry import ZooEntry
 
 _TRUE = ("1", "true", "yes", "on")
@@ -66,27 +70,14 @@ def missing_files(directory: Path, entry: ZooEntry) -> list[str]:
     return missing
 
 
-def hf_hub_cache() -> Path:
-    """The Hugging Face cache, as huggingface_hub resolves it, read when called (so a process that sets
-    HF_HOME after importing vlforge is honoured): $HF_HUB_CACHE, else $HF_HOME/hub, else
-    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
-
-
 def _patterns(entry: ZooEntry, weights: str) -> list[str]:
     return [*entry.files, *OPTIONAL_FILES, weights, *filter(None, [shard_pattern(weights)])]
 
 
 def _cached_snapshot(entry: ZooEntry) -> Path | None:
     """The entry's snapshot in the Hugging Face cache, if one is there with every file loading needs."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
-        snapshot = Path(snapshot_download(entry.location, cache_dir=str(hf_hub_cache()), local_files_only=True))
+        snapshot = Path(snapshot_download(entry.location, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
         return None
     return snapshot if not missing_files(snapshot, entry) else None
@@ -105,18 +96,16 @@ def hf_model_dir(entry: ZooEntry) -> Path:
         return local
     url = f"https://huggingface.co/{entry.location}"
     where = (f"download {', '.join(missing)} from {url} into {local} (or into the Hugging Face cache, "
-             f"{hf_hub_cache()}), or pass checkpoint=<a directory holding them>")
+             f"{hf_constants.HF_HUB_CACHE}), or pass checkpoint=<a directory holding them>")
     if offline():
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and the hub "
                                    f"is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
-    from huggingface_hub import snapshot_download
-
     snapshot = local
     for weights in entry.weights:
         try:
             # A short timeout and no retry loop: a machine without network learns so in seconds.
             snapshot = Path(snapshot_download(entry.location, allow_patterns=_patterns(entry, weights),
-                                              cache_dir=str(hf_hub_cache()), etag_timeout=5))
+                                              etag_timeout=5))
         except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and "
                                        f"fetching it from {url} failed ({type(err).__name__}: {err}): {where}") from None
@@ -187,8 +176,6 @@ def url_model_dir(entry: ZooEntry) -> Path:
                                    f"network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
     try:
         if any(name in entry.files for name in missing):
-            from huggingface_hub import snapshot_download
-
             snapshot_download(entry.files_repo, allow_patterns=list(entry.files), local_dir=str(local), etag_timeout=5)
         if entry.weights[0] in missing:
             download(entry.location, local / entry.weights[0])
