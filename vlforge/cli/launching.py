@@ -28,7 +28,7 @@ class JobCommand:
     name: str  # the subcommand
     job: Job
     script: str  # the file each rank runs under a process launcher
-    required: tuple[str, ...]  # overrides that must be given: the root config leaves them ??? (mandatory)
+    required: tuple[str, ...]  # overrides that must be given (the root config marks them mandatory)
 
 
 COMMANDS = {
@@ -136,10 +136,10 @@ def exit_code(exit_: SystemExit) -> int:
     return 1
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None) -> int:
+def run_child(cmd: list[str]) -> int:
     """Run `cmd` to its end and return its exit status (128 + N for a child killed by signal N, as a shell
     reports it). Ctrl-C reaches the child too (same process group): it gets time to stop its ranks."""
-    child = subprocess.Popen(cmd, env=env)
+    child = subprocess.Popen(cmd)
     try:
         code = child.wait()
     except KeyboardInterrupt:

@@ -5,13 +5,12 @@ Module-level imports stay light (torch only): the 2-process test spawns workers 
 from __future__ import annotations
 
 import os
-import socket
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.gloo import run_on_ranks
 from vlforge.models.layers.contrastive import contrastive_loss, gather_with_grad, text_groups
 
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
@@ -86,52 +85,25 @@ def test_gather_without_process_group_is_identity():
 # --- contrastive loss, two processes (gloo) ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _dist_worker(rank: int, world: int, port: int, image, text, scale, groups, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the hostname resolving
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        rows = image.shape[0] // world
-        local = slice(rank * rows, (rank + 1) * rows)
-        img = image[local].clone().requires_grad_(True)
-        txt = text[local].clone().requires_grad_(True)
-        s = scale.clone().requires_grad_(True)
-        gathered = gather_with_grad(img)
-        loss = contrastive_loss(img, txt, s, None if groups is None else groups[local])
-        loss.backward()
-        torch.save(
-            {
-                "gathered": gathered.detach(),
-                "loss": loss.detach(),
-                "image_grad": img.grad,
-                "text_grad": txt.grad,
-                "scale_grad": s.grad,
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank: int, world: int, image, text, scale, groups, out_dir: str) -> None:
+    rows = image.shape[0] // world
+    local = slice(rank * rows, (rank + 1) * rows)
+    img = image[local].clone().requires_grad_(True)
+    txt = text[local].clone().requires_grad_(True)
+    s = scale.clone().requires_grad_(True)
+    gathered = gather_with_grad(img)
+    loss = contrastive_loss(img, txt, s, None if groups is None else groups[local])
+    loss.backward()
+    torch.save({"gathered": gathered.detach(), "loss": loss.detach(), "image_grad": img.grad, "text_grad": txt.grad,
+                "scale_grad": s.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("groups", [None, torch.tensor([0, 1, 2, 0, 4, 1, 6, 7])], ids=["plain", "identical-texts"])
 def test_contrastive_loss_two_ranks_matches_one(tmp_path, groups):
-    import torch.multiprocessing as mp
-
     world = 2
     image, text, scale = _embeddings(8, seed=1)
     # With groups, texts alike sit on both ranks (0 and 3, 1 and 5): the targets span ranks.
-    mp.spawn(_dist_worker, args=(world, _free_port(), image, text, scale, groups, str(tmp_path)), nprocs=world,
-             join=True)
+    run_on_ranks(world, _dist_worker, image, text, scale, groups, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     # One process, the whole batch.
