@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vlforge.cli.usage import UsageError, unknown_name
 from vlforge.config.recipes import RECIPES_DIR, available_recipes, compose_recipe
-from vlforge.hub.zoo import ENTRIES, model_zoo
+from vlforge.hub.zoo import ENTRIES, format_table
 
 SUMMARY_WIDTH = 100  # characters of a recipe's description in the listing
 
@@ -62,15 +62,6 @@ def describe_model(name: str) -> str:
     entries = [entry for entry in ENTRIES if entry.name == name]
     if not entries:
         raise unknown_name("model", name, sorted({entry.name for entry in ENTRIES}), "vlforge zoo")
-    rows = [("model_type", "recipe", "weights", "description")]
-    rows += [(e.model_type, e.recipe, e.source, e.description) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f'\nload one with vlforge.load_model("{name}", "<model_type>")')
-    return "\n".join(lines)
-
-
-def zoo_table() -> str:
-    """Every (name, model type) of the model zoo and where its weights come from."""
-    return str(model_zoo)
+    table = format_table([("model_type", "recipe", "weights", "description"),
+                          *[(e.model_type, e.recipe, e.source, e.description) for e in entries]])
+    return f'{table}\n\nload one with vlforge.load_model("{name}", "<model_type>")'

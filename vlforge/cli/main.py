@@ -22,6 +22,7 @@ from vlforge.cli import catalog, launching
 from vlforge.cli.usage import UsageError
 from vlforge.datasets import make_shards
 from vlforge.hub import export
+from vlforge.hub.zoo import model_zoo
 from vlforge.launch import slurm
 
 PROG = "vlforge"
@@ -133,7 +134,7 @@ def _dispatch(parser: argparse.ArgumentParser, subs: dict[str, argparse.Argument
             print(text.rstrip("\n"))
             return 0
         if args.command == "zoo":
-            print(catalog.zoo_table() if args.name is None else catalog.describe_model(args.name))
+            print(model_zoo if args.name is None else catalog.describe_model(args.name))
             return 0
     except UsageError as err:
         sub.error(str(err))

@@ -30,6 +30,15 @@ def find_entry(name: str, model_type: str) -> ZooEntry:
     raise ValueError(f"unknown model '{name}'; the zoo has: {', '.join(names)}")
 
 
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """`rows` (the first is the header) in aligned columns, a rule under the header; the last column is
+    left unpadded (descriptions)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 class ModelZoo:
     """`print(model_zoo)`: the table of names, types and where their weights come from."""
 
@@ -40,12 +49,8 @@ class ModelZoo:
         return len(ENTRIES)
 
     def __str__(self) -> str:
-        rows = [("name", "model_type", "weights", "description")]
-        rows += [(e.name, e.model_type, e.source, e.description) for e in ENTRIES]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines)
+        return format_table([("name", "model_type", "weights", "description"),
+                             *[(e.name, e.model_type, e.source, e.description) for e in ENTRIES]])
 
     __repr__ = __str__
 
