@@ -11,6 +11,8 @@ from typing import Any, Mapping, Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
+
 
 @runtime_checkable
 class TextGenerator(Protocol):
@@ -64,6 +66,21 @@ class PromptedGenerator(TextGenerator, Protocol):
     `generate` as the batch's `image_features` (LLaVA)."""
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StepwiseGenerator(Protocol):
+    """Decoding one token at a time in a batch that rows join and leave between steps (a server's
+    continuous batching): `start_rows` encodes images (uint8 [B,3,H,W], batched) and prefills one
+    prompt per image (None: the model's own; what a prompt means is the model's: a caption prefix, a
+    question); `step_rows` feeds each row's chosen token and returns the next logits [N, V]. A row's
+    greedy tokens equal what `generate` gives its image and prompt alone."""
+
+    def vocabulary(self) -> Vocabulary: ...
+
+    def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart: ...
+
+    def step_rows(self, rows: DecodeRows, next_ids: torch.Tensor) -> torch.Tensor: ...
 
 
 Capability = TypeVar("Capability")

@@ -171,3 +171,43 @@ def test_ranks_step_together_until_all_are_done(tmp_path: Path) -> None:
         assert fast["calls"] == slow["calls"] == 5  # every rank ran every forward
         assert fast["ids"][:, 1].tolist() == [EOS, EOS]  # yet rank 0's captions ended at once
         assert slow["ids"].shape[1] == 6 and EOS not in slow["ids"].tolist()[0]
+
+
+class ListStreamer:
+    def __init__(self) -> None:
+        self.values: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.values.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamer_sees_the_prompt_then_every_token_as_returned() -> None:
+    step, _ = _model()
+    streamer = ListStreamer()
+    ids = generate(step, HistoryCache(), torch.tensor([[1, 2]]), GenerationConfig(max_length=8), EOS, PAD,
+                   sync_ranks=False, streamer=streamer)
+    assert streamer.values[0] == [1, 2] and streamer.ended
+    assert [v[0] for v in streamer.values[1:]] == ids[0, 2:].tolist()
+    with pytest.raises(ValueError, match="streamer needs num_beams=1"):
+        generate(step, HistoryCache(), torch.tensor([[1]]), GenerationConfig(num_beams=2), EOS, PAD, streamer=streamer)
+
+
+def test_num_return_sequences_samples_independent_rows_and_returns_the_best_beams() -> None:
+    probs = torch.tensor([0.05, 0.3, 0.3, 0.3, 0.05])
+    step = lambda ids, cache: probs.log().expand(ids.shape[0], -1)
+    cfg = GenerationConfig(max_length=4, do_sample=True, top_p=1.0, num_return_sequences=6)
+    ids = generate(step, HistoryCache(), torch.tensor([[1], [2]]), cfg, EOS, PAD, generator=torch.Generator().manual_seed(0))
+    assert ids.shape[0] == 12 and ids[:6, 0].eq(1).all() and ids[6:, 0].eq(2).all()
+    assert len({tuple(r) for r in ids[:6].tolist()}) > 1  # independent draws
+    step_b, _ = _model()
+    one = generate(step_b, HistoryCache(), torch.tensor([[1]]), GenerationConfig(max_length=6, num_beams=3), EOS, PAD,
+                   sync_ranks=False)
+    three = generate(step_b, HistoryCache(), torch.tensor([[1]]),
+                     GenerationConfig(max_length=6, num_beams=3, num_return_sequences=3), EOS, PAD, sync_ranks=False)
+    assert three.shape[0] == 3 and three[0, : one.shape[1]].tolist() == one[0].tolist()
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        GenerationConfig(num_return_sequences=2)

@@ -11,8 +11,11 @@ from vlforge.models.blip.decoder import (
     decoder_step,
     language_model_loss,
     special_token_ids,
+    start_decoder_rows,
+    step_decoder_rows,
 )
 from vlforge.models.layers.bert import BertLMHead, BertTextModel
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
 from vlforge.models.layers.generation import GenerationConfig, generate
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
@@ -81,14 +84,35 @@ class BlipCaptioner(nn.Module):
         return generate(decoder_step(self.text_decoder, self.lm_head, image_tokens), self.text_decoder.new_cache(),
                         prompt_ids, cfg, self.eos_token_id, self.pad_token_id)
 
+    def _tokenizer(self) -> Any:
+        if self.tokenizer_name is None:
+            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
+        return load_tokenizer(self.tokenizer_name)
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self._tokenizer(), self.eos_token_id)
+
+    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+        """`[DEC] prompt` ids: the decoder's start for a caption beginning with `prompt` (the model's)."""
+        ids = self._tokenizer()(self.prompt if prompt is None else prompt).input_ids[:-1]  # no [SEP]
+        return [self.bos_token_id, *ids[1:]]
+
+    @torch.no_grad()
+    def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
+        """Continuous-batching start: captions of `image` (uint8 [B,3,H,W]), each continuing its prompt
+        (None: the model's), as `generate` would begin them."""
+        return start_decoder_rows(self.text_decoder, self.lm_head, self.image_tokens(image),
+                                  [self.prompt_ids(p) for p in prompts], self.pad_token_id)
+
+    @torch.no_grad()
+    def step_rows(self, rows: DecodeRows, next_ids: torch.Tensor) -> torch.Tensor:
+        return step_decoder_rows(self.text_decoder, self.lm_head, rows, next_ids)
+
     def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 3,
                  max_length: int = 30, min_length: int = 10, top_p: float = 0.9,
                  repetition_penalty: float = 1.0) -> list[str]:
         """Captions for `samples["image"]` (uint8 [B,3,H,W]), without the prompt (LAVIS's arguments)."""
-        if self.tokenizer_name is None:
-            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
-
-        tok = load_tokenizer(self.tokenizer_name)
+        tok = self._tokenizer()
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, :-1].to(image.device)
         prompt[:, 0] = self.bos_token_id

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from vlforge.core.tokenizers import load_tokenizer
-from vlforge.models.layers.bert import BertLMHead, BertTextModel, KVCache
+from vlforge.datasets.instruct import pad_rows
+from vlforge.models.layers.bert import BertLMHead, BertTextModel, KVCache, LayerCache
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, left_padded_positions
 
 
 def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int | torch.Tensor) -> torch.Tensor:
@@ -55,3 +57,32 @@ def decoder_step(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Ten
         return lm_head(hidden[:, -1])
 
     return step
+
+
+def start_decoder_rows(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Tensor,
+                       prompts: list[list[int]], pad_id: int) -> RowStart:
+    """Prefill one prompt (token ids, bos first) per `context` row, left-padded to the longest, for
+    continuous batching (DecodeRows): cross-attention keys/values become the rows' fixed part."""
+    ids, mask = pad_rows([torch.tensor(p) for p in prompts], pad_id, left=True)
+    ids, mask = ids.to(context.device), mask.to(context.device)
+    positions = left_padded_positions(mask)
+    cache = decoder.new_cache()
+    hidden = decoder(ids, mask, encoder_hidden_states=context, causal=True, cache=cache, position_ids=positions)
+    rows = DecodeRows([t for layer in cache.layers for t in (layer.self_k, layer.self_v)],
+                      [t for layer in cache.layers if layer.cross_k is not None for t in (layer.cross_k, layer.cross_v)],
+                      mask, positions[:, -1] + 1)
+    return RowStart(rows, lm_head(hidden[:, -1]), [list(p) for p in prompts])
+
+
+def step_decoder_rows(decoder: BertTextModel, lm_head: BertLMHead, rows: DecodeRows,
+                      next_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row; returns the next-token logits [N, V] and advances `rows`."""
+    fixed = iter(rows.fixed)
+    layers = []
+    for index, layer in enumerate(decoder.layers):
+        cross = (next(fixed), next(fixed)) if layer.cross_attention is not None else (None, None)
+        layers.append(LayerCache(rows.growing[2 * index], rows.growing[2 * index + 1], *cross))
+    cache = KVCache(layers)
+    hidden = decoder(next_ids[:, None], rows.step_mask(), causal=True, cache=cache, position_ids=rows.positions[:, None])
+    rows.advance([t for layer in cache.layers for t in (layer.self_k, layer.self_v)])
+    return lm_head(hidden[:, -1])

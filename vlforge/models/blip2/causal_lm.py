@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlforge.core.tokenizers import end_token_id, load_tokenizer
+from vlforge.datasets.instruct import pad_rows
 from vlforge.models.blip.decoder import lm_labels
 from vlforge.models.blip2.pretrain import QueryImageEncoder
 from vlforge.models.language.causal_lm import build_causal_lm, prompt_token_count
+from vlforge.models.language.lm_rows import start_lm_rows, step_lm_rows
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
 from vlforge.models.layers.zero_init import outside_zero_init
 from vlforge.models.output import ModelOutput
 
@@ -95,16 +98,45 @@ class Blip2CausalLM(nn.Module):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                             max_new_tokens=max_new_tokens, **generate_kwargs)
 
+    def _tokenizer(self) -> Any:
+        if self.tokenizer_name is None:
+            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
+        return load_tokenizer(self.tokenizer_name)
+
+    def vocabulary(self) -> Vocabulary:
+        tok = self._tokenizer()
+        return Vocabulary(tok, end_token_id(tok))
+
+    def prompt_ids(self, prompt: str | None = None) -> list[int]:
+        """The tokenizer's leading special tokens and `prompt` (the model's, as `generate` cuts it)."""
+        tok = self._tokenizer()
+        if prompt is None:
+            return tok(self.prompt).input_ids[: self.prompt_length]
+        return tok(prompt).input_ids[: prompt_token_count(self.tokenizer_name, prompt)]
+
+    @torch.no_grad()
+    def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
+        """Continuous-batching start: texts for `image` (uint8 [B,3,H,W]) after the visual prefix and
+        each prompt (None: the model's), rows left-padded as transformers' generate pads them."""
+        prefix = self.visual_prefix(image)
+        embed = self.language_model.get_input_embeddings()
+        device = embed.weight.device
+        texts = [embed(torch.tensor(self.prompt_ids(p), dtype=torch.long, device=device)) for p in prompts]
+        embeds, mask = pad_rows([torch.cat([prefix[i].to(device=t.device, dtype=t.dtype), t]) for i, t in enumerate(texts)],
+                                0.0, left=True)
+        return start_lm_rows(self.language_model, embeds, mask)
+
+    @torch.no_grad()
+    def step_rows(self, rows: DecodeRows, next_ids: torch.Tensor) -> torch.Tensor:
+        return step_lm_rows(self.language_model, rows, next_ids)
+
     def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 5,
                  max_length: int = 30, min_length: int = 1, top_p: float = 0.9,
                  repetition_penalty: float = 1.0) -> list[str]:
         """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt; LAVIS's
         arguments (lengths count new tokens). With several ranks every rank keeps stepping until all
         are done (transformers' synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
-        if self.tokenizer_name is None:
-            raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
-
-        tok = load_tokenizer(self.tokenizer_name)
+        tok = self._tokenizer()
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
         eos = end_token_id(tok)

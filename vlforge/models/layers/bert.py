@@ -129,7 +129,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None,
                 context_mask: torch.Tensor | None, cache: LayerCache | None) -> torch.Tensor:
         x = self.attention(x, mask, cache=cache)
-        if self.cross_attention is not None and context is not None:
+        cached_context = cache is not None and cache.cross_k is not None
+        if self.cross_attention is not None and (context is not None or cached_context):
             x = self.cross_attention(x, context_mask, context=context, cache=cache)
         return self.norm(x + F.dropout(self.output(self.act(self.intermediate(x))), self.dropout, self.training))
 
@@ -184,8 +185,11 @@ class BertTextModel(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache([LayerCache() for _ in self.layers])
 
-    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+    def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None, past: int = 0,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        positions = position_ids
+        if positions is None:
+            positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
@@ -203,8 +207,10 @@ class BertTextModel(nn.Module):
         cache: KVCache | None = None,
         layers: tuple[int, int] | None = None,
         hidden_states: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, L, width]. With a cache, `attention_mask` covers the cached tokens too.
+        `position_ids` [B, L] replace the column positions (left-padded rows, see DecodeRows).
 
         `layers=(start, end)` runs only those layers, starting from `hidden_states` when given (ALBEF
         runs its text-only layers, then its fusion layers on their output).
@@ -213,10 +219,11 @@ class BertTextModel(nn.Module):
         batch, length = (input_ids if x is None else x).shape[:2]
         device = (input_ids if x is None else x).device
         past = cache.length if cache is not None else 0
-        if past + length > self.max_len:
-            raise ValueError(f"{past + length} tokens exceed the model's max_len {self.max_len}")
+        last = past + length if position_ids is None else int(position_ids.max()) + 1
+        if last > self.max_len:
+            raise ValueError(f"{last} tokens exceed the model's max_len {self.max_len}")
         if x is None:
-            x = self.embed(input_ids, token_type_ids, past)
+            x = self.embed(input_ids, token_type_ids, past, position_ids)
 
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)

@@ -1,4 +1,5 @@
-"""Autoregressive decoding over a KV cache: greedy, nucleus sampling and beam search.
+"""Autoregressive decoding over a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search,
+with transformers' logits processing (vlforge.models.layers.sampling) and an optional streamer.
 
 A model supplies `step(new_ids [N, t], cache) -> next-token logits [N, V]`; its image context has
 one row per decoded row, or one per image shared by that image's `num_beams` consecutive rows (beam
@@ -13,9 +14,20 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
+from vlforge.models.layers.sampling import SamplingParams, banned_ngram_tokens, repetition_penalty, warp
+
 
 class Reorderable(Protocol):
     def reorder(self, index: torch.Tensor) -> None: ...
+
+
+class Streamer(Protocol):
+    """transformers' streamer interface: `put` gets the prompt ids [B, P] once, then each step's new
+    ids [B]; `end` is called when decoding stops."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
 
 
 @dataclass
@@ -26,10 +38,13 @@ class GenerationConfig:
     min_length: int = 0
     num_beams: int = 1
     length_penalty: float = 1.0  # beam scores are sum(log p) / length ** length_penalty
-    do_sample: bool = False  # nucleus sampling (num_beams must be 1)
+    do_sample: bool = False  # sampling (num_beams must be 1)
     top_p: float = 0.9
+    top_k: int = 0  # 0: off
     temperature: float = 1.0
     repetition_penalty: float = 1.0  # CTRL's: logits of tokens already present divided (or, if negative, multiplied)
+    no_repeat_ngram_size: int = 0  # 0: off
+    num_return_sequences: int = 1  # rows per prompt: sampled independently, or the best beams
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -40,6 +55,14 @@ class GenerationConfig:
             raise ValueError(f"generation top_p must be in (0, 1], got {self.top_p}")
         if self.min_length > self.max_length:
             raise ValueError(f"generation min_length {self.min_length} exceeds max_length {self.max_length}")
+        if self.num_return_sequences < 1 or (not self.do_sample and self.num_return_sequences > self.num_beams):
+            raise ValueError(f"generation num_return_sequences={self.num_return_sequences} needs do_sample, or "
+                             f"num_beams >= it (got num_beams={self.num_beams})")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                              no_repeat_ngram_size=self.no_repeat_ngram_size)
 
 
 def _any_rank_running(running: bool, device: torch.device, sync_ranks: bool) -> bool:
@@ -51,24 +74,20 @@ def _any_rank_running(running: bool, device: torch.device, sync_ranks: bool) -> 
 
 
 def _process_logits(logits: torch.Tensor, ids: torch.Tensor, cfg: GenerationConfig, eos_id: int) -> torch.Tensor:
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0:
-        seen = logits.gather(1, ids)
-        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
-        logits = logits.scatter(1, ids, seen)
+    logits = repetition_penalty(logits.float(), ids, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size:
+        for row, history in enumerate(ids.tolist()):
+            banned = banned_ngram_tokens(history, cfg.no_repeat_ngram_size)
+            if banned:
+                logits[row, banned] = float("-inf")
     if ids.shape[1] < cfg.min_length:
         logits[:, eos_id] = float("-inf")
     return logits
 
 
-def _nucleus(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    probs = (logits / cfg.temperature).softmax(dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= cfg.top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
-    return order.gather(1, choice).squeeze(1)
+def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    probs = warp(logits, cfg.sampling()).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def generate(
@@ -80,22 +99,34 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     sync_ranks: bool = True,
+    streamer: Streamer | None = None,
 ) -> torch.Tensor:
-    """Decode after `prompt_ids` [B, P]; returns [B, <= max_length] ids including the prompt, each row
-    ended by eos (or cut at max_length) and padded after it. With `num_beams` K, `step` sees B*K rows."""
+    """Decode after `prompt_ids` [B, P]; returns [B * num_return_sequences, <= max_length] ids including
+    the prompt, each row ended by eos (or cut at max_length) and padded after it. With `num_beams` K,
+    `step` sees B*K rows; with R return sequences and sampling, B*R rows (a prompt's R rows consecutive,
+    sharing its context as beams do). `streamer` (not with beam search) sees every step's tokens."""
     if cfg.num_beams > 1:
+        if streamer is not None:
+            raise ValueError("generation: a streamer needs num_beams=1 (beam search settles its tokens at the end)")
         return _beam_search(step, cache, prompt_ids, cfg, eos_id, pad_id, sync_ranks)
-    ids, step_input = prompt_ids, prompt_ids
+    ids = prompt_ids.repeat_interleave(cfg.num_return_sequences, dim=0)
+    step_input = ids
+    if streamer is not None:
+        streamer.put(ids)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     while ids.shape[1] < cfg.max_length:
         logits = _process_logits(step(step_input, cache), ids, cfg, eos_id)
-        next_ids = _nucleus(logits, cfg, generator) if cfg.do_sample else logits.argmax(dim=-1)
+        next_ids = _sample(logits, cfg, generator) if cfg.do_sample else logits.argmax(dim=-1)
         next_ids = next_ids.masked_fill(done, pad_id)
         ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(next_ids)
         done |= next_ids == eos_id
         if not _any_rank_running(not bool(done.all()), ids.device, sync_ranks):
             break
         step_input = next_ids[:, None]
+    if streamer is not None:
+        streamer.end()
     return ids
 
 
@@ -155,8 +186,9 @@ def _beam_search(step: Callable[[torch.Tensor, Reorderable], torch.Tensor], cach
             for k in range(beams):
                 if scores[b, k] > float("-inf"):
                     finished[b].append((penalised(float(scores[b, k]), ids.shape[1]), ids[b * beams + k]))
-    best = [max(hyps, key=lambda h: h[0])[1] for hyps in finished]
-    out = torch.full((batch, max(len(seq) for seq in best)), pad_id, dtype=ids.dtype, device=device)
+    returned = cfg.num_return_sequences
+    best = [seq for hyps in finished for _, seq in sorted(hyps, key=lambda h: h[0], reverse=True)[:returned]]
+    out = torch.full((len(best), max(len(seq) for seq in best)), pad_id, dtype=ids.dtype, device=device)
     for b, seq in enumerate(best):
         out[b, : len(seq)] = seq
     return out

@@ -29,7 +29,9 @@ from vlforge.datasets.conversation import (
 )
 from vlforge.datasets.instruct import pad_rows
 from vlforge.models.language.causal_lm import build_causal_lm
+from vlforge.models.language.lm_rows import start_lm_rows, step_lm_rows
 from vlforge.models.language.quantize import quantization_config
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
 from vlforge.models.layers.zero_init import outside_zero_init
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
@@ -166,6 +168,11 @@ class Llava(nn.Module):
         texts = [texts] if isinstance(texts, str) else list(texts)
         if len(texts) != samples["image"].shape[0]:
             raise ValueError(f"generate: {len(texts)} prompts for {samples['image'].shape[0]} images")
+        return self._encode_prompts(texts, samples["image"].device)
+
+    def _encode_prompts(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask of one human turn per text, framed by the template (`<image>`
+        first unless the text places it)."""
         tok = load_tokenizer(self._tokenizer())
         rows = []
         for text in texts:
@@ -174,7 +181,23 @@ class Llava(nn.Module):
                                          prompt_only=True)
             rows.append(torch.tensor(ids))
         ids, mask = pad_rows(rows, pad_token_id(tok), left=True)
-        return ids.to(samples["image"].device), mask.to(samples["image"].device)
+        return ids.to(device), mask.to(device)
+
+    def vocabulary(self) -> Vocabulary:
+        tok = load_tokenizer(self._tokenizer())
+        return Vocabulary(tok, end_token_id(tok))
+
+    @torch.no_grad()
+    def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
+        """Continuous-batching start: answers about `image` (uint8 [B,3,H,W]) to one prompt each (None:
+        an empty question), framed and left-padded as `generate` frames them."""
+        ids, mask = self._encode_prompts(["" if p is None else p for p in prompts], image.device)
+        embeds, mask, _ = self._splice(image, ids, mask, None, left_pad=True)
+        return start_lm_rows(self.language_model, embeds, mask)
+
+    @torch.no_grad()
+    def step_rows(self, rows: DecodeRows, next_ids: torch.Tensor) -> torch.Tensor:
+        return step_lm_rows(self.language_model, rows, next_ids)
 
     def _tokenizer(self) -> str:
         if self.tokenizer_name is None:

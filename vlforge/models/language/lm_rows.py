@@ -1,0 +1,41 @@
+"""Continuous-batching steps (DecodeRows) for a transformers causal LM that reads a prefix of
+embeddings: the prefill from `inputs_embeds`, then one token id per row per step, with the position
+ids and attention mask transformers' own `generate` would give each row."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from vlforge.models.layers.decode_rows import DecodeRows, RowStart, left_padded_positions
+
+
+def _cache_tensors(output: object) -> list[torch.Tensor]:
+    cache = getattr(output, "cache", None) or output.past_key_values
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _cache_argument(lm: PreTrainedModel, cache: DynamicCache) -> dict[str, DynamicCache]:
+    # transformers renamed `past_key_values` to `cache`; older releases know only the first.
+    accepted = inspect.signature(lm.forward).parameters
+    return {"cache": cache} if "cache" in accepted else {"past_key_values": cache}
+
+
+def start_lm_rows(lm: PreTrainedModel, embeds: torch.Tensor, mask: torch.Tensor) -> RowStart:
+    """Prefill left-padded `embeds` [N, L, width] (`mask` [N, L]); histories are empty, as
+    transformers' generate from `inputs_embeds` starts with no input ids."""
+    positions = left_padded_positions(mask)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    rows = DecodeRows(_cache_tensors(out), [], mask, positions[:, -1] + 1)
+    return RowStart(rows, out.logits[:, -1], [[] for _ in range(mask.shape[0])])
+
+
+def step_lm_rows(lm: PreTrainedModel, rows: DecodeRows, next_ids: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row; returns the next-token logits [N, V] and advances `rows`."""
+    cache = DynamicCache(ddp_cache_data=list(zip(rows.growing[0::2], rows.growing[1::2])))
+    device = lm.get_input_embeddings().weight.device
+    out = lm(input_ids=next_ids[:, None].to(device), attention_mask=rows.step_mask().to(device),
+             position_ids=rows.positions[:, None].to(device), use_cache=True, **_cache_argument(lm, cache))
+    rows.advance(_cache_tensors(out))
+    return out.logits[:, -1]

@@ -1,0 +1,103 @@
+"""Sequences decoded together, each at its own length, in one batch that rows leave and join between
+steps: the KV cache a server's continuous batching needs.
+
+A model's `start_rows` encodes new requests (images batched, prompts prefilled) into a `DecodeRows`;
+the scheduler concatenates it onto the running batch, `select`s the rows that go on after each step,
+and the model's `step_rows` feeds one token per row. Self-attention keys/values are left-padded to one
+length, with `key_mask` marking each row's real columns, so a row attends to exactly what it would
+alone; `positions` are each row's own (its count of real tokens), not the padded column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DecodeRows:
+    """`growing`: per-layer tensors [N, heads, L, dim] that gain one column per step (self-attention
+    keys and values, in the model's order); `fixed`: per-row tensors [N, ...] that do not (cross-
+    attention keys and values); `key_mask` [N, L] (1 = a real column); `positions` [N], the position
+    id of each row's next token."""
+
+    growing: list[torch.Tensor]
+    fixed: list[torch.Tensor]
+    key_mask: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.key_mask.shape[1]
+
+    def step_mask(self) -> torch.Tensor:
+        """The attention mask of a step: the cached columns and the new token's."""
+        return F.pad(self.key_mask, (0, 1), value=1)
+
+    def advance(self, growing: list[torch.Tensor]) -> None:
+        """After a step: the grown keys/values, one more real column, positions moved on."""
+        self.growing = growing
+        self.key_mask = self.step_mask()
+        self.positions = self.positions + 1
+
+    def select(self, index: torch.Tensor) -> "DecodeRows":
+        """Rows `index`, in that order, with the columns no kept row uses cut from the left."""
+        index = index.to(self.key_mask.device)
+        mask = self.key_mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        return DecodeRows([t.index_select(0, index)[:, :, start:] for t in self.growing],
+                          [t.index_select(0, index) for t in self.fixed], mask[:, start:], self.positions[index])
+
+    @staticmethod
+    def concat(parts: Sequence["DecodeRows"]) -> "DecodeRows":
+        """One batch of `parts`' rows, in order, each left-padded to the longest."""
+        parts = [p for p in parts if p.size]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise ValueError("DecodeRows.concat needs at least one non-empty part")
+        length = max(p.length for p in parts)
+
+        def pad(t: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+            if not columns:
+                return t
+            widths = [0, 0] * (t.dim() - 1 - dim) + [columns, 0]
+            return F.pad(t, widths)
+
+        growing = [torch.cat([pad(p.growing[i], length - p.length, 2) for p in parts])
+                   for i in range(len(parts[0].growing))]
+        fixed = [torch.cat([p.fixed[i] for p in parts]) for i in range(len(parts[0].fixed))]
+        mask = torch.cat([pad(p.key_mask, length - p.length, 1) for p in parts])
+        return DecodeRows(growing, fixed, mask, torch.cat([p.positions for p in parts]))
+
+
+def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows (transformers' generate: the count of real tokens before
+    each, padding at 1)."""
+    return (mask.long().cumsum(dim=-1) - 1).masked_fill(mask == 0, 1)
+
+
+@dataclass
+class RowStart:
+    """What `start_rows` gives the scheduler: the new rows, each row's next-token logits [N, V] after
+    its prompt, and each row's token history as the model's `generate` shows it to the repetition
+    penalty and n-gram ban (the prompt's ids, or none where the prompt is only embeddings)."""
+
+    rows: DecodeRows
+    logits: torch.Tensor
+    histories: list[list[int]]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """How a stepwise generator's ids become text: its tokenizer and the id that ends a sequence."""
+
+    tokenizer: object
+    eos_id: int
