@@ -41,13 +41,18 @@ setup(
         "pillow>=10.0",
         "numpy>=1.24",
         "tqdm>=4.66",
+        # `vlforge serve`: the HTTP server (light, pure Python); Ray Serve replicas will be an extra
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "open_clip_torch>=2.24",  # open_clip: parity tests
                 "hydra-submitit-launcher>=1.2",  # the SLURM tests launch through submitit too
                 "peft>=0.10", "bitsandbytes>=0.46", "accelerate>=0.30",  # LoRA and 4-bit tests
                 "import-linter>=2.0",  # the layers contract (tests/test_layers.py; grimp comes with it)
-                "setuptools>=70.1"],  # builds the wheel without the separate `wheel` package (tests/cli/test_wheel.py)
+                "setuptools>=70.1",  # builds the wheel without the separate `wheel` package (tests/cli/test_wheel.py)
+                "openai>=1.30", "httpx>=0.27", "schemathesis>=3.30", "hypothesis>=6.100"],  # serving tests
         "slurm": ["hydra-submitit-launcher>=1.2"],  # hydra/launcher=vlforge_slurm
         "lora": ["peft>=0.10"],  # model.lora (LLaVA finetuning with LoRA adapters)
         "quant": ["bitsandbytes>=0.46", "accelerate>=0.30"],  # model.load_4bit / load_8bit

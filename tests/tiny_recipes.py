@@ -16,8 +16,10 @@ WORDS = ["a", "picture", "of", "red", "blue", "green", "circle", "square", "tria
          "left", "right", "what", "colour", "is", "the", "shape", "?", "on", "and", "yes", "no", "cat", "dog"]
 
 
-def save_tokenizer(directory: Path) -> Path:
-    save_vocab_tokenizer([*SPECIAL_TOKENS, *WORDS], directory)
+def save_tokenizer(directory: Path, size: int = 512) -> Path:
+    """A word-level tokenizer of `size` tokens (the demo models' vocabulary): the words, then w<i>."""
+    tokens = [*SPECIAL_TOKENS, *WORDS]
+    save_vocab_tokenizer(tokens + [f"w{i}" for i in range(size - len(tokens))], directory)
     return directory
 
 

@@ -13,7 +13,7 @@ from vlforge.config.recipes import RECIPES_DIR, available_recipes
 from vlforge.hub import export
 from vlforge.hub.zoo import model_zoo
 
-COMMANDS = ["train", "eval", "export", "make-shards", "slurm", "recipes", "zoo"]
+COMMANDS = ["train", "eval", "serve", "export", "make-shards", "slurm", "recipes", "zoo"]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

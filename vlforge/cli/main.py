@@ -2,6 +2,7 @@
 
     vlforge train [--nproc N] recipe=clip_demo [overrides]     train a recipe
     vlforge eval [--nproc N] recipe=... checkpoint=...         evaluate a checkpoint with a recipe's task
+    vlforge serve MODEL | recipe=... [checkpoint=...]          serve a model over HTTP (OpenAI-compatible)
     vlforge export SOURCE OUT_DIR [--overwrite]                a run's checkpoint as safetensors + config
     vlforge make-shards {caption,vqa,conversation,folder} ...  WebDataset shards from annotations or folders
     vlforge slurm --nodes 4 --gpus-per-node 8 recipe=...       an sbatch script for a recipe
@@ -18,7 +19,7 @@ import os
 import sys
 
 import vlforge
-from vlforge.cli import catalog, launching
+from vlforge.cli import catalog, launching, serve_command
 from vlforge.cli.usage import UsageError
 from vlforge.datasets import make_shards
 from vlforge.hub import export
@@ -67,6 +68,11 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
             usage=f"%(prog)s [-h] [--nproc N] [--master-port PORT] [--verbose] {required} [key=value ...]",
             formatter_class=argparse.RawDescriptionHelpFormatter)
         launching.add_arguments(sub)
+
+    sub = subs["serve"] = commands.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI-compatible chat, task endpoints, streaming)",
+        description=serve_command.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve_command.add_arguments(sub)
 
     sub = subs["export"] = commands.add_parser(
         "export", help="export a run's checkpoint as a self-contained model directory",
@@ -126,6 +132,8 @@ def _dispatch(parser: argparse.ArgumentParser, subs: dict[str, argparse.Argument
     try:
         if args.command in launching.COMMANDS:
             return launching.run_job(launching.COMMANDS[args.command], args, extras, PROG)
+        if args.command == "serve":
+            return serve_command.run(args)
         if args.command == "export":
             return export.main([args.source, args.out_dir, *(["--overwrite"] if args.overwrite else [])])
         if args.command == "recipes":

@@ -10,6 +10,7 @@ The directory appears whole or not at all: it is written under a temporary name 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -92,14 +93,31 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_run(source: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Export `source` (a run directory: its newest complete checkpoint; or a `checkpoints/step_N`
     directory) to `out_dir`; returns what export.json records."""
-    from safetensors.torch import save_file
-
     step_dir = resolve_checkpoint(source)
     cfg = run_config(step_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
-    state = _unshared(consolidated_state_dict(step_dir))
+    step = int(json.loads((step_dir / COMPLETE).read_text())["step"])
+    return write_export(consolidated_state_dict(step_dir), cfg, out_dir, str(step_dir.resolve()), step)
+
+
+def export_model(model: torch.nn.Module, cfg: DictConfig, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Export a model in memory (e.g. one `load_model` gave, or a finetune outside the trainer) with the
+    composed recipe `cfg` that builds it, as `export_run` exports a checkpoint."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+    return write_export(state, cfg, out_dir, f"{type(model).__name__} in memory", 0)
+
+
+def write_export(state: dict[str, torch.Tensor], cfg: DictConfig, out_dir: Path, source: str, step: int) -> dict[str, Any]:
+    """Write an export directory whole (under a temporary name, renamed last); returns export.json's record."""
+    from safetensors.torch import save_file
+
+    cfg = copy.deepcopy(cfg)
+    state = _unshared(state)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -117,8 +135,8 @@ def export_run(source: str | Path, out_dir: str | Path, overwrite: bool = False)
         OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
         info = {
             "format": 1,
-            "source": str(step_dir.resolve()),
-            "step": int(json.loads((step_dir / COMPLETE).read_text())["step"]),
+            "source": source,
+            "step": step,
             "recipe": str(cfg.get("name")),
             "model": str(cfg.model.get("_target_")),
             "tensors": len(state),
@@ -145,6 +163,12 @@ def read_export(path: str | Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     path = Path(path).resolve()
+    return read_export_config(path), load_file(str(path / WEIGHTS))
+
+
+def read_export_config(path: str | Path) -> DictConfig:
+    """An export's composed recipe, its tokenizer keys pointing into the export."""
+    path = Path(path).resolve()
     info = json.loads((path / EXPORT_INFO).read_text())
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
@@ -152,7 +176,7 @@ def read_export(path: str | Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
     cfg = OmegaConf.load(path / CONFIG)
     for key in info.get("tokenizer_keys", []):
         OmegaConf.update(cfg, key, str(path / TOKENIZER), merge=False)
-    return cfg, load_file(str(path / WEIGHTS))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

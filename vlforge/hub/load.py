@@ -32,7 +32,7 @@ from vlforge.core.errors import CheckpointError
 from vlforge.core.state_dict import load_into_model, read_weights, resolve_converter
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.hub.dimensions import apply_dimensions
-from vlforge.hub.export import is_export, read_export, run_config
+from vlforge.hub.export import is_export, read_export, read_export_config, run_config
 from vlforge.hub.sources import (
     WeightsNotFoundError,
     hf_model_dir,
@@ -40,6 +40,7 @@ from vlforge.hub.sources import (
     url_model_dir,
     weights_file,
 )
+from vlforge.hub.weights import init_weights
 from vlforge.hub.zoo import find_entry
 from vlforge.models.language.quantize import quant_bits, quantize_language_model
 from vlforge.models.towers.pos_embed import fit_position_embeddings
@@ -239,8 +240,55 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, 
                               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
                               ) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
     """(model, image processors, text processors) of `load_model`, the processors from the same recipe."""
+    model, cfg = load_model_and_recipe(name, model_type, is_eval, device, checkpoint, load_4bit, load_8bit,
+                                       compute_dtype, device_map)
+    vis, txt = processors(cfg)
+    return model, vis, txt
+
+
+def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
+                          checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
+                          compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+                          ) -> tuple[nn.Module, DictConfig]:
+    """(model, the composed recipe it was built from) of `load_model`: the recipe's data node names its
+    tokenizer, text length and image transforms."""
     entry = find_entry(name, model_type)
     resolved = _resolve(entry, checkpoint)
-    vis, txt = processors(resolved.cfg)
     placement = _placement(load_4bit, load_8bit, compute_dtype, device_map)
-    return _build(resolved, is_eval, device, placement), vis, txt
+    return _build(resolved, is_eval, device, placement), resolved.cfg
+
+
+def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                      is_eval: bool = True) -> nn.Module:
+    """The model of a composed recipe `cfg` on `device`, with the weights of `checkpoint` (a vlforge run,
+    checkpoint or export directory: every key, both ways, as `vlforge eval` loads them) or, without one,
+    those its `trainer.init_from` names (as training would start), else its fresh initialisation."""
+    model = instantiate(cfg.model, _convert_="all")
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+        if is_export(path):
+            _, state = read_export(path)
+        else:
+            state = consolidated_state_dict(resolve_checkpoint(path))
+        try:
+            load_into_model(model, fit_position_embeddings(state, model))
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint={path}: {err}") from None
+    else:
+        trainer = cfg.get("trainer", {})
+        if trainer.get("init_from"):
+            init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
+    model.to(torch.device(device))
+    return model.eval() if is_eval else model
+
+
+def checkpoint_recipe(checkpoint: str | Path) -> DictConfig:
+    """The composed recipe a vlforge run, checkpoint or export directory was made with."""
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+    if is_export(path):
+        return read_export_config(path)
+    return run_config(resolve_checkpoint(path))

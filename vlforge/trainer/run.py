@@ -31,7 +31,7 @@ from vlforge.trainer.engine import (
 from vlforge.trainer.loop import Trainer
 from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job
 from vlforge.trainer.tracking import Tracker
-from vlforge.trainer.weights import init_weights
+from vlforge.hub.weights import init_weights
 
 log = logging.getLogger(__name__)
 

@@ -167,7 +167,7 @@ def test_a_lavis_pretraining_checkpoint_starts_a_captioner_at_another_image_size
     captioner at a larger size (384 px there, 48 px here): position embeddings resampled, ITC/ITM parts
     left out, every captioner weight found."""
     from vlforge.models.blip.caption import BlipCaptioner
-    from vlforge.trainer.weights import init_weights
+    from vlforge.hub.weights import init_weights
 
     vit, encoder, decoder = make_vit(70), make_encoder(71), make_decoder(72)
     _tie_like_lavis(encoder, decoder)
