@@ -61,3 +61,38 @@ def caption_client(exports) -> Iterator[TestClient]:
 def client_for(exports, kind: str, *overrides: str) -> TestClient:
     app, _ = build_app(ServeRequest(checkpoint=str(exports(kind)), overrides=list(overrides)))
     return TestClient(app)
+
+
+class LiveServer:
+    """The app under a real uvicorn server on a free port, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        from tests.gloo import free_port
+
+        self.app, self.port = app, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def state(self):
+        return self.app.state.server

@@ -232,7 +232,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
             return _single_shot_stream(rid, created, model, ends)
         return _chat_response(rid, created, model, ends, start, state)
     channel = EventChannel()
-    generations = _submit_generations(state, channel, image, text, params, max_tokens, stop, body.n, body.seed)
+    prompt = state.service.stepwise.chat_prompt(text)
+    generations = _submit_generations(state, channel, image, prompt, params, max_tokens, stop, body.n, body.seed)
 
     def chunk(index: int, text_delta: str | None) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""} if text_delta is None else {"content": text_delta}

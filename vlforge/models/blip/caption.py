@@ -97,6 +97,9 @@ class BlipCaptioner(nn.Module):
         ids = self._tokenizer()(self.prompt if prompt is None else prompt).input_ids[:-1]  # no [SEP]
         return [self.bos_token_id, *ids[1:]]
 
+    def chat_prompt(self, text: str | None) -> str | None:
+        return None  # a captioner captions: the chat's words are not a caption prefix (/v1/caption's prompt is)
+
     @torch.no_grad()
     def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
         """Continuous-batching start: captions of `image` (uint8 [B,3,H,W]), each continuing its prompt

@@ -114,6 +114,9 @@ class Blip2CausalLM(nn.Module):
             return tok(self.prompt).input_ids[: self.prompt_length]
         return tok(prompt).input_ids[: prompt_token_count(self.tokenizer_name, prompt)]
 
+    def chat_prompt(self, text: str | None) -> str | None:
+        return text  # BLIP-2 continues its prompt: the chat's text replaces the model's, as LAVIS's prompt does
+
     @torch.no_grad()
     def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
         """Continuous-batching start: texts for `image` (uint8 [B,3,H,W]) after the visual prefix and

@@ -187,6 +187,9 @@ class Llava(nn.Module):
         tok = load_tokenizer(self._tokenizer())
         return Vocabulary(tok, end_token_id(tok))
 
+    def chat_prompt(self, text: str | None) -> str | None:
+        return text
+
     @torch.no_grad()
     def start_rows(self, image: torch.Tensor, prompts: list[str | None]) -> RowStart:
         """Continuous-batching start: answers about `image` (uint8 [B,3,H,W]) to one prompt each (None:
