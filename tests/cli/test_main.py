@@ -165,3 +165,16 @@ def test_make_shards_takes_its_arguments_and_names_itself(capsys: pytest.Capture
     assert main(["make-shards", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: vlforge make-shards")
     assert main(["make-shards", "caption", "--ann", "missing.json"]) == 2  # its own parser: --image-root, --out missing
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve"], "name what to serve"),
+    (["serve", "blip_caption"], "NAME:TYPE"),
+    (["serve", "recipe=clip_demo", "serve.replicas=2"], "serve.replicas=2: replicas run on Ray Serve"),
+    (["serve", "recipe=clip_demo", "serve.port=70000"], "serve.port must be in 1..65535"),
+    (["serve", "recipe=clip_demo", "serve.batching.max_runing=4"], "serve.batching.max_runing"),
+    (["serve", "blip_caption:base_coco", "model.text.layers=2"], "takes serve.* overrides and checkpoint= only"),
+])
+def test_serve_refuses_what_cannot_run_before_loading_anything(argv: list[str], message: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
