@@ -76,7 +76,7 @@ PROMPTS = ["what colour is the shape ?", "what shape is on the left ?", "a", "is
 
 
 def test_32_requests_joining_a_running_batch_each_get_their_output_alone(llava) -> None:
-    slow = SlowModel(llava, delay=0.002)
+    slow = SlowModel(llava, delay=0.01)
     metrics = ServeMetrics()
     scheduler = Scheduler(slow, BatchingConfig(max_running=32, max_batch_size=8), metrics)
     scheduler.start()
@@ -194,3 +194,25 @@ def test_shutdown_finishes_what_is_in_flight_and_refuses_new_work(llava) -> None
     assert out.finished is not None and out.finished.reason in ("stop", "length")
     with pytest.raises(Exception, match="shutting down"):
         scheduler.submit(_generation(images(1)[0], "a", 2, Collector()))
+
+
+def test_request_level_batching_admits_only_between_batches(llava) -> None:
+    slow = SlowModel(llava, delay=0.01)
+    metrics = ServeMetrics()
+    scheduler = Scheduler(slow, BatchingConfig(policy="request"), metrics)
+    image = images(3)
+    endless = SamplingParams(min_new_tokens=10)
+    outs = [Collector() for _ in range(3)]
+    scheduler.submit(_generation(image[0], "a", 10, outs[0], params=endless))
+    scheduler.submit(_generation(image[1], "a", 10, outs[1], params=endless))
+    scheduler.start()  # after both are queued: they start as one batch
+    try:
+        while len(slow.step_rows_seen) < 2:
+            time.sleep(0.002)
+        scheduler.submit(_generation(image[2], "a", 10, outs[2], params=endless))  # arrives mid-batch
+        for out in outs:
+            assert out.done.wait(10)
+    finally:
+        scheduler.shutdown(1)
+    assert metrics.joined_running._value.get() == 0
+    assert slow.step_rows_seen[:9] == [2] * 9 and slow.step_rows_seen[9:] == [1] * 9  # after the first batch

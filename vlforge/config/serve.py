@@ -13,6 +13,9 @@ from vlforge.core.errors import ConfigError
 
 @dataclass
 class BatchingConfig:
+    # continuous: requests join the running batch at the next decode step; request: a batch decodes to
+    # its end before the next is admitted (request-level batching, kept for comparison)
+    policy: str = "continuous"
     max_running: int = 32  # decode rows in the running batch (KV-cache slots)
     max_queue: int = 256  # requests waiting to be admitted; beyond: 503 with Retry-After
     max_batch_size: int = 32  # images encoded together; embedding / classify / match requests per batch
@@ -71,6 +74,8 @@ def serve_config(node: DictConfig | dict | None) -> ServeConfig:
             raise ConfigError(f"serve.{dotted} must be >= 1, got {obj}")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"serve.port must be in 1..65535, got {cfg.port}")
+    if cfg.batching.policy not in ("continuous", "request"):
+        raise ConfigError(f"serve.batching.policy={cfg.batching.policy!r} is not one of continuous, request")
     if cfg.quantize not in (None, "4bit", "8bit"):
         raise ConfigError(f"serve.quantize={cfg.quantize!r} is not one of null, 4bit, 8bit")
     if cfg.limits.default_max_tokens > cfg.limits.max_tokens:

@@ -266,7 +266,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         room = self.config.max_running - len(self._rows)
-        if not self._pending or room <= 0:
+        if not self._pending or room <= 0 or (self.config.policy == "request" and self._rows):
             return
         taken, self._pending = self._pending[:room], self._pending[room:]
         self._taken(len(taken))

@@ -87,12 +87,18 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
 def build_app(request: ServeRequest) -> tuple[FastAPI, ServeConfig]:
     """The app for `request`'s model, and its serve config (host, port, shutdown grace)."""
     model, cfg, config, name, device = load_served_model(request)
+    return app_for_model(model, cfg, config, name, device), config
+
+
+def app_for_model(model: nn.Module, cfg: DictConfig, config: ServeConfig, name: str,
+                  device: torch.device | str = "cpu", warm: bool = True) -> FastAPI:
+    """The app serving a model already loaded (in eval mode, on `device`), `cfg` its composed recipe."""
     transform = processors(cfg)[0]["eval"]
-    service = ModelService(model, cfg, name, device, transform)
+    service = ModelService(model, cfg, name, torch.device(device), transform)
     metrics = ServeMetrics()
     scheduler = Scheduler(service.stepwise, config.batching, metrics, device, service.max_positions())
     state = ServerState(service, config, scheduler, metrics, load_api_keys(config))
-    return create_app(state), config
+    return create_app(state, warm=warm)
 
 
 def serve(request: ServeRequest) -> None:
