@@ -204,6 +204,8 @@ class Scheduler:
         return 0.1
 
     def _loop(self) -> None:
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals slow CPU matmuls many-fold; the setting is per thread
         try:
             while not self._stop.is_set():
                 self._drain_intake(self._wait_time())

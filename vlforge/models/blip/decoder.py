@@ -77,12 +77,12 @@ def start_decoder_rows(decoder: BertTextModel, lm_head: BertLMHead, context: tor
 def step_decoder_rows(decoder: BertTextModel, lm_head: BertLMHead, rows: DecodeRows,
                       next_ids: torch.Tensor) -> torch.Tensor:
     """Feed one token per row; returns the next-token logits [N, V] and advances `rows`."""
-    fixed = iter(rows.fixed)
+    fixed, growing = iter(rows.fixed), rows.growing
     layers = []
     for index, layer in enumerate(decoder.layers):
         cross = (next(fixed), next(fixed)) if layer.cross_attention is not None else (None, None)
-        layers.append(LayerCache(rows.growing[2 * index], rows.growing[2 * index + 1], *cross))
-    cache = KVCache(layers)
-    hidden = decoder(next_ids[:, None], rows.step_mask(), causal=True, cache=cache, position_ids=rows.positions[:, None])
-    rows.advance([t for layer in cache.layers for t in (layer.self_k, layer.self_v)])
+        layers.append(LayerCache(growing[2 * index], growing[2 * index + 1], *cross, rows=rows, slot=2 * index))
+    hidden = decoder(next_ids[:, None], rows.step_mask(), causal=True, cache=KVCache(layers),
+                     position_ids=rows.positions[:, None])
+    rows.advance()
     return lm_head(hidden[:, -1])

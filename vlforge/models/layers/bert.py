@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.models.layers.decode_rows import DecodeRows
 from vlforge.models.layers.init import NormalEmbedding, NormalLinear
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
@@ -20,12 +21,25 @@ ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")
 
 @dataclass
 class LayerCache:
-    """Keys/values of one layer: self-attention grows per generated token, cross-attention is fixed."""
+    """Keys/values of one layer: self-attention grows per generated token, cross-attention is fixed.
+    With `rows` (continuous batching), the new keys/values are written into the rows' buffers (their
+    growing tensors `slot` and `slot + 1`) instead of being concatenated."""
 
     self_k: torch.Tensor | None = None
     self_v: torch.Tensor | None = None
     cross_k: torch.Tensor | None = None
     cross_v: torch.Tensor | None = None
+    rows: DecodeRows | None = None
+    slot: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values with `k`, `v` [B, heads, new, dim] after the cached ones."""
+        if self.rows is not None:
+            k, v = self.rows.append_column(self.slot, k), self.rows.append_column(self.slot + 1, v)
+        elif self.self_k is not None:
+            k, v = torch.cat([self.self_k, k], dim=2), torch.cat([self.self_v, v], dim=2)
+        self.self_k, self.self_v = k, v
+        return k, v
 
 
 @dataclass
@@ -89,9 +103,7 @@ class Attention(nn.Module):
         else:
             q, k, v = (_heads(t, self.heads) for t in self.query_key_value(x).chunk(3, dim=-1))
             if cache is not None:
-                if cache.self_k is not None:
-                    k, v = torch.cat([cache.self_k, k], dim=2), torch.cat([cache.self_v, v], dim=2)
-                cache.self_k, cache.self_v = k, v
+                k, v = cache.append(k, v)
         if self.cross and q.shape[0] != k.shape[0]:
             out = _grouped_cross_attention(q, k, v, mask)
         else:

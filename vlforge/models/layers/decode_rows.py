@@ -16,33 +16,53 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass
 class DecodeRows:
     """`growing`: per-layer tensors [N, heads, L, dim] that gain one column per step (self-attention
-    keys and values, in the model's order); `fixed`: per-row tensors [N, ...] that do not (cross-
-    attention keys and values); `key_mask` [N, L] (1 = a real column); `positions` [N], the position
-    id of each row's next token."""
+    keys and values, in the model's order), held in buffers with spare columns so that a step writes
+    its column in place instead of copying the cache; `fixed`: per-row tensors [N, ...] that do not
+    grow (cross-attention keys and values); `key_mask` [N, L] (1 = a real column); `positions` [N],
+    the position id of each row's next token.
 
-    growing: list[torch.Tensor]
-    fixed: list[torch.Tensor]
-    key_mask: torch.Tensor
-    positions: torch.Tensor
+    A model's step writes each layer's new keys/values with `append_column`, then calls `advance`."""
+
+    def __init__(self, growing: Sequence[torch.Tensor], fixed: Sequence[torch.Tensor], key_mask: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        self.length = key_mask.shape[1]
+        spare = max(16, self.length // 2)
+        self._buffers = []
+        for tensor in growing:
+            buffer = tensor.new_empty(*tensor.shape[:2], self.length + spare, tensor.shape[3])
+            buffer[:, :, : self.length] = tensor
+            self._buffers.append(buffer)
+        self.fixed, self.key_mask, self.positions = list(fixed), key_mask, positions
 
     @property
     def size(self) -> int:
         return self.key_mask.shape[0]
 
     @property
-    def length(self) -> int:
-        return self.key_mask.shape[1]
+    def growing(self) -> list[torch.Tensor]:
+        return [buffer[:, :, : self.length] for buffer in self._buffers]
 
     def step_mask(self) -> torch.Tensor:
         """The attention mask of a step: the cached columns and the new token's."""
         return F.pad(self.key_mask, (0, 1), value=1)
 
-    def advance(self, growing: list[torch.Tensor]) -> None:
-        """After a step: the grown keys/values, one more real column, positions moved on."""
-        self.growing = growing
+    def append_column(self, index: int, new: torch.Tensor) -> torch.Tensor:
+        """Write a step's keys or values [N, heads, 1, dim] of growing tensor `index` after the cached
+        columns; returns all of them [N, heads, L + 1, dim] (a view of the buffer)."""
+        buffer = self._buffers[index]
+        if buffer.shape[2] < self.length + new.shape[2]:  # full: double the buffer, once in a while
+            grown = buffer.new_empty(*buffer.shape[:2], 2 * buffer.shape[2] + new.shape[2], buffer.shape[3])
+            grown[:, :, : self.length] = buffer[:, :, : self.length]
+            self._buffers[index] = buffer = grown
+        end = self.length + new.shape[2]
+        buffer[:, :, self.length:end] = new
+        return buffer[:, :, :end]
+
+    def advance(self) -> None:
+        """After a step: one more real column, positions moved on."""
+        self.length += 1
         self.key_mask = self.step_mask()
         self.positions = self.positions + 1
 

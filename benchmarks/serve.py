@@ -1,0 +1,182 @@
+"""Serving throughput and latency, `vlforge serve`'s app over HTTP on this machine, three schedulers
+side by side in one run: (a) one request at a time, (b) request-level batching (a batch decodes to its
+end before the next starts), (c) continuous batching (requests join the running batch at the next
+decode step). Each model is served by the same app under uvicorn in this process; clients are
+asyncio tasks keeping `concurrency` requests in flight until `requests` are answered.
+
+Models (random weights: the work per token is what matters, and every caption runs to max_tokens
+because the end token is never likelier than the others):
+- BLIP-base caption: the `blip_caption_base` recipe (ViT-B/16 at 384 px, BERT-base decoder).
+- LLaVA-style: a CLIP ViT-B/16 tower at 224 px, LLaVA 1.5's projector and a 6-layer Llama of width 1024.
+
+Targets: (c) >= 4x (a) in requests/s at concurrency 32, and (c)'s p99 latency at 32 below (b)'s.
+
+    python benchmarks/serve.py [--models blip llava] [--concurrency 1 8 32] [--max-tokens 20]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import environment, setup_cpu  # noqa: E402
+
+from tests.serve.conftest import LiveServer  # noqa: E402
+from tests.tiny_recipes import build_tiny, save_tokenizer  # noqa: E402
+from vlforge.config.serve import serve_config  # noqa: E402
+from vlforge.serve.server import app_for_model  # noqa: E402
+
+MODES = {
+    "(a) one at a time": {"policy": "continuous", "max_running": 1, "max_batch_size": 1},
+    "(b) request-level batching": {"policy": "request", "max_running": 32, "max_batch_size": 32},
+    "(c) continuous batching": {"policy": "continuous", "max_running": 32, "max_batch_size": 32},
+}
+
+LLAVA_LM = ["model.language_model.config.hidden_size=1024", "model.language_model.config.intermediate_size=2816",
+            "model.language_model.config.num_hidden_layers=6", "model.language_model.config.num_attention_heads=16",
+            "model.language_model.config.num_key_value_heads=16", "model.language_model.config.vocab_size=32000",
+            "model.language_model.config.max_position_embeddings=1024"]
+MODELS = {
+    # (recipe, overrides, image size, vocabulary size, chat text)
+    "blip": ("blip_caption_demo", ["model=blip_caption_base", "data.eval_image.size=384", "data.train_image.size=384"],
+             384, 30524, None),
+    "llava": ("llava_finetune_demo", ["model.vision.name=vit_base_patch16_clip_224",
+                                      "data.eval_image.size=224", "data.train_image.size=224", *LLAVA_LM],
+              224, 32000, "what is in the image ?"),
+}
+
+
+def data_uri(seed: int, size: int) -> str:
+    pixels = np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
+    """(wall seconds, per-request latencies, completion tokens) of answering every body."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            body = queue.get_nowait()
+            start = time.perf_counter()
+            response = await http.post("/v1/chat/completions", json=body)
+            latencies.append(time.perf_counter() - start)
+            response.raise_for_status()
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies, tokens
+
+
+def profile(model: torch.nn.Module, size: int, text: str | None) -> str:
+    """Where a request's time goes, the model called directly: the prefill (image encode + prompt) per
+    image at batch 1 and 8, and one decode step at 1 and 32 rows (medians of 3)."""
+    from vlforge.models.layers.decode_rows import DecodeRows
+
+    def median_time(fn) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    image = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        prefill_1 = median_time(lambda: model.start_rows(image[:1], [text]))
+        prefill_8 = median_time(lambda: model.start_rows(image, [text] * 8)) / 8
+        started = model.start_rows(image[:1], [text])
+        rows_32 = DecodeRows.concat([started.rows.select(torch.zeros(32, dtype=torch.long))])
+        next_ids = started.logits.argmax(-1)
+
+        def step_time(rows: DecodeRows, count: int) -> float:
+            copies = [DecodeRows(rows.growing, rows.fixed, rows.key_mask, rows.positions) for _ in range(3)]
+            return median_time(lambda: model.step_rows(copies.pop(), next_ids.expand(count)))
+
+        step_1, step_32 = step_time(started.rows, 1), step_time(rows_32, 32)
+    return (f"Profile (model called directly): prefill {prefill_1:.3f} s per image at batch 1, {prefill_8:.3f} s "
+            f"per image at batch 8; a decode step {step_1 * 1000:.0f} ms at 1 row, {step_32 * 1000:.0f} ms at 32 rows "
+            f"({step_32 / 32 * 1000:.1f} ms per row).\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) > 1 else values[0]
+
+
+def bench_model(key: str, concurrencies: list[int], max_tokens: int, tokenizer_dir: Path) -> list[str]:
+    recipe, overrides, size, vocab, text = MODELS[key]
+    save_tokenizer(tokenizer_dir, size=vocab)
+    model, cfg = build_tiny(recipe, tokenizer_dir, overrides=overrides)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    rows = [f"\n### {key}: {recipe} with {' '.join(overrides)} ({params:.0f}M parameters, {size} px)\n",
+            "| scheduler | concurrency | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |",
+            "|---|---|---|---|---|---|---|"]
+    rows.append(profile(model, size, text))
+    results: dict[tuple[str, int], float] = {}
+    p99: dict[tuple[str, int], float] = {}
+    for mode, batching in MODES.items():
+        config = serve_config({"batching": batching, "limits": {"max_tokens": max_tokens, "default_max_tokens": max_tokens}})
+        app = app_for_model(model, cfg, config, key)
+        with LiveServer(app) as server:
+            for concurrency in concurrencies:
+                count = max(concurrency, 4)
+                bodies = [{"messages": [{"role": "user", "content": [
+                    *([{"type": "text", "text": text}] if text else []),
+                    {"type": "image_url", "image_url": {"url": data_uri(i, size)}}]}],
+                    "temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens} for i in range(count)]
+                asyncio.run(load(server.url, bodies[:1], 1))  # warm the connection and this batch size's path
+                wall, latencies, tokens = asyncio.run(load(server.url, bodies, concurrency))
+                results[(mode, concurrency)] = count / wall
+                p99[(mode, concurrency)] = percentile(latencies, 99)
+                rows.append(f"| {mode} | {concurrency} | {count} | {count / wall:.3f} | {tokens / wall:.1f} | "
+                            f"{statistics.median(latencies):.2f} | {p99[(mode, concurrency)]:.2f} |")
+                print(rows[-1], flush=True)
+    top = max(concurrencies)
+    a, b, c = (results[(m, top)] for m in MODES)
+    pa, pb, pc = (p99[(m, top)] for m in MODES)
+    rows.append(f"\nAt concurrency {top}: (c) / (a) throughput **{c / a:.2f}x** (target >= 4x), (c) / (b) "
+                f"{c / b:.2f}x; p99 (c) {pc:.2f} s against (b) {pb:.2f} s "
+                f"({'below' if pc < pb else 'NOT below'}), (a) {pa:.2f} s.")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=20)
+    args = parser.parse_args()
+    setup_cpu()
+    print(environment())
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models:
+            out += bench_model(key, args.concurrency, args.max_tokens, Path(tmp) / f"tok_{key}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
