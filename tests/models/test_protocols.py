@@ -19,17 +19,19 @@ from vlforge.models.protocols import (
     FeatureExtractor,
     ImageTextMatcher,
     PromptedGenerator,
+    StepwiseGenerator,
     TextGenerator,
     require,
 )
 from vlforge.models.siglip.model import SigLIP
 from vlforge.tasks.captioning import CaptionTask
 
-CAPABILITIES = (TextGenerator, FeatureExtractor, AnswerPredictor, AnswerRanker, ImageTextMatcher, PromptedGenerator)
+CAPABILITIES = (TextGenerator, FeatureExtractor, AnswerPredictor, AnswerRanker, ImageTextMatcher, PromptedGenerator,
+                StepwiseGenerator)
 EXPECTED = {
-    BlipCaptioner: {TextGenerator},
-    Blip2CausalLM: {TextGenerator},
-    Llava: {TextGenerator, PromptedGenerator},
+    BlipCaptioner: {TextGenerator, StepwiseGenerator},
+    Blip2CausalLM: {TextGenerator, StepwiseGenerator},
+    Llava: {TextGenerator, PromptedGenerator, StepwiseGenerator},
     BlipVQA: {AnswerPredictor, AnswerRanker},
     BlipRetrieval: {FeatureExtractor, ImageTextMatcher},
     ALBEF: {FeatureExtractor, ImageTextMatcher},
