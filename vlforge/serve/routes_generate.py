@@ -227,7 +227,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
         future = _submit_job(state, Job(("answer", max_tokens, 1), (image, text, max_tokens, 1),
                                         state.service.run_answers))
         answer = await await_job(request, state, future)
-        ends = [Finished("stop", answer, 0, len(answer.split()))] * body.n
+        ends = [Finished("stop", answer, state.service.count_tokens(text), state.service.count_tokens(answer))] * body.n
         if body.stream:
             return _single_shot_stream(rid, created, model, ends)
         return _chat_response(rid, created, model, ends, start, state)

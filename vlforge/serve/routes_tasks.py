@@ -130,7 +130,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     order = [i for i, _ in images] + [i for i, _ in texts]
     data = sorted((Embedding(index=i, embedding=encode_embedding(v, body.encoding_format)) for i, v in zip(order, vectors)),
                   key=lambda e: e.index)
-    tokens = sum(len(t.split()) for _, t in texts)
+    tokens = sum(state.service.count_tokens(t) for _, t in texts)
     return EmbeddingsResponse(data=data, model=state.service.name, usage={"prompt_tokens": tokens, "total_tokens": tokens})
 
 

@@ -319,6 +319,7 @@ class Scheduler:
                              [r.request.params for r in rows], [r.generator for r in rows], self.vocabulary.eos_id)
         keep: list[int] = []
         now = time.monotonic()
+        positions = self._batch.positions.tolist()  # one host sync a step, not one a row
         for index, (row, token) in enumerate(zip(rows, chosen)):
             request = row.request
             if request.cancelled:
@@ -336,7 +337,7 @@ class Scheduler:
             delta = row.stream.push(token)
             if delta:
                 request.sink(Delta(delta))
-            position = int(self._batch.positions[index]) + 1
+            position = positions[index] + 1
             at_length = row.new_tokens >= request.max_new_tokens or (
                 self.max_positions is not None and position >= self.max_positions)
             if row.stream.stopped or at_length:

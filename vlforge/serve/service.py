@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from vlforge.core.tokenizers import tokenize_texts
+from vlforge.core.tokenizers import load_tokenizer, tokenize_texts
 from vlforge.models.protocols import (
     AnswerPredictor,
     AnswerRanker,
@@ -81,6 +81,12 @@ class ModelService:
         if self.tokenizer_name is None:
             raise ValueError("the model's recipe names no tokenizer (data.tokenizer)")
         return self.tokenizer_name
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` by the model's tokenizer (usage figures), without special tokens."""
+        if self.tokenizer_name is None:
+            return 0
+        return len(load_tokenizer(self.tokenizer_name)(text, add_special_tokens=False).input_ids)
 
     # Each function below is a scheduler Job's `run`: payloads in, one result per payload out.
     @torch.no_grad()
