@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.serve.conftest import chat_body, client_for, png_data_uri
+from vlforge.config.serve import LimitsConfig
 from vlforge.hub.load import checkpoint_recipe, load_recipe_model, processors
 from vlforge.serve.images import decode_image
-from vlforge.config.serve import LimitsConfig
 
 
 def _events(text: str) -> list:

@@ -12,9 +12,9 @@ import zlib
 from collections import Counter
 
 import httpx
-import numpy as np
 import hypothesis
 import hypothesis.errors
+import numpy as np
 import pytest
 import schemathesis
 import torch

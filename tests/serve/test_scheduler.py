@@ -6,10 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
-import torch
 
 from tests.tiny_recipes import build_tiny, images, save_tokenizer
 from vlforge.config.serve import BatchingConfig

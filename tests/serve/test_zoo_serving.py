@@ -9,8 +9,8 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from PIL import Image
 from fastapi.testclient import TestClient
+from PIL import Image
 from transformers import BlipForConditionalGeneration
 
 from tests.hub.test_load import save_hf_model

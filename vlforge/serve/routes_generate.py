@@ -12,13 +12,11 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from vlforge.models.layers.sampling import SamplingParams
 from vlforge.serve.auth import check_api_key
 from vlforge.serve.errors import APIError, error_body
-from vlforge.serve.images import load_image
 from vlforge.serve.scheduler import Delta, Finished, Generation, Job
 from vlforge.serve.schemas import (
     CaptionChoice,
@@ -41,6 +39,7 @@ from vlforge.serve.state import (
     check_model,
     overloaded,
     request_id,
+    request_image,
     require,
     server_of,
 )
@@ -107,11 +106,6 @@ def chat_inputs(body: ChatCompletionRequest) -> tuple[str, str, str | None]:
     text = "\n".join(texts).strip() or None
     part, image = images[0]
     return image.image_url.url, f"messages[{index}].content[{part}].image_url.url", text
-
-
-async def _image(state: ServerState, url: str, param: str):
-    return await run_in_threadpool(load_image, url, param, state.config.limits, state.config.allow_remote_images,
-                                   state.service.transform)
 
 
 def _submit_generations(state: ServerState, channel: EventChannel, image, prompt: str | None, params: SamplingParams,
@@ -218,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     params = sampling_params(body)
     url, param, text = chat_inputs(body)
     _check_prompt(state, text, param.rsplit(".image_url", 1)[0].rsplit("[", 1)[0])
-    image = await _image(state, url, param)
+    image = await request_image(state, url, param)
     rid, created, model = request_id("chatcmpl"), int(time.time()), state.service.name
     start = time.monotonic()
     if state.service.stepwise is None:  # a VQA model: the text is the question
@@ -302,7 +296,7 @@ async def caption(body: CaptionRequest, request: Request) -> Any:
     max_tokens, stop = _limits(state, body, body.max_tokens)
     params = sampling_params(body)
     _check_prompt(state, body.prompt, "prompt")
-    image = await _image(state, body.image, "image")
+    image = await request_image(state, body.image, "image")
     rid, created, model = request_id("caption"), int(time.time()), state.service.name
     start = time.monotonic()
     beams = body.num_beams > 1 or state.service.stepwise is None

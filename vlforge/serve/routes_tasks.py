@@ -6,11 +6,9 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
 from vlforge.serve.auth import check_api_key
 from vlforge.serve.errors import APIError
-from vlforge.serve.images import load_image
 from vlforge.serve.scheduler import Job
 from vlforge.serve.schemas import (
     ClassifyRequest,
@@ -27,14 +25,18 @@ from vlforge.serve.schemas import (
     VQAResponse,
 )
 from vlforge.serve.service import encode_embedding
-from vlforge.serve.state import ServerState, await_job, check_model, overloaded, request_id, require, server_of
+from vlforge.serve.state import (
+    ServerState,
+    await_job,
+    check_model,
+    overloaded,
+    request_id,
+    request_image,
+    require,
+    server_of,
+)
 
 router = APIRouter(dependencies=[Depends(check_api_key)])
-
-
-async def _image(state: ServerState, url: str, param: str):
-    return await run_in_threadpool(load_image, url, param, state.config.limits, state.config.allow_remote_images,
-                                   state.service.transform)
 
 
 async def _run(request: Request, state: ServerState, key: Any, payload: Any, run: Any) -> Any:
@@ -63,7 +65,7 @@ async def vqa(body: VQARequest, request: Request) -> Any:
     check_model(state, body.model)
     require(state, "vqa", "/v1/vqa")
     _texts(state, [body.question], "question")
-    image = await _image(state, body.image, "image")
+    image = await request_image(state, body.image, "image")
     rid, model = request_id("vqa"), state.service.name
     if body.mode == "rank":
         if state.service.ranker is None:
@@ -94,7 +96,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Any:
         if "{}" not in template:
             raise APIError(400, f"templates[{i}]: a template needs '{{}}' where the label goes", f"templates[{i}]")
     _texts(state, body.templates, "templates")
-    image = await _image(state, body.image, "image")
+    image = await request_image(state, body.image, "image")
     probabilities = await _run(request, state, ("classify",), (image, body.labels, body.templates),
                                state.service.run_classify)
     ranked = sorted(zip(body.labels, probabilities), key=lambda pair: pair[1], reverse=True)
@@ -123,7 +125,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     for i, text in texts:
         if not text.strip():
             raise APIError(400, f"input[{i}]: an empty text", f"input[{i}]")
-    tensors = [await _image(state, item.image_url.url, f"input[{i}].image_url.url") for i, item in images]
+    tensors = [await request_image(state, item.image_url.url, f"input[{i}].image_url.url") for i, item in images]
     jobs = [_run(request, state, ("image_embeddings",), tensor, state.service.run_image_embeddings) for tensor in tensors]
     jobs += [_run(request, state, ("text_embeddings",), text, state.service.run_text_embeddings) for _, text in texts]
     vectors = await asyncio.gather(*jobs)
@@ -140,7 +142,7 @@ async def match(body: MatchRequest, request: Request) -> Any:
     check_model(state, body.model)
     require(state, "match", "/v1/match")
     _texts(state, body.texts, "texts")
-    image = await _image(state, body.image, "image")
+    image = await request_image(state, body.image, "image")
     scores = await _run(request, state, ("match",), (image, body.texts), state.service.run_match)
     return MatchResponse(id=request_id("match"), model=state.service.name,
                          scores=[MatchScore(text=t, match_logit=logit, similarity=sim)

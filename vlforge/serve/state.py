@@ -8,10 +8,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 
 from vlforge.config.serve import ServeConfig
 from vlforge.serve.errors import APIError
+from vlforge.serve.images import load_image
 from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.scheduler import Event, QueueFull, Scheduler, ShuttingDown
 from vlforge.serve.service import ModelService
@@ -42,6 +45,12 @@ def require(state: ServerState, capability: str, endpoint: str) -> None:
         can = ", ".join(state.service.capabilities) or "nothing"
         raise APIError(400, f"{state.service.name} ({type(state.service.model).__name__}) cannot serve {endpoint}; "
                             f"it serves: {can}", None)
+
+
+async def request_image(state: ServerState, url: str, param: str) -> torch.Tensor:
+    """A request's image as the model takes it, decoded under the limits in a worker thread."""
+    return await run_in_threadpool(load_image, url, param, state.config.limits, state.config.allow_remote_images,
+                                   state.service.transform)
 
 
 def request_id(prefix: str) -> str:
