@@ -148,7 +148,8 @@ def test_the_queue_is_bounded_and_timeouts_end_requests(llava) -> None:
     image = images(1)[0]
     first = Collector()
     scheduler.submit(_generation(image, "a", 100, first, params=SamplingParams(min_new_tokens=100), timeout_s=0.3))
-    time.sleep(0.1)  # admitted: the queue is empty again
+    while scheduler.running < 1 or scheduler.queue_depth:  # admitted: the queue is empty again
+        time.sleep(0.005)
     waiting = [Collector(), Collector()]
     for out in waiting:
         scheduler.submit(_generation(image, "a", 2, out))
@@ -214,3 +215,27 @@ def test_request_level_batching_admits_only_between_batches(llava) -> None:
         scheduler.shutdown(1)
     assert metrics.joined_running._value.get() == 0
     assert slow.step_rows_seen[:9] == [2] * 9 and slow.step_rows_seen[9:] == [1] * 9  # after the first batch
+
+
+def test_a_failing_step_fails_its_rows_and_the_worker_goes_on(llava) -> None:
+    class Failing(SlowModel):
+        fail = True
+
+        def step_rows(self, rows, next_ids):
+            if Failing.fail:
+                Failing.fail = False
+                raise RuntimeError("out of memory")
+            return super().step_rows(rows, next_ids)
+
+    scheduler = Scheduler(Failing(llava, delay=0.0), BatchingConfig(), ServeMetrics())
+    scheduler.start()
+    try:
+        first, second = Collector(), Collector()
+        scheduler.submit(_generation(images(1)[0], "a", 5, first, params=SamplingParams(min_new_tokens=5)))
+        assert first.done.wait(10)
+        assert first.finished.reason == "error" and "out of memory" in first.finished.error
+        scheduler.submit(_generation(images(1)[0], "a", 5, second, params=SamplingParams(min_new_tokens=5)))
+        assert second.done.wait(10) and second.finished.reason == "length"
+        assert scheduler.alive
+    finally:
+        scheduler.shutdown(1)

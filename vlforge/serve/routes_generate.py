@@ -128,6 +128,8 @@ def _submit_generations(state: ServerState, channel: EventChannel, image, prompt
 async def _collect(request: Request, channel: EventChannel, generations: list[Generation]) -> list[Finished]:
     """Every generation's end; cancels them all if the client goes away."""
     done: dict[int, Finished] = {}
+    # The scheduler ends a request at its timeout; this is the backstop should the worker itself stall.
+    deadline = time.monotonic() + generations[0].timeout_s + 5
     try:
         while len(done) < len(generations):
             try:
@@ -135,6 +137,8 @@ async def _collect(request: Request, channel: EventChannel, generations: list[Ge
             except TimeoutError:
                 if await request.is_disconnected():
                     raise APIError(499, "the client closed the request", None) from None
+                if time.monotonic() > deadline:
+                    raise APIError(504, f"no answer within {generations[0].timeout_s:g} s", None) from None
                 continue
             if isinstance(event, Finished):
                 done[index] = event
@@ -173,6 +177,7 @@ async def _stream(request: Request, channel: EventChannel, generations: list[Gen
     client disconnected: the response is cancelled) cancels every generation: their slots free at
     the next step."""
     finished: dict[int, Finished] = {}
+    deadline = time.monotonic() + generations[0].timeout_s + 5  # a backstop, as in _collect
     try:
         for index in range(len(generations)):
             first = chunk(index, None)
@@ -184,6 +189,9 @@ async def _stream(request: Request, channel: EventChannel, generations: list[Gen
             except TimeoutError:
                 if await request.is_disconnected():
                     return
+                if time.monotonic() > deadline:
+                    yield _sse(error_body(504, f"no answer within {generations[0].timeout_s:g} s"))
+                    break
                 continue
             if isinstance(event, Delta):
                 yield _sse(chunk(index, event.text))

@@ -9,6 +9,7 @@ of the same key up to `max_batch_size` or until the oldest has waited `max_wait_
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,9 @@ from vlforge.models.layers.sampling import SamplingParams, next_tokens
 from vlforge.models.protocols import StepwiseGenerator
 from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.text_stream import TextStream
+
+
+log = logging.getLogger("vlforge.serve")
 
 
 class QueueFull(Exception):
@@ -145,6 +149,8 @@ class Scheduler:
 
     def _enqueue(self, item: Generation | Job) -> None:
         with self._lock:
+            if self.fatal is not None:
+                raise ShuttingDown(f"the model worker stopped ({type(self.fatal).__name__}: {self.fatal})")
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if self._waiting >= self.config.max_queue:
@@ -212,11 +218,23 @@ class Scheduler:
                 self._run_due_jobs()
                 self._admit()
                 if self._rows:
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as err:  # the step failed (e.g. out of memory): its rows fail, the server goes on
+                        log.exception("vlforge serve: a decode step failed")
+                        self._fail_running(f"the decode step failed: {type(err).__name__}: {err}")
         except BaseException as err:  # a crash of the worker must not leave requests hanging
             self.fatal = err
             self._fail_everything(f"the model worker stopped: {type(err).__name__}: {err}")
             raise
+        # Stopped: what the drain did not finish in time ends with an answer, not silence.
+        self._fail_everything("the server shut down before this request finished")
+
+    def _fail_running(self, message: str) -> None:
+        for row in self._rows:
+            row.request.sink(Finished("error", row.stream.text, row.prompt_tokens, row.new_tokens, message))
+        self._rows, self._batch, self._logits = [], None, None
+        self.metrics.running.set(0)
 
     def _fail_everything(self, message: str) -> None:
         for row in self._rows:
@@ -271,17 +289,19 @@ class Scheduler:
         if not self._pending or room <= 0 or (self.config.policy == "request" and self._rows):
             return
         taken, self._pending = self._pending[:room], self._pending[room:]
-        self._taken(len(taken))
-        live = []
-        for request in taken:
-            if request.cancelled:
-                request.sink(Finished("cancelled", "", 0, 0))
-            elif request.expired:
-                request.sink(Finished("timeout", "", 0, 0, "timed out waiting in the queue"))
-            else:
-                live.append(request)
-        for start in range(0, len(live), self.config.max_batch_size):
-            self._start(live[start:start + self.config.max_batch_size])
+        try:
+            live = []
+            for request in taken:
+                if request.cancelled:
+                    request.sink(Finished("cancelled", "", 0, 0))
+                elif request.expired:
+                    request.sink(Finished("timeout", "", 0, 0, "timed out waiting in the queue"))
+                else:
+                    live.append(request)
+            for start in range(0, len(live), self.config.max_batch_size):
+                self._start(live[start:start + self.config.max_batch_size])
+        finally:  # counted as waiting until they are rows: a draining shutdown sees them all along
+            self._taken(len(taken))
 
     def _start(self, requests: list[Generation]) -> None:
         assert self.model is not None and self.vocabulary is not None

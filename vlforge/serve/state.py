@@ -79,7 +79,7 @@ def overloaded(state: ServerState, err: Exception) -> APIError:
         return APIError(503, f"the server is busy: {err}; retry later", None,
                         {"Retry-After": str(state.config.batching.retry_after_s)})
     if isinstance(err, ShuttingDown):
-        return APIError(503, "the server is shutting down", None, {"Retry-After": str(state.config.batching.retry_after_s)})
+        return APIError(503, str(err), None, {"Retry-After": str(state.config.batching.retry_after_s)})
     raise err
 
 
