@@ -4,11 +4,13 @@ in OpenAI's shape, image-text matching, health, readiness, metrics, models, API 
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.serve.conftest import chat_body, client_for, png_data_uri
 from vlforge.config.serve import LimitsConfig
@@ -197,3 +199,26 @@ def test_api_keys_guard_every_endpoint_but_healthz(exports, monkeypatch, tmp_pat
         ok = client.post("/v1/caption", json={"image": png_data_uri(0), "max_tokens": 2},
                          headers={"Authorization": "Bearer file-key"})
         assert ok.status_code == 200
+
+
+def test_edge_inputs_get_4xx_naming_the_field_or_a_sane_answer(caption_client, exports) -> None:
+    uri = png_data_uri(1)
+    greedy = caption_client.post("/v1/caption", json={"image": uri, "max_tokens": 5}).json()["choices"][0]["text"]
+    almost_zero = caption_client.post("/v1/caption", json={"image": uri, "max_tokens": 5, "temperature": 1e-40})
+    assert almost_zero.json()["choices"][0]["text"] == greedy  # below 1e-5 is greedy, as in vLLM
+    for field, value in (("seed", 2**70), ("repetition_penalty", 1e-40)):
+        reply = caption_client.post("/v1/caption", json={"image": uri, field: value, "temperature": 1.0})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field, reply.text
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 10)).save(buffer, "PNG")
+    wide = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    reply = caption_client.post("/v1/caption", json={"image": wide})
+    assert reply.status_code == 400 and "max_aspect_ratio" in reply.json()["error"]["message"]
+    with client_for(exports, "clip") as client:
+        for template in ("{0} {1}", "{x}", "no label"):
+            reply = client.post("/v1/classify", json={"image": uri, "labels": ["a"], "templates": [template]})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "templates[0]", template
+    with client_for(exports, "llava") as client:
+        long_question = " ".join(["red"] * 300)
+        reply = client.post("/v1/chat/completions", json=chat_body(uri, long_question, temperature=0, max_tokens=2))
+        assert reply.status_code == 400 and "prompt" in reply.json()["error"]["message"], reply.text

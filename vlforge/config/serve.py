@@ -29,6 +29,7 @@ class LimitsConfig:
     max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 16 * 2**20  # one image's encoded bytes
     max_image_pixels: int = 40_000_000  # width x height, checked from the header before decoding
+    max_aspect_ratio: float = 20.0  # long side / short side: a resize to the short side cannot blow up
     max_images: int = 16  # per request (embeddings inputs, classify images)
     max_prompt_tokens: int = 256
     max_tokens: int = 256  # the most a request may ask for (max_tokens)

@@ -19,7 +19,10 @@ def load_api_keys(config: ServeConfig) -> tuple[bytes, ...]:
         path = Path(config.api_keys_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"serve.api_keys_file={path}: no such file")
-        keys += [line.strip() for line in path.read_text().splitlines()]
+        from_file = [line.strip() for line in path.read_text().splitlines()]
+        if not any(k and not k.startswith("#") for k in from_file):
+            raise ConfigError(f"serve.api_keys_file={path} holds no key: the server would run without keys")
+        keys += from_file
     return tuple(k.encode() for k in keys if k and not k.startswith("#"))
 
 

@@ -53,7 +53,7 @@ def _fetch(url: str, param: str, limits: LimitsConfig) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 (http(s) only, checked above)
             data = response.read(limits.max_image_bytes + 1)
-    except OSError as err:
+    except Exception as err:  # OSError, http.client.InvalidURL, UnicodeError, ValueError: the URL's fault
         raise APIError(400, f"{param}: could not fetch {url}: {err}", param) from None
     if len(data) > limits.max_image_bytes:
         raise APIError(413, f"{param}: the image is over serve.limits.max_image_bytes={limits.max_image_bytes}", param)
@@ -74,6 +74,9 @@ def decode_image(data: bytes, param: str, limits: LimitsConfig) -> Image.Image:
                                     f"serve.limits.max_image_pixels={limits.max_image_pixels}", param)
             if width < 1 or height < 1:
                 raise APIError(400, f"{param}: the image is empty ({width}x{height})", param)
+            if max(width, height) > limits.max_aspect_ratio * min(width, height):
+                raise APIError(400, f"{param}: the image is {width}x{height}, longer than serve.limits.max_aspect_ratio="
+                                    f"{limits.max_aspect_ratio:g} times its width", param)
             image.load()
             return image.convert("RGB")
     except APIError:

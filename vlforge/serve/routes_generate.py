@@ -47,13 +47,15 @@ from vlforge.serve.state import (
 router = APIRouter(dependencies=[Depends(check_api_key)])
 
 FINISH_STATUS = {"timeout": 504, "error": 400, "cancelled": 499}
+GREEDY_BELOW = 1e-5
 
 
 def sampling_params(body: SamplingFields) -> SamplingParams:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise APIError(400, f"{name} is not supported by this server (use repetition_penalty)", name)
-    return SamplingParams(do_sample=body.temperature > 0, temperature=body.temperature or 1.0, top_k=body.top_k,
+    sample = body.temperature >= GREEDY_BELOW  # below it, as vLLM does: greedy (a division by ~0 otherwise)
+    return SamplingParams(do_sample=sample, temperature=body.temperature if sample else 1.0, top_k=body.top_k,
                           top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                           no_repeat_ngram_size=body.no_repeat_ngram_size, min_new_tokens=body.min_tokens)
 
@@ -76,7 +78,7 @@ def _limits(state: ServerState, body: SamplingFields, max_tokens: int | None) ->
 def _check_prompt(state: ServerState, prompt: str | None, param: str) -> None:
     if prompt is None or state.service.stepwise is None:
         return
-    count = len(state.service.stepwise.vocabulary().tokenizer(prompt).input_ids)
+    count = state.service.count_tokens(prompt)
     if count > state.config.limits.max_prompt_tokens:
         raise APIError(400, f"{param}: the prompt is {count} tokens, over serve.limits.max_prompt_tokens="
                             f"{state.config.limits.max_prompt_tokens}", param)
@@ -130,18 +132,21 @@ async def _collect(request: Request, channel: EventChannel, generations: list[Ge
     done: dict[int, Finished] = {}
     # The scheduler ends a request at its timeout; this is the backstop should the worker itself stall.
     deadline = time.monotonic() + generations[0].timeout_s + 5
+    checked = time.monotonic()
     try:
         while len(done) < len(generations):
             try:
                 index, event = await _next_event(channel, 0.25)
+                if isinstance(event, Finished):
+                    done[index] = event
             except TimeoutError:
+                pass
+            if time.monotonic() - checked >= 0.25:  # events may flow without pause: check by the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     raise APIError(499, "the client closed the request", None) from None
-                if time.monotonic() > deadline:
+                if checked > deadline:
                     raise APIError(504, f"no answer within {generations[0].timeout_s:g} s", None) from None
-                continue
-            if isinstance(event, Finished):
-                done[index] = event
     finally:
         for generation in generations:
             generation.cancel()
@@ -155,10 +160,14 @@ async def _next_event(channel: EventChannel, timeout: float):
         raise TimeoutError from None
 
 
+def _status(end: Finished) -> int:
+    return end.status if end.reason == "error" else FINISH_STATUS[end.reason]
+
+
 def _raise_failure(finished: list[Finished]) -> None:
     for end in finished:
         if end.reason in FINISH_STATUS:
-            raise APIError(FINISH_STATUS[end.reason], end.error or end.reason, None)
+            raise APIError(_status(end), end.error or end.reason, None)
 
 
 def _usage(finished: list[Finished]) -> Usage:
@@ -198,8 +207,7 @@ async def _stream(request: Request, channel: EventChannel, generations: list[Gen
             else:
                 finished[index] = event
                 if event.reason in FINISH_STATUS:
-                    status = FINISH_STATUS[event.reason]
-                    yield _sse(error_body(status, event.error or event.reason))
+                    yield _sse(error_body(_status(event), event.error or event.reason))
                 else:
                     yield _sse(final(index, event.reason))
         if usage_chunk is not None:
@@ -314,7 +322,7 @@ async def caption(body: CaptionRequest, request: Request) -> Any:
         job = CaptionJob(image, body.prompt, body.num_beams, max_tokens, body.min_tokens, body.repetition_penalty)
         key = ("caption", body.num_beams, max_tokens, body.min_tokens, body.repetition_penalty, body.prompt)
         text = (await await_job(request, state, _submit_job(state, Job(key, job, state.service.run_captions))))
-        ends = [Finished("stop", text, 0, 0)]
+        ends = [Finished("stop", text, 0, state.service.count_tokens(text))]
     else:
         channel = EventChannel()
         generations = _submit_generations(state, channel, image, body.prompt, params, max_tokens, stop, body.n, body.seed)

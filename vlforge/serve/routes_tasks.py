@@ -93,8 +93,13 @@ async def classify(body: ClassifyRequest, request: Request) -> Any:
     require(state, "classify", "/v1/classify")
     _texts(state, body.labels, "labels")
     for i, template in enumerate(body.templates):
-        if "{}" not in template:
-            raise APIError(400, f"templates[{i}]: a template needs '{{}}' where the label goes", f"templates[{i}]")
+        try:
+            fits = "{}" in template and template.format("label") != template
+        except (IndexError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise APIError(400, f"templates[{i}]: a template needs one '{{}}' where the label goes (and no other "
+                                "braces)", f"templates[{i}]")
     _texts(state, body.templates, "templates")
     image = await request_image(state, body.image, "image")
     probabilities = await _run(request, state, ("classify",), (image, body.labels, body.templates),

@@ -26,7 +26,6 @@ from vlforge.models.protocols import StepwiseGenerator
 from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.text_stream import TextStream
 
-
 log = logging.getLogger("vlforge.serve")
 
 
@@ -53,6 +52,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    status: int = 400  # with an error: 400 for input the model refused, 500 / 503 for the server's own failures
 
 
 Event = Delta | Finished
@@ -215,16 +215,15 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 self._drain_intake(self._wait_time())
-                self._run_due_jobs()
-                self._admit()
-                if self._rows:
+                for phase in (self._run_due_jobs, self._admit, self._step):
                     try:
-                        self._step()
-                    except Exception as err:  # the step failed (e.g. out of memory): its rows fail, the server goes on
-                        log.exception("vlforge serve: a decode step failed")
-                        self._fail_running(f"the decode step failed: {type(err).__name__}: {err}")
+                        phase()
+                    except Exception as err:  # e.g. out of memory: the rows in flight fail, the server goes on
+                        log.exception("vlforge serve: %s failed", phase.__name__)
+                        self._fail_running(f"the server failed on this request: {type(err).__name__}: {err}")
         except BaseException as err:  # a crash of the worker must not leave requests hanging
-            self.fatal = err
+            with self._lock:
+                self.fatal = err
             self._fail_everything(f"the model worker stopped: {type(err).__name__}: {err}")
             raise
         # Stopped: what the drain did not finish in time ends with an answer, not silence.
@@ -232,18 +231,21 @@ class Scheduler:
 
     def _fail_running(self, message: str) -> None:
         for row in self._rows:
-            row.request.sink(Finished("error", row.stream.text, row.prompt_tokens, row.new_tokens, message))
+            row.request.sink(Finished("error", row.stream.text, row.prompt_tokens, row.new_tokens, message, 500))
         self._rows, self._batch, self._logits = [], None, None
         self.metrics.running.set(0)
 
     def _fail_everything(self, message: str) -> None:
+        with self._lock:
+            self._accepting = False
+        self._drain_intake(0)  # what was queued meanwhile is answered too
         for row in self._rows:
-            row.request.sink(Finished("error", row.stream.text, row.prompt_tokens, row.new_tokens, message))
+            row.request.sink(Finished("error", row.stream.text, row.prompt_tokens, row.new_tokens, message, 503))
         for request in self._pending:
-            request.sink(Finished("error", "", 0, 0, message))
+            request.sink(Finished("error", "", 0, 0, message, 503))
         for job in self._jobs:
-            if not job.future.done():
-                job.future.set_exception(RuntimeError(message))
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown(message))
         self._rows, self._pending, self._jobs = [], [], []
 
     def _run_due_jobs(self) -> None:
@@ -262,7 +264,8 @@ class Scheduler:
             self._taken(len(batch))
             for job in batch:
                 self._jobs.remove(job)
-            live = [job for job in batch if not job.future.cancelled()]
+            # Running futures cannot be cancelled: a client that leaves now cannot race the result in.
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
             if not live:
                 continue
             self.metrics.batch_size.labels(kind="job").observe(len(live))
@@ -313,7 +316,8 @@ class Scheduler:
                 for request in requests:
                     self._start([request])
                 return
-            requests[0].sink(Finished("error", "", 0, 0, f"{type(err).__name__}: {err}"))
+            status = 400 if isinstance(err, ValueError) else 500
+            requests[0].sink(Finished("error", "", 0, 0, f"{type(err).__name__}: {err}", status))
             return
         self.metrics.batch_size.labels(kind="prefill").observe(len(requests))
         rows = []
@@ -333,6 +337,8 @@ class Scheduler:
         self._rows = self._rows + rows
 
     def _step(self) -> None:
+        if not self._rows:
+            return
         assert self.model is not None and self._batch is not None and self._logits is not None
         rows = self._rows
         chosen = next_tokens(self._logits, [r.history for r in rows], [r.new_tokens for r in rows],

@@ -51,8 +51,8 @@ class SamplingFields(_Body):
     top_k: int = Field(0, ge=0)
     n: int = Field(1, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=2**62)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     min_tokens: int = Field(0, ge=0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -3,6 +3,7 @@ input, and the batch functions the scheduler runs for the non-streaming endpoint
 from __future__ import annotations
 
 import base64
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,6 +56,7 @@ class ModelService:
         self.ranker = model if isinstance(model, AnswerRanker) else None
         self.features = model if isinstance(model, FeatureExtractor) else None
         self.matcher = model if isinstance(model, ImageTextMatcher) else None
+        self._request_tokenizer: Any = None
 
     @property
     def capabilities(self) -> list[str]:
@@ -83,10 +85,14 @@ class ModelService:
         return self.tokenizer_name
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of `text` by the model's tokenizer (usage figures), without special tokens."""
+        """Tokens of `text` by the model's tokenizer (prompt limits, usage), without special tokens.
+        Called on the event loop's thread: it has its own copy of the tokenizer, as a fast tokenizer
+        may not be used by two threads at once (the worker's encodes with other truncation settings)."""
         if self.tokenizer_name is None:
             return 0
-        return len(load_tokenizer(self.tokenizer_name)(text, add_special_tokens=False).input_ids)
+        if self._request_tokenizer is None:
+            self._request_tokenizer = copy.deepcopy(load_tokenizer(self.tokenizer_name))
+        return len(self._request_tokenizer(text, add_special_tokens=False).input_ids)
 
     # Each function below is a scheduler Job's `run`: payloads in, one result per payload out.
     @torch.no_grad()

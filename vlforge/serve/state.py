@@ -102,3 +102,5 @@ async def await_job(request: Request, state: ServerState, future: Any) -> Any:
                                None) from None
         except ValueError as err:  # the model refused this input (e.g. a prompt past its length)
             raise APIError(400, str(err), None) from None
+        except ShuttingDown as err:
+            raise overloaded(state, err) from None

@@ -43,7 +43,9 @@ def start_lm_rows(lm: PreTrainedModel, embeds: torch.Tensor, mask: torch.Tensor)
     """Prefill left-padded `embeds` [N, L, width] (`mask` [N, L]); histories are empty, as
     transformers' generate from `inputs_embeds` starts with no input ids."""
     positions = left_padded_positions(mask)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    # Only the last position's logits are needed: not [N, L, vocabulary] of them.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     rows = DecodeRows(_cache_tensors(out), [], mask, positions[:, -1] + 1)
     return RowStart(rows, out.logits[:, -1], [[] for _ in range(mask.shape[0])])
 

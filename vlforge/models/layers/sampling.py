@@ -100,7 +100,10 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """The next token from one row's processed [V] logits."""
     if not params.do_sample:
         return int(logits.argmax())
-    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    probs = logits.softmax(dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # overflowed logits: the likeliest token rather than a crash
+        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def next_tokens(logits: torch.Tensor, histories: Sequence[Sequence[int]], new_tokens: Sequence[int],

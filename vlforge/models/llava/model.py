@@ -177,8 +177,11 @@ class Llava(nn.Module):
         rows = []
         for text in texts:
             turn = text if IMAGE_PLACEHOLDER in text else f"{IMAGE_PLACEHOLDER}\n{text}"
-            ids, _ = encode_conversation(tok, self.template, [{"from": "human", "value": turn}], self.max_prompt_len,
+            ids, _ = encode_conversation(tok, self.template, [{"from": "human", "value": turn}], 2**31,
                                          prompt_only=True)
+            if len(ids) > self.max_prompt_len:  # cut, it would lose the answer's header: refuse instead
+                raise ValueError(f"the prompt is {len(ids)} tokens with its template, over model.max_prompt_len="
+                                 f"{self.max_prompt_len}")
             rows.append(torch.tensor(ids))
         ids, mask = pad_rows(rows, pad_token_id(tok), left=True)
         return ids.to(device), mask.to(device)
