@@ -222,3 +222,12 @@ def test_edge_inputs_get_4xx_naming_the_field_or_a_sane_answer(caption_client, e
         long_question = " ".join(["red"] * 300)
         reply = client.post("/v1/chat/completions", json=chat_body(uri, long_question, temperature=0, max_tokens=2))
         assert reply.status_code == 400 and "prompt" in reply.json()["error"]["message"], reply.text
+
+
+def test_openai_features_not_implemented_are_refused_not_ignored(caption_client) -> None:
+    body = chat_body(png_data_uri(0), temperature=0, max_tokens=2)
+    assert caption_client.post("/v1/chat/completions", json={**body, "logprobs": False, "user": "u"}).status_code == 200
+    for field, value in (("logprobs", True), ("tools", [{"type": "function"}]), ("logit_bias", {"5": 10}),
+                         ("response_format", {"type": "json_object"})):
+        reply = caption_client.post("/v1/chat/completions", json={**body, field: value})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == field, field

@@ -128,7 +128,7 @@ def create_app(state: ServerState, warm: bool = True) -> FastAPI:
         return ModelList(data=[ModelCard(id=server.service.name, created=server.started,
                                          capabilities=server.service.capabilities)])
 
-    @app.get("/v1/models/{model_id}", response_model=ModelCard, dependencies=[Depends(check_api_key)])
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(check_api_key)])
     async def model(model_id: str, request: Request) -> Any:
         server = server_of(request)
         if model_id != server.service.name:

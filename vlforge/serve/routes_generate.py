@@ -84,6 +84,18 @@ def _check_prompt(state: ServerState, prompt: str | None, param: str) -> None:
                             f"{state.config.limits.max_prompt_tokens}", param)
 
 
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """OpenAI features that would change the answer and that this server does not have: a 400 rather
+    than an answer that silently lacks them."""
+    unsupported = {"logprobs": bool(body.logprobs), "top_logprobs": body.top_logprobs is not None,
+                   "logit_bias": bool(body.logit_bias), "tools": bool(body.tools),
+                   "tool_choice": body.tool_choice not in (None, "none"),
+                   "response_format": bool(body.response_format) and body.response_format.get("type") != "text"}
+    for field, given in unsupported.items():
+        if given:
+            raise APIError(400, f"{field} is not supported by this server", field)
+
+
 def chat_inputs(body: ChatCompletionRequest) -> tuple[str, str, str | None]:
     """(image url, its param path, the prompt text) of a chat: one user message, one image in it."""
     users = [i for i, m in enumerate(body.messages) if m.role == "user"]
@@ -224,6 +236,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     state = server_of(request)
     check_model(state, body.model)
     require(state, "chat", "/v1/chat/completions")
+    _refuse_unsupported(body)
     max_tokens, stop = _limits(state, body, body.max_completion_tokens or body.max_tokens)
     params = sampling_params(body)
     url, param, text = chat_inputs(body)

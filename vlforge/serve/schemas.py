@@ -66,6 +66,13 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # OpenAI fields this server does not implement: accepted at their defaults, refused otherwise.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict] | None = None
+    tool_choice: Union[str, dict, None] = None
+    response_format: dict | None = None
 
 
 class ChatResponseMessage(BaseModel):

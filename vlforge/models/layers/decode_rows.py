@@ -72,8 +72,10 @@ class DecodeRows:
         mask = self.key_mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
-        return DecodeRows([t.index_select(0, index)[:, :, start:] for t in self.growing],
-                          [t.index_select(0, index) for t in self.fixed], mask[:, start:], self.positions[index])
+        # An LM spread over devices (device_map) keeps each layer's keys/values on that layer's device.
+        return DecodeRows([t.index_select(0, index.to(t.device))[:, :, start:] for t in self.growing],
+                          [t.index_select(0, index.to(t.device)) for t in self.fixed], mask[:, start:],
+                          self.positions[index.to(self.positions.device)])
 
     @staticmethod
     def concat(parts: Sequence["DecodeRows"]) -> "DecodeRows":
