@@ -139,10 +139,12 @@ def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, toke
             "| scheduler | concurrency | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |",
             "|---|---|---|---|---|---|---|"]
     rows.append(profile(model, size, text))
+    print(rows[-1], flush=True)
     results: dict[tuple[str, int], float] = {}
     p99: dict[tuple[str, int], float] = {}
     for mode, batching in MODES.items():
-        config = serve_config({"batching": batching, "limits": {"max_tokens": max_tokens, "default_max_tokens": max_tokens}})
+        config = serve_config({"batching": {**batching, "request_timeout_s": 3600},
+                               "limits": {"max_tokens": max_tokens, "default_max_tokens": max_tokens}})
         app = app_for_model(model, cfg, config, key)
         with LiveServer(app) as server:
             for concurrency in concurrencies:
