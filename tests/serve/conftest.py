@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.gloo import free_port
 from tests.tiny_recipes import build_tiny, save_tokenizer
 from vlforge.hub.export import export_model
 from vlforge.serve.server import ServeRequest, build_app
@@ -67,20 +71,12 @@ class LiveServer:
     """The app under a real uvicorn server on a free port, in a thread of this process."""
 
     def __init__(self, app) -> None:
-        import threading
-
-        import uvicorn
-
-        from tests.gloo import free_port
-
         self.app, self.port = app, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":
-        import time
-
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

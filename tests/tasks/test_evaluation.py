@@ -29,11 +29,11 @@ class _Doubler(Task):
         self.seen_rows: list[int] = []
         self.summaries = 0
 
-    def train_sample(self, data):  # not used by evaluation
-        raise NotImplementedError
+    def train_sample(self, data):
+        raise AssertionError("evaluation must not build training samples")
 
     def eval_sample(self, data):
-        raise NotImplementedError
+        raise AssertionError("this task's eval_loader yields ready batches: no sample is built")
 
     def eval_loader(self, split_name, data, dist_env, seed):
         return self.batches

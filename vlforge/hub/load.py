@@ -64,12 +64,23 @@ def _recipe_target(entry: ZooEntry) -> str:
     return str(compose_recipe(entry.recipe, list(entry.overrides)).model._target_)
 
 
-def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
+def _existing(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+    return path
+
+
+def _vlforge_source(path: Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
+    """(the composed recipe it was made with, its weights) of an export, a run or a checkpoints/step_N."""
     if is_export(path):
-        cfg, state = read_export(path)
-    else:
-        step_dir = resolve_checkpoint(path)
-        cfg, state = run_config(step_dir), consolidated_state_dict(step_dir)
+        return read_export(path)
+    step_dir = resolve_checkpoint(path)
+    return run_config(step_dir), consolidated_state_dict(step_dir)
+
+
+def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
+    cfg, state = _vlforge_source(path)
     expected, found = _recipe_target(entry), str(cfg.model.get("_target_"))
     if found != expected:
         raise ValueError(f"{path} holds a {found.rpartition('.')[2]} (recipe {cfg.get('name')}); "
@@ -92,9 +103,7 @@ def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
 
 def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+        path = _existing(checkpoint)
         if _is_vlforge(path):
             return _from_vlforge(entry, path)
         if entry.kind not in ("hf", "url"):
@@ -263,32 +272,20 @@ def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, dev
     """The model of a composed recipe `cfg` on `device`, with the weights of `checkpoint` (a vlforge run,
     checkpoint or export directory: every key, both ways, as `vlforge eval` loads them) or, without one,
     those its `trainer.init_from` names (as training would start), else its fresh initialisation."""
+    if checkpoint is not None:  # the recipe builds the model; the checkpoint's own recipe is not read
+        path = _existing(checkpoint)
+        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device)
     model = instantiate(cfg.model, _convert_="all")
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.exists():
-            raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
-        if is_export(path):
-            _, state = read_export(path)
-        else:
-            state = consolidated_state_dict(resolve_checkpoint(path))
-        try:
-            load_into_model(model, fit_position_embeddings(state, model))
-        except CheckpointError as err:
-            raise CheckpointError(f"checkpoint={path}: {err}") from None
-    else:
-        trainer = cfg.get("trainer", {})
-        if trainer.get("init_from"):
-            init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
-    model.to(torch.device(device))
+    trainer = cfg.get("trainer", {})
+    if trainer.get("init_from"):
+        init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
+    _to_device(model, torch.device(device))
     return model.eval() if is_eval else model
 
 
 def checkpoint_recipe(checkpoint: str | Path) -> DictConfig:
     """The composed recipe a vlforge run, checkpoint or export directory was made with."""
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise WeightsNotFoundError(f"checkpoint={path}: no such file or directory")
+    path = _existing(checkpoint)
     if is_export(path):
         return read_export_config(path)
     return run_config(resolve_checkpoint(path))

@@ -36,11 +36,11 @@ from vlforge.serve.state import (
     EventChannel,
     ServerState,
     await_job,
+    check_capability,
     check_model,
     overloaded,
     request_id,
     request_image,
-    require,
     server_of,
 )
 
@@ -235,7 +235,7 @@ async def _stream(request: Request, channel: EventChannel, generations: list[Gen
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "chat", "/v1/chat/completions")
+    check_capability(state, "chat", "/v1/chat/completions")
     _refuse_unsupported(body)
     max_tokens, stop = _limits(state, body, body.max_completion_tokens or body.max_tokens)
     params = sampling_params(body)
@@ -321,7 +321,7 @@ def _submit_job(state: ServerState, job: Job):
 async def caption(body: CaptionRequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "caption", "/v1/caption")
+    check_capability(state, "caption", "/v1/caption")
     max_tokens, stop = _limits(state, body, body.max_tokens)
     params = sampling_params(body)
     _check_prompt(state, body.prompt, "prompt")

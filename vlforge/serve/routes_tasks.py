@@ -28,11 +28,11 @@ from vlforge.serve.service import encode_embedding
 from vlforge.serve.state import (
     ServerState,
     await_job,
+    check_capability,
     check_model,
     overloaded,
     request_id,
     request_image,
-    require,
     server_of,
 )
 
@@ -63,7 +63,7 @@ def _texts(state: ServerState, texts: list[str], param: str) -> None:
 async def vqa(body: VQARequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "vqa", "/v1/vqa")
+    check_capability(state, "vqa", "/v1/vqa")
     _texts(state, [body.question], "question")
     image = await request_image(state, body.image, "image")
     rid, model = request_id("vqa"), state.service.name
@@ -90,7 +90,7 @@ async def vqa(body: VQARequest, request: Request) -> Any:
 async def classify(body: ClassifyRequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "classify", "/v1/classify")
+    check_capability(state, "classify", "/v1/classify")
     _texts(state, body.labels, "labels")
     for i, template in enumerate(body.templates):
         try:
@@ -115,7 +115,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Any:
 async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "embeddings", "/v1/embeddings")
+    check_capability(state, "embeddings", "/v1/embeddings")
     items = [body.input] if isinstance(body.input, str) else list(body.input)
     if not items:
         raise APIError(400, "input: at least one text or image is needed", "input")
@@ -145,7 +145,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> Any:
 async def match(body: MatchRequest, request: Request) -> Any:
     state = server_of(request)
     check_model(state, body.model)
-    require(state, "match", "/v1/match")
+    check_capability(state, "match", "/v1/match")
     _texts(state, body.texts, "texts")
     image = await request_image(state, body.image, "image")
     scores = await _run(request, state, ("match",), (image, body.texts), state.service.run_match)

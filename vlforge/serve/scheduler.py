@@ -113,10 +113,9 @@ class Scheduler:
     """Start with `start()`; submit from any thread; `shutdown(drain_s)` finishes what is in flight."""
 
     def __init__(self, model: StepwiseGenerator | None, config: BatchingConfig, metrics: ServeMetrics,
-                 device: torch.device | str = "cpu", max_positions: int | None = None) -> None:
+                 device: torch.device | str = "cpu") -> None:
         self.model, self.config, self.metrics = model, config, metrics
         self.device = torch.device(device)
-        self.max_positions = max_positions
         self.vocabulary = model.vocabulary() if model is not None else None
         self._intake: queue.Queue[Generation | Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -365,7 +364,7 @@ class Scheduler:
                 request.sink(Delta(delta))
             position = positions[index] + 1
             at_length = row.new_tokens >= request.max_new_tokens or (
-                self.max_positions is not None and position >= self.max_positions)
+                self.vocabulary.max_positions is not None and position >= self.vocabulary.max_positions)
             if row.stream.stopped or at_length:
                 rest = row.stream.finish()
                 if rest:

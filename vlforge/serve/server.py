@@ -96,7 +96,7 @@ def app_for_model(model: nn.Module, cfg: DictConfig, config: ServeConfig, name: 
     transform = processors(cfg)[0]["eval"]
     service = ModelService(model, cfg, name, torch.device(device), transform)
     metrics = ServeMetrics()
-    scheduler = Scheduler(service.stepwise, config.batching, metrics, device, service.max_positions())
+    scheduler = Scheduler(service.stepwise, config.batching, metrics, device)
     state = ServerState(service, config, scheduler, metrics, load_api_keys(config))
     return create_app(state, warm=warm)
 

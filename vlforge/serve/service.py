@@ -67,16 +67,7 @@ class ModelService:
                  "match": self.matcher is not None}
         return [name for name, able in table.items() if able]
 
-    def max_positions(self) -> int | None:
-        """The longest sequence the decoder takes (BERT's max_len, an LM's max_position_embeddings)."""
-        decoder = getattr(self.model, "text_decoder", None)
-        if decoder is not None and hasattr(decoder, "max_len"):
-            return int(decoder.max_len)
-        lm = getattr(self.model, "language_model", None)
-        positions = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
-        return int(positions) if positions else None
-
-    def _images(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def batch_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(images).to(self.device)
 
     def _tokenizer(self) -> str:
@@ -103,17 +94,15 @@ class ModelService:
         if prompts != {None}:
             raise ValueError("a prompt with num_beams > 1 is not supported by this model's generate")
         kwargs: dict[str, Any] = {"num_beams": first.num_beams, "repetition_penalty": first.repetition_penalty}
-        prompt_length = 0
-        if self.stepwise is not None and hasattr(self.stepwise, "prompt_ids") and hasattr(self.model, "text_decoder"):
-            prompt_length = len(self.model.prompt_ids(None))  # BLIP's lengths count the prompt
-        kwargs.update(max_length=prompt_length + first.max_tokens, min_length=prompt_length + first.min_tokens)
-        return self.generator.generate({"image": self._images([j.image for j in jobs])}, **kwargs)
+        offset = self.stepwise.vocabulary().generate_length_offset if self.stepwise is not None else 0
+        kwargs.update(max_length=offset + first.max_tokens, min_length=offset + first.min_tokens)
+        return self.generator.generate({"image": self.batch_images([j.image for j in jobs])}, **kwargs)
 
     @torch.no_grad()
     def run_answers(self, jobs: list[tuple[torch.Tensor, str, int, int]]) -> list[str]:
         """Generated answers: (image, question, max_tokens, num_beams) with equal settings."""
         _, _, max_tokens, num_beams = jobs[0]
-        samples = {"image": self._images([j[0] for j in jobs]), "text_input": [j[1] for j in jobs]}
+        samples = {"image": self.batch_images([j[0] for j in jobs]), "text_input": [j[1] for j in jobs]}
         return self.answerer.predict_answers(samples, max_length=max_tokens, num_beams=num_beams)
 
     @torch.no_grad()
@@ -123,13 +112,13 @@ class ModelService:
         for image, question, answers in jobs:
             q_ids, q_mask = tokenize_texts(self._tokenizer(), [question], self.max_text_len, self.device)
             a_ids, a_mask = tokenize_texts(self._tokenizer(), answers, self.max_text_len, self.device)
-            best = self.ranker.rank_answers(self._images([image]), q_ids, q_mask, a_ids, a_mask, k=len(answers))
+            best = self.ranker.rank_answers(self.batch_images([image]), q_ids, q_mask, a_ids, a_mask, k=len(answers))
             out.append(int(best[0]))
         return out
 
     @torch.no_grad()
     def run_image_embeddings(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        embeds = self.features.extract_features({"image": self._images(images)}, mode="image")["image_embeds"]
+        embeds = self.features.extract_features({"image": self.batch_images(images)}, mode="image")["image_embeds"]
         return list(embeds.float().cpu())
 
     @torch.no_grad()
@@ -141,7 +130,7 @@ class ModelService:
     @torch.no_grad()
     def run_classify(self, jobs: list[tuple[torch.Tensor, list[str], list[str]]]) -> list[list[float]]:
         """Label probabilities per job: one image batch, a classifier per job's labels and templates."""
-        image_embeds = self.features.extract_features({"image": self._images([j[0] for j in jobs])},
+        image_embeds = self.features.extract_features({"image": self.batch_images([j[0] for j in jobs])},
                                                       mode="image")["image_embeds"]
         out = []
         for row, (_, labels, templates) in enumerate(jobs):
@@ -156,7 +145,7 @@ class ModelService:
         """(ITM match logit, ITC cosine) of each text of each job with its image."""
         out = []
         for image, texts in jobs:
-            tokens, image_embed = self.matcher.image_features(self._images([image]))
+            tokens, image_embed = self.matcher.image_features(self.batch_images([image]))
             ids, mask = tokenize_texts(self._tokenizer(), texts, self.max_text_len, self.device)
             logits = self.matcher.itm_match_scores(tokens.expand(len(texts), *tokens.shape[1:]), ids, mask)
             similarity: list[float | None] = [None] * len(texts)
@@ -180,7 +169,7 @@ def warm_up(service: ModelService, image_size: tuple[int, int] = (64, 64)) -> No
     image = service.transform(Image.fromarray(np.zeros((*image_size, 3), dtype=np.uint8)))
     with torch.no_grad():
         if service.stepwise is not None:
-            started = service.stepwise.start_rows(service._images([image]), [None])
+            started = service.stepwise.start_rows(service.batch_images([image]), [None])
             service.stepwise.step_rows(started.rows, started.logits.argmax(dim=-1))
         if service.features is not None:
             service.run_image_embeddings([image])

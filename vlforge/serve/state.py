@@ -40,7 +40,7 @@ def check_model(state: ServerState, model: str | None) -> None:
         raise APIError(404, f"model '{model}' is not served here; this server serves '{state.service.name}'", "model")
 
 
-def require(state: ServerState, capability: str, endpoint: str) -> None:
+def check_capability(state: ServerState, capability: str, endpoint: str) -> None:
     if capability not in state.service.capabilities:
         can = ", ".join(state.service.capabilities) or "nothing"
         raise APIError(400, f"{state.service.name} ({type(state.service.model).__name__}) cannot serve {endpoint}; "

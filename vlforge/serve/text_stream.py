@@ -21,6 +21,7 @@ class TextStream:
         self.sent = ""
         self.stopped: str | None = None  # "eos" or "stop" once the text has ended
         self._text = ""
+        self._decoded = ""  # the whole decode of `ids`, before any stop string cut it
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -39,10 +40,11 @@ class TextStream:
             self.stopped = "eos"
             return ""
         self.ids.append(token)
-        self._text = self._cut_at_stop(self._decode(self.ids))
+        # The text without the newest token is the previous push's whole decode: one decode a token.
+        safe, self._decoded = self._decoded, self._decode(self.ids)
+        self._text = self._cut_at_stop(self._decoded)
         if self.stopped:
             return ""
-        safe = self._decode(self.ids[:-1])
         if self.stop:
             safe = safe[: max(0, len(safe) - max(len(s) for s in self.stop) + 1)]
         safe = safe.rstrip().rstrip("\ufffd")

@@ -90,7 +90,7 @@ class BlipCaptioner(nn.Module):
         return load_tokenizer(self.tokenizer_name)
 
     def vocabulary(self) -> Vocabulary:
-        return Vocabulary(self._tokenizer(), self.eos_token_id)
+        return Vocabulary(self._tokenizer(), self.eos_token_id, self.text_decoder.max_len, len(self.prompt_ids()))
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """`[DEC] prompt` ids: the decoder's start for a caption beginning with `prompt` (the model's)."""

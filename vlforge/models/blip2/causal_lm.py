@@ -105,7 +105,7 @@ class Blip2CausalLM(nn.Module):
 
     def vocabulary(self) -> Vocabulary:
         tok = self._tokenizer()
-        return Vocabulary(tok, end_token_id(tok))
+        return Vocabulary(tok, end_token_id(tok), getattr(self.language_model.config, "max_position_embeddings", None))
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """The tokenizer's leading special tokens and `prompt` (the model's, as `generate` cuts it)."""

@@ -231,9 +231,9 @@ class BertTextModel(nn.Module):
         batch, length = (input_ids if x is None else x).shape[:2]
         device = (input_ids if x is None else x).device
         past = cache.length if cache is not None else 0
-        last = past + length if position_ids is None else int(position_ids.max()) + 1
-        if last > self.max_len:
-            raise ValueError(f"{last} tokens exceed the model's max_len {self.max_len}")
+        # With explicit positions (continuous batching) the caller keeps them under max_len: no host sync here.
+        if position_ids is None and past + length > self.max_len:
+            raise ValueError(f"{past + length} tokens exceed the model's max_len {self.max_len}")
         if x is None:
             x = self.embed(input_ids, token_type_ids, past, position_ids)
 

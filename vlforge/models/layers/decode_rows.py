@@ -28,13 +28,25 @@ class DecodeRows:
     def __init__(self, growing: Sequence[torch.Tensor], fixed: Sequence[torch.Tensor], key_mask: torch.Tensor,
                  positions: torch.Tensor) -> None:
         self.length = key_mask.shape[1]
-        spare = max(16, self.length // 2)
         self._buffers = []
         for tensor in growing:
-            buffer = tensor.new_empty(*tensor.shape[:2], self.length + spare, tensor.shape[3])
+            buffer = self._new_buffer(tensor, tensor.shape[0], self.length)
             buffer[:, :, : self.length] = tensor
             self._buffers.append(buffer)
         self.fixed, self.key_mask, self.positions = list(fixed), key_mask, positions
+
+    @staticmethod
+    def _new_buffer(like: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+        """An uninitialised buffer for `rows` rows of `length` columns, with spare columns to grow into."""
+        return like.new_empty(rows, like.shape[1], length + max(16, length // 2), like.shape[3])
+
+    @classmethod
+    def _of_buffers(cls, buffers: list[torch.Tensor], length: int, fixed: list[torch.Tensor], key_mask: torch.Tensor,
+                    positions: torch.Tensor) -> "DecodeRows":
+        rows = cls.__new__(cls)
+        rows._buffers, rows.length = buffers, length
+        rows.fixed, rows.key_mask, rows.positions = fixed, key_mask, positions
+        return rows
 
     @property
     def size(self) -> int:
@@ -72,10 +84,12 @@ class DecodeRows:
         mask = self.key_mask.index_select(0, index)
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
+        # One copy: the kept rows of each whole buffer (its spare columns too), from the first used column.
         # An LM spread over devices (device_map) keeps each layer's keys/values on that layer's device.
-        return DecodeRows([t.index_select(0, index.to(t.device))[:, :, start:] for t in self.growing],
-                          [t.index_select(0, index.to(t.device)) for t in self.fixed], mask[:, start:],
-                          self.positions[index.to(self.positions.device)])
+        buffers = [b.index_select(0, index.to(b.device))[:, :, start:] for b in self._buffers]
+        return DecodeRows._of_buffers(buffers, self.length - start,
+                                      [t.index_select(0, index.to(t.device)) for t in self.fixed], mask[:, start:],
+                                      self.positions[index.to(self.positions.device)])
 
     @staticmethod
     def concat(parts: Sequence["DecodeRows"]) -> "DecodeRows":
@@ -85,19 +99,21 @@ class DecodeRows:
             return parts[0]
         if not parts:
             raise ValueError("DecodeRows.concat needs at least one non-empty part")
-        length = max(p.length for p in parts)
-
-        def pad(t: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
-            if not columns:
-                return t
-            widths = [0, 0] * (t.dim() - 1 - dim) + [columns, 0]
-            return F.pad(t, widths)
-
-        growing = [torch.cat([pad(p.growing[i], length - p.length, 2) for p in parts])
-                   for i in range(len(parts[0].growing))]
+        length, total = max(p.length for p in parts), sum(p.size for p in parts)
+        buffers = []
+        for i, first in enumerate(parts[0]._buffers):  # each part's rows written once, right-aligned
+            buffer = DecodeRows._new_buffer(first, total, length)
+            row = 0
+            for part in parts:
+                pad = length - part.length
+                # Masked, yet read by the attention: zeros, not uninitialised memory (0 x NaN is NaN).
+                buffer[row:row + part.size, :, :pad].zero_()
+                buffer[row:row + part.size, :, pad:length] = part._buffers[i][:, :, : part.length]
+                row += part.size
+            buffers.append(buffer)
         fixed = [torch.cat([p.fixed[i] for p in parts]) for i in range(len(parts[0].fixed))]
-        mask = torch.cat([pad(p.key_mask, length - p.length, 1) for p in parts])
-        return DecodeRows(growing, fixed, mask, torch.cat([p.positions for p in parts]))
+        mask = torch.cat([F.pad(p.key_mask, (length - p.length, 0)) for p in parts])
+        return DecodeRows._of_buffers(buffers, length, fixed, mask, torch.cat([p.positions for p in parts]))
 
 
 def left_padded_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -119,7 +135,12 @@ class RowStart:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """How a stepwise generator's ids become text: its tokenizer and the id that ends a sequence."""
+    """How a stepwise generator's ids become text (its tokenizer, the id that ends a sequence) and its
+    lengths: `max_positions`, the longest sequence its decoder takes (prompt included); and
+    `generate_length_offset`, the tokens its `generate`'s max_length / min_length count beyond the new
+    ones (BLIP's prompt, as in LAVIS; 0 where lengths count new tokens only)."""
 
     tokenizer: object
     eos_id: int
+    max_positions: int | None = None
+    generate_length_offset: int = 0

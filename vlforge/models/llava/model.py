@@ -188,7 +188,7 @@ class Llava(nn.Module):
 
     def vocabulary(self) -> Vocabulary:
         tok = load_tokenizer(self._tokenizer())
-        return Vocabulary(tok, end_token_id(tok))
+        return Vocabulary(tok, end_token_id(tok), getattr(self.language_model.config, "max_position_embeddings", None))
 
     def chat_prompt(self, text: str | None) -> str | None:
         return text
