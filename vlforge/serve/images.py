@@ -12,7 +12,7 @@ import warnings
 from typing import Callable
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlforge.config.serve import LimitsConfig
 from vlforge.serve.errors import APIError
@@ -83,6 +83,8 @@ def decode_image(data: bytes, param: str, limits: LimitsConfig) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise APIError(400, f"{param}: refused as a decompression bomb ({err})", param) from None
+    except UnidentifiedImageError:  # its message names the in-memory buffer, which tells the user nothing
+        raise APIError(400, f"{param}: not a readable image (no image format recognised in its bytes)", param) from None
     except Exception as err:  # PIL raises many types for broken files (OSError, SyntaxError, ValueError, ...)
         raise APIError(400, f"{param}: not a readable image ({type(err).__name__}: {err})", param) from None
 
