@@ -21,7 +21,7 @@ setup(
     # every YAML file at any depth (hydra/launcher/ is two folders down); its folders, without an
     # __init__.py, import as namespace packages (importlib.resources reads them).
     package_dir={"vlforge.recipes": "recipes"},
-    package_data={"vlforge": ["py.typed"], "vlforge.recipes": ["**/*.yaml"]},
+    package_data={"vlforge": ["py.typed"], "vlforge.serve": ["page/*"], "vlforge.recipes": ["**/*.yaml"]},
     entry_points={"console_scripts": ["vlforge=vlforge.cli.main:main"]},
     install_requires=[
         "torch>=2.2",
@@ -41,7 +41,7 @@ setup(
         "pillow>=10.0",
         "numpy>=1.24",
         "tqdm>=4.66",
-        # `vlforge serve`: the HTTP server (light, pure Python); Ray Serve replicas will be an extra
+        # `vlforge serve`: the HTTP server (light, pure Python); Ray Serve replicas are the `ray` extra
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "prometheus_client>=0.20",
@@ -52,9 +52,12 @@ setup(
                 "peft>=0.10", "bitsandbytes>=0.46", "accelerate>=0.30",  # LoRA and 4-bit tests
                 "import-linter>=2.0",  # the layers contract (tests/test_layers.py; grimp comes with it)
                 "setuptools>=70.1",  # builds the wheel without the separate `wheel` package (tests/cli/test_wheel.py)
-                "openai>=1.30", "httpx>=0.27", "schemathesis>=3.30", "hypothesis>=6.100"],  # serving tests
+                "openai>=1.30", "httpx>=0.27", "schemathesis>=3.30", "hypothesis>=6.100",  # serving tests
+                "playwright>=1.40",  # the page at / in Debian's chromium (tests/serve/test_page.py)
+                "ray[serve]>=2.60", "psutil>=5.9"],  # serve.replicas (tests/e2e/test_serve_replicas.py)
         "slurm": ["hydra-submitit-launcher>=1.2"],  # hydra/launcher=vlforge_slurm
         "lora": ["peft>=0.10"],  # model.lora (LLaVA finetuning with LoRA adapters)
         "quant": ["bitsandbytes>=0.46", "accelerate>=0.30"],  # model.load_4bit / load_8bit
+        "ray": ["ray[serve]>=2.60"],  # vlforge serve ... serve.replicas=N (Ray Serve)
     },
 )

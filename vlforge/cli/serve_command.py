@@ -7,7 +7,8 @@ import sys
 from vlforge.cli.usage import UsageError
 from vlforge.core.errors import CheckpointError, ConfigError
 from vlforge.hub.sources import WeightsNotFoundError
-from vlforge.serve.server import ServeRequest, serve
+from vlforge.serve.replicas import serve_replicas
+from vlforge.serve.server import ServeRequest, serve, serve_settings
 
 DESCRIPTION = (
     "Serve a model over HTTP: OpenAI-compatible /v1/chat/completions (streaming too) and the task\n"
@@ -16,7 +17,8 @@ DESCRIPTION = (
     "  vlforge serve recipe=blip_caption checkpoint=runs/x       a recipe with a run's weights\n"
     "  vlforge serve checkpoint=exports/x                        a run or export, with its own recipe\n\n"
     "serve.* keys set host, port, batching, limits, API keys and quantization (recipes/serve/default.yaml),\n"
-    "e.g. serve.port=9000 serve.batching.max_running=64; with recipe=, any recipe key too.")
+    "e.g. serve.port=9000 serve.batching.max_running=64; with recipe=, any recipe key too.\n"
+    "serve.replicas=N runs N replicas on Ray Serve (a local Ray, or serve.address=HOST:PORT of a cluster).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,11 @@ def serve_request(model: str | None, overrides: list[str]) -> ServeRequest:
 def run(args: argparse.Namespace) -> int:
     request = serve_request(args.model, args.overrides)
     try:
-        serve(request)
+        config = serve_settings(request)
+        if config.replicas > 1 or config.address is not None:
+            serve_replicas(request, config)
+        else:
+            serve(request)
     except (ConfigError, CheckpointError, WeightsNotFoundError, ValueError, FileNotFoundError) as err:
         print(f"vlforge serve: {err}", file=sys.stderr)
         return 2

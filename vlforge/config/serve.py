@@ -45,7 +45,10 @@ class ServeConfig:
     model_name: Optional[str] = None  # the id in /v1/models and responses; default: the recipe or zoo name
     device: str = "auto"  # auto: cuda if available, else cpu
     quantize: Optional[str] = None  # null | 4bit | 8bit: load_model's LM quantization (models with an LM)
-    replicas: int = 1
+    replicas: int = 1  # > 1: a Ray Serve deployment of this many replicas behind Ray's proxy
+    address: Optional[str] = None  # a Ray cluster to deploy on ("auto", "HOST:PORT"); null: a local Ray when replicas > 1
+    cpus_per_replica: float = 1.0  # Ray resources each replica reserves
+    gpus_per_replica: Optional[float] = None  # null: one device per replica where the cluster has GPUs, else none
     allow_remote_images: bool = False  # http(s) image URLs are fetched by the server only when true
     api_keys_env: str = "VLFORGE_API_KEYS"  # comma-separated keys; when set (or api_keys_file), keys are required
     api_keys_file: Optional[str] = None  # one key per line
@@ -81,7 +84,6 @@ def serve_config(node: DictConfig | dict | None) -> ServeConfig:
         raise ConfigError(f"serve.quantize={cfg.quantize!r} is not one of null, 4bit, 8bit")
     if cfg.limits.default_max_tokens > cfg.limits.max_tokens:
         raise ConfigError("serve.limits.default_max_tokens exceeds serve.limits.max_tokens")
-    if cfg.replicas > 1:
-        raise ConfigError(f"serve.replicas={cfg.replicas}: replicas run on Ray Serve, which this version does not "
-                          "include yet; serve one replica per process (serve.port) behind your own balancer")
+    if cfg.cpus_per_replica < 0 or (cfg.gpus_per_replica is not None and cfg.gpus_per_replica < 0):
+        raise ConfigError("serve.cpus_per_replica and serve.gpus_per_replica must be >= 0")
     return cfg

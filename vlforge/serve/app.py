@@ -4,6 +4,7 @@ lets in-flight requests finish."""
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import vlforge
-from vlforge.serve import routes_generate, routes_tasks
+from vlforge.serve import routes_generate, routes_page, routes_tasks
 from vlforge.serve.auth import check_api_key
 from vlforge.serve.errors import error_response, install_error_handlers
 from vlforge.serve.schemas import ModelCard, ModelList
@@ -99,11 +100,14 @@ def create_app(state: ServerState, warm: bool = True) -> FastAPI:
         route = request.scope.get("route")
         endpoint = getattr(route, "path", "unknown")
         state.metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        if state.replica is not None:
+            response.headers["x-vlforge-replica"] = state.replica
         return response
 
     app.add_middleware(BodyLimit, limit=state.config.limits.max_body_bytes)
     app.include_router(routes_generate.router)
     app.include_router(routes_tasks.router)
+    app.include_router(routes_page.router)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -115,7 +119,8 @@ def create_app(state: ServerState, warm: bool = True) -> FastAPI:
         """The model is loaded and warm, and its worker runs."""
         server = server_of(request)
         if server.ready and server.scheduler.alive:
-            return JSONResponse({"status": "ready", "model": server.service.name})
+            return JSONResponse({"status": "ready", "model": server.service.name, "replica": server.replica,
+                                 "pid": os.getpid()})
         return error_response(503, "the model is not ready", None, {"Retry-After": "1"})
 
     @app.get("/metrics", dependencies=[Depends(check_api_key)])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import uvicorn
 from fastapi import FastAPI
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -49,24 +50,29 @@ def _serve_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return serve, [o for o in overrides if not o.startswith("serve.")]
 
 
-def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, ServeConfig, str, torch.device]:
-    """(model in eval mode on its device, its composed recipe, the serve config, the served name, device)."""
+def serve_settings(request: ServeRequest) -> ServeConfig:
+    """The serve config of `request`'s `serve.*` overrides (ConfigError naming a bad key)."""
+    serve_keys, _ = _serve_overrides(request.overrides)
+    return serve_config(OmegaConf.from_dotlist([o[len("serve."):] for o in serve_keys]))
+
+
+def served_recipe(request: ServeRequest, config: ServeConfig) -> DictConfig | None:
+    """The composed recipe of a recipe / checkpoint request (quantization applied), None for a zoo
+    model; ConfigError for a request that cannot be served, before any weights are read."""
     serve_keys, other = _serve_overrides(request.overrides)
-    config = serve_config(OmegaConf.from_dotlist([o[len("serve."):] for o in serve_keys]))
-    device = _device(config.device)
     if request.model is not None:
         if request.recipe is not None or other:
             raise ConfigError(f"{request.model}: a zoo model takes serve.* overrides and checkpoint= only "
                               f"(got {', '.join(other) or 'recipe=' + str(request.recipe)})")
-        name, _, model_type = request.model.partition(":")
-        if not model_type:
+        if ":" not in request.model:
             raise ConfigError(f"'{request.model}': name a zoo model as NAME:TYPE, e.g. blip_caption:base_coco "
                               "(`vlforge zoo` lists them)")
-        model, cfg = load_model_and_recipe(name, model_type, device=device, checkpoint=request.checkpoint,
-                                           load_4bit=config.quantize == "4bit", load_8bit=config.quantize == "8bit")
-        return model, cfg, config, config.model_name or request.model, device
+        return None
     if request.recipe is not None:
-        cfg = compose_recipe(request.recipe, [*other, *serve_keys])
+        try:
+            cfg = compose_recipe(request.recipe, [*other, *serve_keys])
+        except ConfigCompositionException as err:
+            raise ConfigError(f"recipe={request.recipe}: {str(err).splitlines()[0]}") from None
     elif request.checkpoint is not None:
         if other:
             raise ConfigError(f"checkpoint={request.checkpoint} is served with the recipe it was made with; "
@@ -80,6 +86,19 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
         if key not in cfg.model:
             raise ConfigError(f"serve.quantize={config.quantize}: {cfg.model._target_} has no language model to quantize")
         cfg.model[key] = True
+    return cfg
+
+
+def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, ServeConfig, str, torch.device]:
+    """(model in eval mode on its device, its composed recipe, the serve config, the served name, device)."""
+    config = serve_settings(request)
+    device = _device(config.device)
+    cfg = served_recipe(request, config)
+    if cfg is None:
+        name, _, model_type = str(request.model).partition(":")
+        model, cfg = load_model_and_recipe(name, model_type, device=device, checkpoint=request.checkpoint,
+                                           load_4bit=config.quantize == "4bit", load_8bit=config.quantize == "8bit")
+        return model, cfg, config, config.model_name or str(request.model), device
     model = load_recipe_model(cfg, request.checkpoint, device)
     return model, cfg, config, config.model_name or str(cfg.get("name", request.recipe)), device
 

@@ -28,6 +28,7 @@ class ServerState:
     metrics: ServeMetrics
     api_keys: tuple[bytes, ...] = ()
     ready: bool = False
+    replica: str | None = None  # the Ray Serve replica this app runs in, when it does
     started: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -1,0 +1,141 @@
+"""`vlforge serve ... serve.replicas=2` as users run it: two Ray Serve CPU replicas behind Ray's proxy
+answer 200 concurrent requests, both of them; one is killed mid-run and every accepted request still
+gets an answer (its own, or a clear 503); Ray brings the deployment back to two replicas; SIGTERM
+lets a stream in flight finish, then the deployment and the local Ray it started are gone."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.gloo import free_port
+from tests.serve.conftest import png_data_uri
+from tests.tiny_recipes import build_tiny, save_tokenizer
+from vlforge.hub.export import export_model
+from vlforge.serve.replica_loss import REPLICA_LOST
+
+BIN = Path(sys.executable).parent
+REQUESTS, KILL_AFTER = 200, 40
+
+
+def _wait_for_replicas(url: str, proc: subprocess.Popen, log: Path, count: int, exclude: str = "",
+                       timeout: float = 180) -> dict[str, int]:
+    """{replica id: pid} once `count` replicas (none of them `exclude`) answer /readyz."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        seen: dict[str, int] = {}
+        try:
+            for _ in range(12):
+                ready = httpx.get(f"{url}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    seen[ready.json()["replica"]] = ready.json()["pid"]
+        except httpx.TransportError:
+            pass
+        if len(seen) == count and exclude not in seen:
+            return seen
+        assert time.monotonic() < deadline, f"{count} replicas did not become ready (saw {seen})"
+        time.sleep(0.5)
+
+
+async def _load(url: str, victim: int) -> list[dict]:
+    """REQUESTS captions at once (every fourth streamed); `victim` is SIGKILLed after KILL_AFTER answers."""
+    done = 0
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=REQUESTS + 10)) as client:
+
+        async def one(i: int) -> dict:
+            nonlocal done
+            body = {"image": png_data_uri(i % 5), "max_tokens": 20, "min_tokens": 20, "stream": i % 4 == 0}
+            async with client.stream("POST", f"{url}/v1/caption", json=body) as response:
+                text = (await response.aread()).decode()
+            done += 1
+            return {"stream": body["stream"], "status": response.status_code, "text": text,
+                    "replica": response.headers.get("x-vlforge-replica"), "done_before": done - 1}
+
+        async def kill() -> None:
+            while done < KILL_AFTER:
+                await asyncio.sleep(0.005)
+            os.kill(victim, signal.SIGKILL)
+
+        answers, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(REQUESTS))), kill())
+    return answers
+
+
+def _outcome(answer: dict) -> str:
+    """served | lost (a clear 503), asserting the answer is one of the two."""
+    if answer["status"] == 503:
+        error = json.loads(answer["text"])["error"]
+        assert error == {"message": REPLICA_LOST, "type": "service_unavailable", "param": None, "code": 503}
+        return "lost"
+    assert answer["status"] == 200, answer
+    if not answer["stream"]:
+        assert json.loads(answer["text"])["usage"]["completion_tokens"] == 20
+        return "served"
+    events = [line[len("data: "):] for line in answer["text"].splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", answer  # a stream always ends, cut off or not
+    last = json.loads(events[-2])
+    if "error" in last:
+        assert last["error"]["message"] == REPLICA_LOST and last["error"]["code"] == 503
+        return "lost"
+    assert last["finish_reason"] == "length", answer
+    return "served"
+
+
+def test_two_replicas_balance_survive_a_killed_replica_and_drain_on_sigterm(tmp_path: Path) -> None:
+    model, cfg = build_tiny("llava_finetune_demo", save_tokenizer(tmp_path / "tokenizer"))
+    export_model(model, cfg, tmp_path / "llava")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(BIN / "vlforge"), "serve", f"checkpoint={tmp_path / 'llava'}",
+                                 "serve.replicas=2", f"serve.port={port}"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        replicas = _wait_for_replicas(url, proc, log, 2)
+        victim_id, victim_pid = next(iter(replicas.items()))
+
+        answers = asyncio.run(_load(url, victim_pid))
+        outcomes = [_outcome(a) for a in answers]
+        served_by = collections.Counter(a["replica"] for a, o in zip(answers, outcomes) if o == "served")
+        lost = outcomes.count("lost")
+        print(f"\n{REQUESTS} requests, a replica SIGKILLed after {KILL_AFTER} answers: served by replica "
+              f"{dict(served_by)}, {lost} answered 503 (the killed replica's in-flight requests)")
+        assert set(served_by) == set(replicas)  # both replicas took requests through Ray's proxy
+        assert lost >= 1 and served_by[victim_id] < REQUESTS - lost  # the kill landed mid-run
+
+        killed_at = time.monotonic()
+        recovered = _wait_for_replicas(url, proc, log, 2, exclude=victim_id)
+        print(f"two replicas again after {time.monotonic() - killed_at:.1f} s: {sorted(recovered)}")
+        assert httpx.post(f"{url}/v1/caption", json={"image": png_data_uri(0), "max_tokens": 3},
+                          timeout=60).status_code == 200
+
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert {"raylet", "gcs_server"} <= {p.name() for p in tree}  # the local Ray this command started
+        body = {"image": png_data_uri(3), "max_tokens": 200, "min_tokens": 200, "stream": True}
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/caption", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[len("data: "):])
+                    if len(events) == 3:
+                        proc.send_signal(signal.SIGTERM)  # mid-stream
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == "length"
+        assert len(events) == 202  # all 200 tokens, most of them after SIGTERM
+        assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
