@@ -12,7 +12,12 @@ because the end token is never likelier than the others):
 
 Targets: (c) >= 4x (a) in requests/s at concurrency 32, and (c)'s p99 latency at 32 below (b)'s.
 
+With `--replicas 1 2`, replicas instead, each setting a `vlforge serve` process of its own on the
+model's export: one uvicorn process (the default), then Ray Serve with each count of replicas behind
+Ray's proxy, the machine's CPUs (or GPUs, with `--device cuda`) split evenly among them.
+
     python benchmarks/serve.py [--models blip llava] [--concurrency 1 8 32] [--max-tokens N]
+    python benchmarks/serve.py --models llava --concurrency 32 --replicas 1 2 [--device cuda]
 """
 from __future__ import annotations
 
@@ -20,7 +25,10 @@ import argparse
 import asyncio
 import base64
 import io
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import environment, setup_cpu  # noqa: E402
 
+from tests.gloo import free_port  # noqa: E402
 from tests.serve.conftest import LiveServer  # noqa: E402
 from tests.tiny_recipes import build_tiny, save_tokenizer  # noqa: E402
 from vlforge.config.serve import serve_config  # noqa: E402
+from vlforge.hub.export import export_model  # noqa: E402
 from vlforge.serve.server import app_for_model  # noqa: E402
 
 MODES = {
@@ -149,10 +159,7 @@ def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, toke
         with LiveServer(app) as server:
             for concurrency in concurrencies:
                 count = max(concurrency, 4)
-                bodies = [{"messages": [{"role": "user", "content": [
-                    *([{"type": "text", "text": text}] if text else []),
-                    {"type": "image_url", "image_url": {"url": data_uri(i, size)}}]}],
-                    "temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens} for i in range(count)]
+                bodies = chat_bodies(count, size, text, max_tokens)
                 asyncio.run(load(server.url, bodies[:1], 1))  # warm the connection and this batch size's path
                 wall, latencies, tokens = asyncio.run(load(server.url, bodies, concurrency))
                 results[(mode, concurrency)] = count / wall
@@ -169,18 +176,86 @@ def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, toke
     return rows
 
 
+def chat_bodies(count: int, size: int, text: str | None, max_tokens: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": [
+        *([{"type": "text", "text": text}] if text else []),
+        {"type": "image_url", "image_url": {"url": data_uri(i, size)}}]}],
+        "temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens} for i in range(count)]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, replicas: int, timeout: float = 600) -> None:
+    """Until `replicas` distinct replicas (one process: its /readyz) answer."""
+    deadline, seen = time.monotonic() + timeout, set()
+    while len(seen) < replicas:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"vlforge serve did not become ready (exit {proc.poll()})")
+        try:
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            if ready.status_code == 200:
+                seen.add(ready.json()["replica"] or "process")
+        except httpx.TransportError:
+            time.sleep(0.5)
+
+
+def bench_replicas(key: str, counts: list[int], concurrency: int, max_tokens: int | None, tmp: Path,
+                   device: str) -> list[str]:
+    recipe, overrides, size, vocab, text, default_tokens = MODELS[key]
+    max_tokens = max_tokens or default_tokens
+    model, cfg = build_tiny(recipe, save_tokenizer(tmp / f"tok_{key}", size=vocab), overrides=overrides)
+    export_model(model, cfg, tmp / key)
+    del model
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count() if device == "cuda" else 0
+    requests = 2 * concurrency
+    rows = [f"\n### {key} replicas: {recipe}, {max_tokens} tokens per request, {requests} requests at concurrency "
+            f"{concurrency}, {cpus} CPUs{f', {gpus} GPUs' if gpus else ''}\n",
+            "| server | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |", "|---|---|---|---|---|"]
+    settings = [("one process (uvicorn)", 1, [])]
+    for n in counts:
+        share = [f"serve.cpus_per_replica={cpus / n:g}", f"serve.gpus_per_replica={gpus / n:g}"]
+        settings.append((f"Ray Serve, {n} replica{'s' if n > 1 else ''}", n, ["serve.address=local", f"serve.replicas={n}", *share]))
+    throughput = {}
+    for label, replicas, keys in settings:
+        port = free_port()
+        command = [str(Path(sys.executable).parent / "vlforge"), "serve", f"checkpoint={tmp / key}", f"serve.port={port}",
+                   f"serve.device={device}", "serve.batching.request_timeout_s=3600", f"serve.limits.max_tokens={max_tokens}",
+                   f"serve.batching.max_queue={requests}", *keys]
+        with open(tmp / "serve.log", "w") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc, replicas)
+            asyncio.run(load(url, chat_bodies(2 * replicas, size, text, max_tokens), 2 * replicas))  # warm every replica
+            wall, latencies, tokens = asyncio.run(load(url, chat_bodies(requests, size, text, max_tokens), concurrency))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        throughput[label] = requests / wall
+        rows.append(f"| {label} | {requests / wall:.3f} | {tokens / wall:.1f} | {statistics.median(latencies):.2f} | "
+                    f"{percentile(latencies, 99):.2f} |")
+        print(rows[-1], flush=True)
+    base = throughput[settings[0][0]]
+    rows.append("\n" + "; ".join(f"{label}: {value / base:.2f}x one process" for label, value in throughput.items()))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default: 20 for blip, 128 for llava)")
+    parser.add_argument("--replicas", nargs="+", type=int, default=None,
+                        help="compare one process with Ray Serve at these replica counts (at the top concurrency)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="with --replicas: where replicas run")
     args = parser.parse_args()
     setup_cpu()
     print(environment())
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
-            out += bench_model(key, args.concurrency, args.max_tokens, Path(tmp) / f"tok_{key}")
+            if args.replicas:
+                out += bench_replicas(key, args.replicas, max(args.concurrency), args.max_tokens, Path(tmp), args.device)
+            else:
+                out += bench_model(key, args.concurrency, args.max_tokens, Path(tmp) / f"tok_{key}")
     print("\n".join(out))
 
 

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -139,3 +140,38 @@ def test_two_replicas_balance_survive_a_killed_replica_and_drain_on_sigterm(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_address_deploys_onto_a_running_cluster_and_leaves_it_running(tmp_path: Path) -> None:
+    model, cfg = build_tiny("blip_caption_demo", save_tokenizer(tmp_path / "tokenizer"))
+    export_model(model, cfg, tmp_path / "caption")
+    gcs_port, port, log = free_port(), free_port(), tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A cluster as docs/serving.md starts one: token authentication, the proxy's middleware named.
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="vlforge.serve.replica_loss.proxy_middlewares")
+    ray = str(BIN / "ray")
+    started = subprocess.run([ray, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert started.returncode == 0, started.stdout + started.stderr
+    proc = None
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(BIN / "vlforge"), "serve", f"checkpoint={tmp_path / 'caption'}",
+                                     f"serve.address=127.0.0.1:{gcs_port}", f"serve.port={port}"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        replica = next(iter(_wait_for_replicas(url, proc, log, 1)))
+        answer = httpx.post(f"{url}/v1/caption", json={"image": png_data_uri(0), "max_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.headers["x-vlforge-replica"] == replica
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
+        # The application is gone; the cluster, and Ray Serve's proxy on it, are still up.
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 404
+        status = subprocess.run([ray, "status", f"--address=127.0.0.1:{gcs_port}"], env=env, capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)

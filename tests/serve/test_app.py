@@ -89,15 +89,19 @@ def test_stop_strings_cut_the_text(caption_client) -> None:
     assert stopped["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("kind", ["blip2", "llava"])
-def test_language_model_families_chat_as_their_generate(exports, kind: str) -> None:
+@pytest.mark.parametrize("kind, overrides", [("blip2", ()), ("llava", ()),
+                                              # the LM placed by accelerate (one device here; GPUs: docs/serving.md)
+                                              ("llava", ('serve.device_map={"": cpu}',))])
+def test_language_model_families_chat_as_their_generate(exports, kind: str, overrides: tuple[str, ...]) -> None:
     uri = png_data_uri(3)
     model, image = _model_and_image(exports, kind, uri)
     question = "what colour is the shape ?"
-    with client_for(exports, kind) as client:
+    with client_for(exports, kind, *overrides) as client:
         reply = client.post("/v1/chat/completions", json=chat_body(uri, question, temperature=0, max_tokens=6))
         assert reply.status_code == 200, reply.text
         text = reply.json()["choices"][0]["message"]["content"]
+        served_lm = client.app.state.server.service.model.language_model
+        assert getattr(served_lm, "hf_device_map", None) == ({"": "cpu"} if overrides else None)
     if kind == "llava":
         expected = model.generate({"image": image, "text_input": [question]}, num_beams=1, min_length=0, max_length=6)
     else:  # BLIP-2's prompt is the chat text: generate with it as the model's prompt

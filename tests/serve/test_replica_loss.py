@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from vlforge.config.serve import serve_config
 from vlforge.serve.replica_loss import REPLICA_LOST, ReplicaLossAs503, proxy_middlewares
-from vlforge.serve.replicas import deployment_options
+from vlforge.serve.replicas import ModelReplica, deployment_options
+from vlforge.serve.server import ServeRequest
 
 
 def _proxy(*messages: dict, fail: bool = False):
@@ -89,3 +90,13 @@ def test_deployment_options_give_one_device_per_replica_where_the_cluster_has_th
     assert on_gpus["max_ongoing_requests"] == 28 and on_gpus["max_queued_requests"] == 20
     assert deployment_options(serve_config({"device": "cpu"}), 4)["ray_actor_options"]["num_gpus"] == 0.0
     assert deployment_options(serve_config({"gpus_per_replica": 2}), 4)["ray_actor_options"]["num_gpus"] == 2
+
+
+def test_a_replica_whose_model_worker_died_reports_unhealthy(caption_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica = ModelReplica(ServeRequest(checkpoint="unused"))
+    replica.check_health()  # before its app is built there is nothing to check
+    replica.served = caption_client.app
+    replica.check_health()
+    monkeypatch.setattr(type(caption_client.app.state.server.scheduler), "alive", property(lambda self: False))
+    with pytest.raises(RuntimeError, match="model worker of this replica has stopped"):
+        replica.check_health()  # Ray replaces a replica whose check_health raises

@@ -18,7 +18,8 @@ DESCRIPTION = (
     "  vlforge serve checkpoint=exports/x                        a run or export, with its own recipe\n\n"
     "serve.* keys set host, port, batching, limits, API keys and quantization (recipes/serve/default.yaml),\n"
     "e.g. serve.port=9000 serve.batching.max_running=64; with recipe=, any recipe key too.\n"
-    "serve.replicas=N runs N replicas on Ray Serve (a local Ray, or serve.address=HOST:PORT of a cluster).")
+    "serve.replicas=N runs N replicas on Ray Serve (a local Ray, or serve.address=HOST:PORT of a cluster);\n"
+    "serve.device_map=auto spreads a large language model over the GPUs of each replica.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

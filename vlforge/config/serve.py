@@ -3,7 +3,7 @@ every key is overridable, e.g. `serve.port=9000 serve.batching.max_running=64`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,8 +45,12 @@ class ServeConfig:
     model_name: Optional[str] = None  # the id in /v1/models and responses; default: the recipe or zoo name
     device: str = "auto"  # auto: cuda if available, else cpu
     quantize: Optional[str] = None  # null | 4bit | 8bit: load_model's LM quantization (models with an LM)
+    # null | auto | {module: device}: the language model spread over the devices of one replica (accelerate)
+    device_map: Any = None
     replicas: int = 1  # > 1: a Ray Serve deployment of this many replicas behind Ray's proxy
-    address: Optional[str] = None  # a Ray cluster to deploy on ("auto", "HOST:PORT"); null: a local Ray when replicas > 1
+    # a Ray cluster to deploy on ("auto", "HOST:PORT", "ray://HOST:PORT"), or "local": a Ray of its own (the
+    # default when replicas > 1); null with one replica: no Ray, one uvicorn process
+    address: Optional[str] = None
     cpus_per_replica: float = 1.0  # Ray resources each replica reserves
     gpus_per_replica: Optional[float] = None  # null: one device per replica where the cluster has GPUs, else none
     allow_remote_images: bool = False  # http(s) image URLs are fetched by the server only when true
@@ -84,6 +88,10 @@ def serve_config(node: DictConfig | dict | None) -> ServeConfig:
         raise ConfigError(f"serve.quantize={cfg.quantize!r} is not one of null, 4bit, 8bit")
     if cfg.limits.default_max_tokens > cfg.limits.max_tokens:
         raise ConfigError("serve.limits.default_max_tokens exceeds serve.limits.max_tokens")
+    if cfg.device_map is not None and cfg.device_map != "auto" and not isinstance(cfg.device_map, dict):
+        raise ConfigError(f"serve.device_map={cfg.device_map!r}: expected auto or a {{module: device}} map")
+    if cfg.device_map is not None and cfg.quantize is not None:
+        raise ConfigError("serve.device_map with serve.quantize: a quantized LM is held on one device")
     if cfg.cpus_per_replica < 0 or (cfg.gpus_per_replica is not None and cfg.gpus_per_replica < 0):
         raise ConfigError("serve.cpus_per_replica and serve.gpus_per_replica must be >= 0")
     return cfg

@@ -268,17 +268,21 @@ def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, devi
 
 
 def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                      is_eval: bool = True) -> nn.Module:
+                      is_eval: bool = True, device_map: str | dict[str, Any] | None = None) -> nn.Module:
     """The model of a composed recipe `cfg` on `device`, with the weights of `checkpoint` (a vlforge run,
     checkpoint or export directory: every key, both ways, as `vlforge eval` loads them) or, without one,
-    those its `trainer.init_from` names (as training would start), else its fresh initialisation."""
+    those its `trainer.init_from` names (as training would start), else its fresh initialisation.
+    `device_map` spreads its language model over devices as in `load_model`."""
+    placement = _placement(False, False, None, device_map)
     if checkpoint is not None:  # the recipe builds the model; the checkpoint's own recipe is not read
         path = _existing(checkpoint)
-        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device)
+        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device, placement)
+    cfg, _ = _placement_config(cfg, placement, torch.device(device))
     model = instantiate(cfg.model, _convert_="all")
     trainer = cfg.get("trainer", {})
     if trainer.get("init_from"):
         init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
+    _place_language_model(model, placement, None, torch.device(device))
     _to_device(model, torch.device(device))
     return model.eval() if is_eval else model
 

@@ -3,8 +3,9 @@ deployment of N replicas, each loading the model itself on its own device (one G
 the cluster has GPUs, CPU replicas otherwise), Ray's proxy balancing requests among them.
 
 Ray is an optional dependency (`pip install "vlforge[ray]"`), imported only here and only when
-replicas are asked for. Without `serve.address`, `vlforge serve` starts a local Ray and stops it on
-exit; with one it deploys onto that cluster and, on exit, deletes only its own application."""
+replicas are asked for. Without `serve.address` (or with `serve.address=local`), `vlforge serve` starts
+a Ray of its own and stops it on exit; with a cluster's address it deploys onto that cluster and, on
+exit, deletes only its own application."""
 from __future__ import annotations
 
 import logging
@@ -83,9 +84,13 @@ def serve_replicas(request: ServeRequest, config: ServeConfig) -> None:
     served_recipe(request, config)  # what the driver can refuse before Ray starts
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    local = config.address is None
-    ray.init(address=config.address, include_dashboard=False, configure_logging=False) if not local else \
-        ray.init(include_dashboard=False, configure_logging=False)
+    local = config.address in (None, "local")
+    try:
+        ray.init(address="local" if local else config.address, include_dashboard=False, configure_logging=False)
+    except ConnectionError as err:
+        raise ConfigError(f"serve.address={config.address}: cannot join the Ray cluster ({str(err).splitlines()[0]}); "
+                          "a cluster with token authentication needs RAY_AUTH_MODE=token and its token "
+                          "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)") from None
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         options = deployment_options(config, ray.cluster_resources().get("GPU", 0.0))

@@ -97,9 +97,10 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
     if cfg is None:
         name, _, model_type = str(request.model).partition(":")
         model, cfg = load_model_and_recipe(name, model_type, device=device, checkpoint=request.checkpoint,
-                                           load_4bit=config.quantize == "4bit", load_8bit=config.quantize == "8bit")
+                                           load_4bit=config.quantize == "4bit", load_8bit=config.quantize == "8bit",
+                                           device_map=config.device_map)
         return model, cfg, config, config.model_name or str(request.model), device
-    model = load_recipe_model(cfg, request.checkpoint, device)
+    model = load_recipe_model(cfg, request.checkpoint, device, device_map=config.device_map)
     return model, cfg, config, config.model_name or str(cfg.get("name", request.recipe)), device
 
 
