@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import base64
 import io
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -78,8 +80,10 @@ def data_uri(seed: int, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float], int]:
-    """(wall seconds, per-request latencies, completion tokens) of answering every body."""
+async def load(url: str, bodies: list[dict], concurrency: int,
+               served_by: collections.Counter | None = None) -> tuple[float, list[float], int]:
+    """(wall seconds, per-request latencies, completion tokens) of answering every body; `served_by`
+    counts the answers per replica (x-vlforge-replica)."""
     queue: asyncio.Queue[dict] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
@@ -95,6 +99,8 @@ async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, l
             latencies.append(time.perf_counter() - start)
             response.raise_for_status()
             tokens += response.json()["usage"]["completion_tokens"]
+            if served_by is not None:
+                served_by[response.headers.get("x-vlforge-replica", "process")] += 1
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as http:
@@ -197,6 +203,20 @@ def wait_ready(url: str, proc: subprocess.Popen, replicas: int, timeout: float =
             time.sleep(0.5)
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds of a process and its descendants, summed by process name (Ray names
+    its workers: ray::ServeReplica..., ray::ProxyActor, raylet, gcs_server)."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times, name = process.cpu_times(), process.name()
+        except psutil.NoSuchProcess:
+            continue
+        totals[name] += times.user + times.system
+    return dict(totals)
+
+
 def bench_replicas(key: str, counts: list[int], concurrency: int, max_tokens: int | None, tmp: Path,
                    device: str) -> list[str]:
     recipe, overrides, size, vocab, text, default_tokens = MODELS[key]
@@ -213,7 +233,7 @@ def bench_replicas(key: str, counts: list[int], concurrency: int, max_tokens: in
     for n in counts:
         share = [f"serve.cpus_per_replica={cpus / n:g}", f"serve.gpus_per_replica={gpus / n:g}"]
         settings.append((f"Ray Serve, {n} replica{'s' if n > 1 else ''}", n, ["serve.address=local", f"serve.replicas={n}", *share]))
-    throughput = {}
+    throughput, profiles = {}, []
     for label, replicas, keys in settings:
         port = free_port()
         command = [str(Path(sys.executable).parent / "vlforge"), "serve", f"checkpoint={tmp / key}", f"serve.port={port}",
@@ -225,7 +245,10 @@ def bench_replicas(key: str, counts: list[int], concurrency: int, max_tokens: in
         try:
             wait_ready(url, proc, replicas)
             asyncio.run(load(url, chat_bodies(2 * replicas, size, text, max_tokens), 2 * replicas))  # warm every replica
-            wall, latencies, tokens = asyncio.run(load(url, chat_bodies(requests, size, text, max_tokens), concurrency))
+            before, served_by = cpu_seconds(proc.pid), collections.Counter()
+            wall, latencies, tokens = asyncio.run(load(url, chat_bodies(requests, size, text, max_tokens), concurrency,
+                                                       served_by))
+            used = {name: seconds - before.get(name, 0.0) for name, seconds in cpu_seconds(proc.pid).items()}
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=300)
@@ -233,6 +256,12 @@ def bench_replicas(key: str, counts: list[int], concurrency: int, max_tokens: in
         rows.append(f"| {label} | {requests / wall:.3f} | {tokens / wall:.1f} | {statistics.median(latencies):.2f} | "
                     f"{percentile(latencies, 99):.2f} |")
         print(rows[-1], flush=True)
+        profiles.append(f"- {label}: answers per replica {sorted(served_by.values(), reverse=True)}; CPU seconds in the "
+                        f"run ({wall:.0f} s x {cpus} CPUs = {wall * cpus:.0f}): "
+                        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in sorted(used.items(), key=lambda x: -x[1])
+                                    if seconds >= 0.1))
+        print(profiles[-1], flush=True)
+    rows += ["\nProfile:", *profiles]
     base = throughput[settings[0][0]]
     rows.append("\n" + "; ".join(f"{label}: {value / base:.2f}x one process" for label, value in throughput.items()))
     return rows
