@@ -24,7 +24,9 @@ POOLS = ("default", "cls", "mean", "attention")
 
 
 class PixelNormalize(nn.Module):
-    """uint8 [B,3,H,W] -> normalised float; the loaders ship uint8 so workers move 4x fewer bytes."""
+    """Pixels [B,3,H,W] -> normalised float: uint8 in [0, 255] (what the loaders ship, so workers move
+    4x fewer bytes) or float in [0, 1] (torchvision's ToTensor); anything else is refused with the
+    range it has, rather than normalised into nonsense (a float in [0, 255] would be 255x too bright)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -34,7 +36,16 @@ class PixelNormalize(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # The result is in the buffers' dtype. DeepSpeed's bf16/fp16 engine casts parameters but not
         # buffers, so callers cast it to their backbone's parameter dtype.
-        return pixels.to(self.scale.dtype) * self.scale - self.shift
+        if pixels.dtype == torch.uint8:
+            return pixels.to(self.scale.dtype) * self.scale - self.shift
+        if not pixels.is_floating_point():
+            raise TypeError(f"image pixels: expected uint8 in [0, 255] or float in [0, 1], got {pixels.dtype}")
+        low, high = pixels.aminmax()  # one host sync, on the float path only (the loaders ship uint8)
+        if low < 0 or high > 1:
+            raise ValueError(f"image pixels: a float image must be in [0, 1], got values in [{low.item():.4g}, "
+                             f"{high.item():.4g}] (uint8 in [0, 255] is taken as is; an image already normalised "
+                             "with the mean and std must be un-normalised first)")
+        return pixels.to(self.scale.dtype) * (self.scale * 255.0) - self.shift
 
 
 class AttentionPool(nn.Module):
