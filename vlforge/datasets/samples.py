@@ -46,6 +46,21 @@ def decode_meta(raw: RawSample) -> dict[str, Any]:
     return meta
 
 
+def image_text_meta(raw: RawSample) -> dict[str, Any]:
+    """An image-text sample's metadata: its json, with the `.txt` file as its caption where the json
+    has none, or the `.txt` alone: the layouts img2dataset and open_clip's shards use (`key.jpg`,
+    `key.txt`, and a `key.json` of download metadata or nothing)."""
+    meta = decode_meta(raw) if "json" in raw.files else {}
+    if "captions" not in meta and "caption" not in meta and "txt" in raw.files:
+        try:
+            meta["caption"] = raw.files["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise SampleError(f"txt is not UTF-8 text ({err})") from None
+    if not meta and "txt" not in raw.files:
+        raise SampleError(f"no json or txt file among {sorted(raw.files)}")
+    return meta
+
+
 def captions_of(meta: dict[str, Any]) -> list[str]:
     captions = meta.get("captions", meta.get("caption"))
     if isinstance(captions, str):
@@ -70,7 +85,7 @@ class ImageTextSample:
         self.image_transform, self.text_processor, self.train = image_transform, text_processor, train
 
     def __call__(self, raw: RawSample) -> dict[str, Any]:
-        meta = decode_meta(raw)
+        meta = image_text_meta(raw)
         image = load_image(raw, self.image_transform)
         sample: dict[str, Any] = {"image": image, "image_id": str(meta.get("image_id", raw.key))}
         if self.train:
