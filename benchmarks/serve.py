@@ -199,8 +199,10 @@ def wait_ready(url: str, proc: subprocess.Popen, replicas: int, timeout: float =
             ready = httpx.get(f"{url}/readyz", timeout=5)
             if ready.status_code == 200:
                 seen.add(ready.json()["replica"] or "process")
+                continue
         except httpx.TransportError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ from tests.gloo import free_port
 from tests.serve.conftest import png_data_uri
 from tests.tiny_recipes import build_tiny, save_tokenizer
 from vlforge.hub.export import export_model
-from vlforge.serve.replica_loss import REPLICA_LOST
+from vlforge.serve.replica_loss import PROXY_ANSWERS, REPLICA_LOST
 
 BIN = Path(sys.executable).parent
 REQUESTS, KILL_AFTER = 200, 40
@@ -112,7 +112,7 @@ def test_two_replicas_balance_survive_a_killed_replica_and_drain_on_sigterm(tmp_
         lost = outcomes.count("lost")
         print(f"\n{REQUESTS} requests, a replica SIGKILLed after {KILL_AFTER} answers: served by replica "
               f"{dict(served_by)}, {lost} answered 503 (the killed replica's in-flight requests)")
-        assert set(served_by) == set(replicas)  # both replicas took requests through Ray's proxy
+        assert set(served_by) >= set(replicas)  # both replicas took requests through Ray's proxy
         assert lost >= 1 and served_by[victim_id] < REQUESTS - lost  # the kill landed mid-run
 
         killed_at = time.monotonic()
@@ -146,32 +146,47 @@ def test_serve_address_deploys_onto_a_running_cluster_and_leaves_it_running(tmp_
     model, cfg = build_tiny("blip_caption_demo", save_tokenizer(tmp_path / "tokenizer"))
     export_model(model, cfg, tmp_path / "caption")
     gcs_port, port, log = free_port(), free_port(), tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VLFORGE_API_KEYS")}
     # A cluster as docs/serving.md starts one: token authentication, the proxy's middleware named.
     env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="vlforge.serve.replica_loss.proxy_middlewares")
-    ray = str(BIN / "ray")
-    started = subprocess.run([ray, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=false",
-                              "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert started.returncode == 0, started.stdout + started.stderr
+    # The cluster in a session of its own, so that only its processes are stopped at the end.
+    cluster = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
+                                "--include-dashboard=false", "--disable-usage-stats", "--block"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     proc = None
     try:
+        # The key is the driver's alone: a replica on a cluster has neither its environment nor its files.
         with log.open("w") as out:
             proc = subprocess.Popen([str(BIN / "vlforge"), "serve", f"checkpoint={tmp_path / 'caption'}",
-                                     f"serve.address=127.0.0.1:{gcs_port}", f"serve.port={port}"], env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        replica = next(iter(_wait_for_replicas(url, proc, log, 1)))
-        answer = httpx.post(f"{url}/v1/caption", json={"image": png_data_uri(0), "max_tokens": 4}, timeout=60)
-        assert answer.status_code == 200 and answer.headers["x-vlforge-replica"] == replica
+                                     f"serve.address=127.0.0.1:{gcs_port}", f"serve.port={port}"],
+                                    env={**env, "VLFORGE_API_KEYS": "cluster-key"}, stdout=out, stderr=subprocess.STDOUT)
+        url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer cluster-key"}
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/readyz", headers=key, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the replica did not become ready"
+            time.sleep(0.5)
+        body = {"image": png_data_uri(0), "max_tokens": 4}
+        assert httpx.post(f"{url}/v1/caption", json=body, timeout=60).status_code == 401
+        answer = httpx.post(f"{url}/v1/caption", json=body, headers=key, timeout=60)
+        assert answer.status_code == 200 and answer.headers["x-vlforge-replica"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-4000:]
         # The application is gone; the cluster, and Ray Serve's proxy on it, are still up.
-        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 404
-        status = subprocess.run([ray, "status", f"--address=127.0.0.1:{gcs_port}"], env=env, capture_output=True,
-                                text=True, timeout=60, check=False)
-        assert status.returncode == 0, status.stdout + status.stderr
+        gone = httpx.get(f"{url}/readyz", timeout=10)
+        assert gone.status_code == 503 and gone.json()["error"]["message"] == PROXY_ANSWERS[404]
+        assert cluster.poll() is None
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
+        os.killpg(cluster.pid, signal.SIGTERM)
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cluster.pid, signal.SIGKILL)

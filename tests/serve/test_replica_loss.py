@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vlforge.config.serve import serve_config
-from vlforge.serve.replica_loss import REPLICA_LOST, ReplicaLossAs503, proxy_middlewares
+from vlforge.core.errors import ConfigError
+from vlforge.serve.replica_loss import PROXY_ANSWERS, REPLICA_LOST, ReplicaLossAs503, proxy_middlewares
 from vlforge.serve.replicas import ModelReplica, deployment_options
 from vlforge.serve.server import ServeRequest
 
@@ -45,6 +46,18 @@ def test_the_proxys_plain_500_becomes_a_503() -> None:
     client = _proxy(_start(500, b"text/plain; charset=utf-8"),
                     {"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
     _assert_replica_lost(client.post("/v1/caption", json={}))
+
+
+@pytest.mark.parametrize("status, body", [(404, b"Path '/v1/caption' not found."),  # not deployed, or draining
+                                          (503, b"Request dropped due to backpressure")])  # every queue full
+def test_the_proxys_plain_404_and_503_become_a_json_503(status: int, body: bytes) -> None:
+    client = _proxy(_start(status, b"text/plain; charset=utf-8"), {"type": "http.response.body", "body": body})
+    response = client.post("/v1/caption", json={})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"] == {"message": PROXY_ANSWERS[status], "type": "service_unavailable",
+                                        "param": None, "code": 503}
+    own_404 = _proxy(_start(404, b"application/json"), {"type": "http.response.body", "body": b'{"error": {}}'})
+    assert own_404.get("/v1/models/other").status_code == 404  # the app's own 404 is the model's answer
 
 
 def test_the_apps_own_answers_pass_untouched() -> None:
@@ -90,6 +103,8 @@ def test_deployment_options_give_one_device_per_replica_where_the_cluster_has_th
     assert on_gpus["max_ongoing_requests"] == 28 and on_gpus["max_queued_requests"] == 20
     assert deployment_options(serve_config({"device": "cpu"}), 4)["ray_actor_options"]["num_gpus"] == 0.0
     assert deployment_options(serve_config({"gpus_per_replica": 2}), 4)["ray_actor_options"]["num_gpus"] == 2
+    with pytest.raises(ConfigError, match="set serve.gpus_per_replica"):
+        deployment_options(serve_config({"device_map": "auto"}), 4)  # how many GPUs to spread over is the user's
 
 
 def test_a_replica_whose_model_worker_died_reports_unhealthy(caption_client, monkeypatch: pytest.MonkeyPatch) -> None:

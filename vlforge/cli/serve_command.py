@@ -57,4 +57,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, WeightsNotFoundError, ValueError, FileNotFoundError) as err:
         print(f"vlforge serve: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while draining, or one while replicas start
+        print("vlforge serve: stopped", file=sys.stderr)
+        return 130
     return 0

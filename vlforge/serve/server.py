@@ -104,20 +104,23 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
     return model, cfg, config, config.model_name or str(cfg.get("name", request.recipe)), device
 
 
-def build_app(request: ServeRequest) -> tuple[FastAPI, ServeConfig]:
-    """The app for `request`'s model, and its serve config (host, port, shutdown grace)."""
+def build_app(request: ServeRequest, api_keys: tuple[bytes, ...] | None = None) -> tuple[FastAPI, ServeConfig]:
+    """The app for `request`'s model, and its serve config (host, port, shutdown grace). `api_keys`:
+    the keys to require, read elsewhere (a replica gets its driver's); None reads the serve config's."""
     model, cfg, config, name, device = load_served_model(request)
-    return app_for_model(model, cfg, config, name, device), config
+    return app_for_model(model, cfg, config, name, device, api_keys=api_keys), config
 
 
 def app_for_model(model: nn.Module, cfg: DictConfig, config: ServeConfig, name: str,
-                  device: torch.device | str = "cpu", warm: bool = True) -> FastAPI:
+                  device: torch.device | str = "cpu", warm: bool = True,
+                  api_keys: tuple[bytes, ...] | None = None) -> FastAPI:
     """The app serving a model already loaded (in eval mode, on `device`), `cfg` its composed recipe."""
     transform = processors(cfg)[0]["eval"]
     service = ModelService(model, cfg, name, torch.device(device), transform)
     metrics = ServeMetrics()
     scheduler = Scheduler(service.stepwise, config.batching, metrics, device)
-    state = ServerState(service, config, scheduler, metrics, load_api_keys(config))
+    keys = load_api_keys(config) if api_keys is None else api_keys
+    state = ServerState(service, config, scheduler, metrics, keys)
     return create_app(state, warm=warm)
 
 
