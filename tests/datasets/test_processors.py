@@ -62,6 +62,25 @@ def test_clip_style_center_crop_at_ratio_one():
     assert squashed[0, 8, 0] < 20  # without center_crop the black sides are squeezed in
 
 
+@pytest.mark.parametrize("height, width, top, left", [(3, 6, 1, 0), (6, 3, 0, 1), (2, 4, 1, 0), (4, 4, 0, 0)])
+def test_pad_to_square_centres_the_image_on_the_fill_colour(height, width, top, left):
+    # LLaVA-1.5's expand2square: the longer side kept, the image pasted at offset (long - short) // 2.
+    pixels = np.random.RandomState(0).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    side = max(height, width)
+    out = build_image_transform(ImageTransformConfig(size=side, center_crop=True, pad_to_square=(122, 116, 104),
+                                                     draft=False))(Image.fromarray(pixels))
+    assert out.shape == (3, side, side) and out.dtype == torch.uint8
+    expected = np.empty((side, side, 3), dtype=np.uint8)
+    expected[:] = (122, 116, 104)
+    expected[top:top + height, left:left + width] = pixels
+    assert torch.equal(out, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_pad_to_square_refuses_a_colour_out_of_range():
+    with pytest.raises(ValueError, match=r"pad_to_square must be an \[R, G, B\] colour in 0..255, got \[300, 0, 0\]"):
+        build_image_transform(ImageTransformConfig(pad_to_square=(300, 0, 0)))
+
+
 def test_eval_is_deterministic():
     transform = build_image_transform(ImageTransformConfig(size=24, resize_ratio=1.2))
     assert torch.equal(transform(_image()), transform(_image()))

@@ -3,6 +3,7 @@ the text processor (the trainer's nodes are in schema.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ImageTransformConfig:
     # center_crop is set (CLIP and timm eval: shorter side to size, then the central square).
     resize_ratio: float = 1.0
     center_crop: bool = False
+    # [R, G, B] in 0..255: first pad the image to a square of its longer side with this colour, centred
+    # (LLaVA-1.5's image_aspect_ratio=pad: the CLIP mean, [122, 116, 104]); null: no padding.
+    pad_to_square: Optional[tuple[int, int, int]] = None
     # JPEGs are decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale that still gives at least the
     # size the transform resizes to (`size`, or `size * resize_ratio`) in both dimensions: libjpeg
     # then skips most of the work. A training crop of a drafted image may be upsampled where the full

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,29 @@ class PILToTensorHWC:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class PadToSquare:
+    """uint8 [3, H, W] -> [3, S, S], S = max(H, W): the image centred (offsets rounded down, as
+    LLaVA's expand2square pastes it) on a square of `fill`, kept channels-last in memory."""
+
+    def __init__(self, fill: Sequence[int]) -> None:
+        if len(fill) != 3 or not all(0 <= int(v) <= 255 for v in fill):
+            raise ValueError(f"pad_to_square must be an [R, G, B] colour in 0..255, got {list(fill)}")
+        self.fill = torch.tensor([int(v) for v in fill], dtype=torch.uint8)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        _, height, width = image.shape
+        if height == width:
+            return image
+        side = max(height, width)
+        square = self.fill.repeat(side, side, 1).permute(2, 0, 1)
+        top, left = (side - height) // 2, (side - width) // 2
+        square[:, top:top + height, left:left + width] = image
+        return square
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fill={self.fill.tolist()})"
 
 
 class Contiguous:
@@ -69,6 +92,8 @@ def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
     bicubic = InterpolationMode.BICUBIC
     # Decoded image -> uint8 tensor first: the crops, resizes and flips below run on the tensor.
     steps: list[Callable] = [ConvertRGB(), PILToTensorHWC()]
+    if cfg.pad_to_square is not None:
+        steps.append(PadToSquare(cfg.pad_to_square))
     if cfg.train:
         steps.append(
             v2.RandomResizedCrop(
