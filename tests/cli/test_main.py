@@ -175,6 +175,7 @@ def test_make_shards_takes_its_arguments_and_names_itself(capsys: pytest.Capture
     (["serve", "recipe=clip_demo", "serve.port=70000"], "serve.port must be in 1..65535"),
     (["serve", "recipe=llava_finetune_demo", "serve.device_map=balanced"], "expected auto or a {module: device} map"),
     (["serve", "recipe=llava_finetune_demo", "serve.device_map=auto", "serve.quantize=4bit"], "held on one device"),
+    (["serve", "recipe=llava_finetune_demo", "serve.replicas=2", "serve.device_map=auto"], "set serve.gpus_per_replica"),
     (["serve", "recipe=clip_demo", "serve.batching.max_runing=4"], "serve.batching.max_runing"),
     (["serve", "blip_caption:base_coco", "model.text.layers=2"], "takes serve.* overrides and checkpoint= only"),
 ])

@@ -101,7 +101,9 @@ def _first_line(err: BaseException) -> str:
 def serve_replicas(request: ServeRequest, config: ServeConfig) -> None:
     """Deploy, wait for Ctrl-C / SIGTERM, then drain: Ray lets each replica finish its in-flight
     requests (serve.graceful_shutdown_s) before the app, and then the Ray this started, go away."""
-    served_recipe(request, config)  # what the driver can refuse before Ray starts
+    # What the driver can refuse before Ray starts.
+    served_recipe(request, config)
+    deployment_options(config, cluster_gpus=0.0)
     api_keys = load_api_keys(config)
     try:
         import ray
