@@ -4,8 +4,25 @@
 """
 from __future__ import annotations
 
-from vlforge.hub.load import load_model, load_model_and_preprocess
-from vlforge.hub.zoo import model_zoo
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 __all__ = ["__version__", "load_model", "load_model_and_preprocess", "model_zoo"]
+
+if TYPE_CHECKING:
+    from vlforge.hub.load import load_model, load_model_and_preprocess
+    from vlforge.hub.zoo import model_zoo
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: importing a light submodule (the CLI, the serving middleware Ray's proxy
+    # loads, a config schema) must not pay for torch and transformers.
+    if name in ("load_model", "load_model_and_preprocess"):
+        from vlforge.hub import load
+
+        return getattr(load, name)
+    if name == "model_zoo":
+        from vlforge.hub.zoo import model_zoo
+
+        return model_zoo
+    raise AttributeError(f"module 'vlforge' has no attribute {name!r}")

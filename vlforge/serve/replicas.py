@@ -76,7 +76,8 @@ def deployment_options(config: ServeConfig, cluster_gpus: float) -> dict[str, An
 
 
 class _Stop:
-    """The first Ctrl-C / SIGTERM asks for a drain; a second one stops at once (KeyboardInterrupt)."""
+    """The first Ctrl-C / SIGTERM stops the command (a drain, or the start given up); a second one
+    stops at once (KeyboardInterrupt, through the cleanup)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -88,10 +89,6 @@ class _Stop:
             raise KeyboardInterrupt
         log.info("vlforge serve: %s, draining in-flight requests (again to stop at once)", signal.Signals(signum).name)
         self.event.set()
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt  # while replicas start: stop, through the cleanup below
 
 
 def _first_line(err: BaseException) -> str:
@@ -114,14 +111,17 @@ def serve_replicas(request: ServeRequest, config: ServeConfig) -> None:
                           'pip install "vlforge[ray]"') from None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    # Ray gives a new proxy 5 s to report ready, three times, before it replaces it; a loaded machine
+    # can miss that and replace proxies in a loop.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     local = config.address in (None, "local")
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         ray.init(address="local" if local else config.address, include_dashboard=False, configure_logging=False)
     except (ConnectionError, RayError) as err:
         raise ConfigError(f"serve.address={config.address}: cannot start or join Ray ({_first_line(err)}); a cluster "
                           "with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
                           "~/.ray/auth_token)") from None
+    stop = _Stop()  # after ray.init, which installs handlers of its own
     deployed = False
     try:
         try:
@@ -131,17 +131,28 @@ def serve_replicas(request: ServeRequest, config: ServeConfig) -> None:
                               f"({_first_line(err)}); is the port in use?") from None
         options = deployment_options(config, ray.cluster_resources().get("GPU", 0.0))
         app = serve.deployment(serve.ingress()(ModelReplica), **options).bind(portable_request(request), api_keys)
+        serve.run_many([serve.RunTarget(app, name=APP_NAME, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
         deployed = True
-        try:
-            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        except RuntimeError as err:
-            raise ConfigError(f"the replicas could not start: {_first_line(err)}") from None
-        stop = _Stop()
-        log.info("vlforge serve: %d replica(s) ready on http://%s:%d", config.replicas, config.host, config.port)
+        _wait_until_running(serve, stop.event)
+        if not stop.event.is_set():
+            log.info("vlforge serve: %d replica(s) ready on http://%s:%d", config.replicas, config.host, config.port)
         while not stop.event.wait(0.5):
             pass
     finally:
         _shut_down(serve, ray, deployed, local)
+
+
+def _wait_until_running(serve: Any, stop: threading.Event) -> None:
+    """Until the application runs (or a signal asks to stop); ConfigError if it cannot deploy."""
+    while not stop.wait(0.5):
+        application = serve.status().applications.get(APP_NAME)
+        status = getattr(getattr(application, "status", None), "value", None)
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise ConfigError(f"the replicas could not start: {_first_line(RuntimeError(application.message))} "
+                              "(the replica's error is in the log above)")
 
 
 def _shut_down(serve: Any, ray: Any, deployed: bool, local: bool) -> None:
