@@ -1,17 +1,18 @@
 """vlforge: vision-language models trained, evaluated and loaded from YAML recipes.
 
-    from vlforge import load_model, load_model_and_preprocess, model_zoo
+    from vlforge import load_model, load_model_and_preprocess, model_zoo, normalized_pixels
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
-__all__ = ["__version__", "load_model", "load_model_and_preprocess", "model_zoo"]
+__all__ = ["__version__", "load_model", "load_model_and_preprocess", "model_zoo", "normalized_pixels"]
 
 if TYPE_CHECKING:
     from vlforge.hub.load import load_model, load_model_and_preprocess
     from vlforge.hub.zoo import model_zoo
+    from vlforge.models.towers.base import normalized_pixels
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from vlforge.hub.zoo import model_zoo
 
         return model_zoo
+    if name == "normalized_pixels":
+        from vlforge.models.towers.base import normalized_pixels
+
+        return normalized_pixels
     raise AttributeError(f"module 'vlforge' has no attribute {name!r}")

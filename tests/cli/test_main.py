@@ -128,12 +128,16 @@ def test_zoo(capsys: pytest.CaptureFixture[str]) -> None:
 def test_zoo_name_lists_its_types(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["zoo", "blip_caption"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["model_type", "recipe", "weights", "description"]
-    rows = [line.split()[:3] for line in lines[2:] if line and not line.startswith("load")]
-    assert rows == [["base_coco", "blip_caption", "hf:Salesforce/blip-image-captioning-base"],
-                    ["large_coco", "blip_caption", "hf:Salesforce/blip-image-captioning-large"],
-                    ["demo", "blip_caption_demo", "run:runs/blip_caption_demo"]]
-    assert lines[-1] == 'load one with vlforge.load_model("blip_caption", "<model_type>")'
+    assert lines[0].split() == ["model_type", "source", "recipe", "weights", "description"]
+    rows = [line.split()[:4] for line in lines[2:] if line and not line.startswith("load")]
+    lavis = "url:https://storage.googleapis.com/sfr-vision-language-research"
+    assert rows == [["base_coco", "hf", "blip_caption", "hf:Salesforce/blip-image-captioning-base"],
+                    ["large_coco", "hf", "blip_caption", "hf:Salesforce/blip-image-captioning-large"],
+                    ["demo", "vlforge", "blip_caption_demo", "run:runs/blip_caption_demo"],
+                    ["base_coco", "lavis", "blip_caption", f"{lavis}/LAVIS/models/BLIP/blip_coco_caption_base.pth"],
+                    ["large_coco", "lavis", "blip_caption", f"{lavis}/BLIP/models/model_large_caption.pth"]]
+    assert lines[-1] == ('load one with vlforge.load_model("blip_caption", "<model_type>"), or of one source with '
+                         'source="<source>" (the first row of a type is the default)')
 
 
 def test_unknown_zoo_name(capsys: pytest.CaptureFixture[str]) -> None:

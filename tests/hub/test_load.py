@@ -203,3 +203,19 @@ def test_openai_clip_from_an_open_clip_directory_keeps_quick_gelu(tmp_path: Path
         expected_text = torch.nn.functional.normalize(hidden[torch.arange(2), last] @ reference.text_projection, dim=-1)
     torch.testing.assert_close(features["text_embeds"], expected_text, rtol=1e-4, atol=1e-5)
     assert vis["eval"](Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+
+
+def test_a_source_picks_the_release_and_a_pth_means_lavis(tmp_path: Path) -> None:
+    from vlforge.hub.zoo import find_entry
+
+    assert find_entry("blip_vqa", "vqav2").origin == "hf"  # the first row of a type is the default
+    lavis = find_entry("blip_vqa", "vqav2", source="lavis")
+    assert lavis.special_tokens and "++model.enc_token_id='[ENC]'" in lavis.overrides
+    with pytest.raises(ValueError, match="has no source 'open_clip'; its sources: hf, lavis"):
+        load_model("blip_vqa", "vqav2", source="open_clip")
+    with pytest.raises(WeightsNotFoundError, match=r"models/lavis/blip_vqa/vqav2/vocab\.txt is missing"):
+        load_model("blip_vqa", "vqav2", source="lavis")
+    pth = tmp_path / "weights.pth"
+    pth.write_bytes(b"")
+    with pytest.raises(ValueError, match="'clip_feature_extractor' type 'ViT-B-16' has no source 'lavis'"):
+        load_model("clip_feature_extractor", "ViT-B-16", checkpoint=pth)

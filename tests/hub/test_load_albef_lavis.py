@@ -60,7 +60,7 @@ def _offline_tiny_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     entries = tuple(dataclasses.replace(e, overrides=(*e.overrides, *TINY))
                     if (e.name, e.model_type) == ("albef_retrieval", "coco") else e for e in zoo.ENTRIES)
     monkeypatch.setattr(zoo, "ENTRIES", entries)
-    return home / "models" / "albef_retrieval" / "coco"
+    return home / "models" / "lavis" / "albef_retrieval" / "coco"
 
 
 def _parts(seed: int) -> dict[str, torch.nn.Module]:

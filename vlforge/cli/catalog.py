@@ -62,6 +62,7 @@ def describe_model(name: str) -> str:
     entries = [entry for entry in ENTRIES if entry.name == name]
     if not entries:
         raise unknown_name("model", name, sorted({entry.name for entry in ENTRIES}), "vlforge zoo")
-    table = format_table([("model_type", "recipe", "weights", "description"),
-                          *[(e.model_type, e.recipe, e.source, e.description) for e in entries]])
-    return f'{table}\n\nload one with vlforge.load_model("{name}", "<model_type>")'
+    table = format_table([("model_type", "source", "recipe", "weights", "description"),
+                          *[(e.model_type, e.origin, e.recipe, e.source, e.description) for e in entries]])
+    return (f'{table}\n\nload one with vlforge.load_model("{name}", "<model_type>"), or of one source with '
+            f'source="<source>" (the first row of a type is the default)')

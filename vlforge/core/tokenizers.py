@@ -45,3 +45,18 @@ def end_token_id(tok: Any) -> int | None:
 def pad_token_id(tok: Any) -> int:
     """The padding id: the tokenizer's, or 0 for tokenizers without one (LLaMA's)."""
     return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
+def special_token_id(tokenizer: str | None, token: int | str | None, what: str) -> int | None:
+    """`token` as an id: an id is kept, a token string (LAVIS's "[ENC]") is looked up in the tokenizer
+    and must be one of its tokens; None stays None. `what` names the option in errors."""
+    if token is None or isinstance(token, int):
+        return token
+    if tokenizer is None:
+        raise ValueError(f"{what}={token!r} is a token, which needs the model's tokenizer; give its id instead")
+    tok = load_tokenizer(tokenizer)
+    token_id = tok.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tok.unk_token_id:
+        raise ValueError(f"{what}={token!r}: the tokenizer {tokenizer} has no such token (LAVIS's BLIP tokenizer "
+                         "adds [DEC] and [ENC] to BERT's vocabulary)")
+    return int(token_id)

@@ -14,7 +14,7 @@ import copy
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -35,11 +35,13 @@ from vlforge.hub.dimensions import apply_dimensions
 from vlforge.hub.export import is_export, read_export, read_export_config, run_config
 from vlforge.hub.sources import (
     WeightsNotFoundError,
+    entry_files_dir,
     hf_model_dir,
     missing_files,
     url_model_dir,
     weights_file,
 )
+from vlforge.hub.tokenizer_files import tokenizer_with_special_tokens
 from vlforge.hub.weights import init_weights
 from vlforge.hub.zoo import find_entry
 from vlforge.models.language.quantize import quant_bits, quantize_language_model
@@ -88,36 +90,71 @@ def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
     return _Resolved(cfg, state, str(path))
 
 
-def _from_hf(entry: ZooEntry, directory: Path) -> _Resolved:
+def _from_hf(entry: ZooEntry, directory: Path, overrides: Sequence[str] = (),
+             weights: Path | None = None) -> _Resolved:
+    """An "hf:" / "url:" source: `directory` holds the entry's files (config, tokenizer) and, unless
+    `weights` names a file elsewhere, its weights."""
     directory = directory.resolve()
-    missing = missing_files(directory, entry)
+    missing = ([name for name in entry.files if not (directory / name).is_file()] if weights is not None
+               else missing_files(directory, entry))
     if missing:
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {directory / missing[0]} is missing "
                                    f"(the directory needs {', '.join(entry.files)} and one of {', '.join(entry.weights)})")
-    cfg = compose_recipe(entry.recipe, [*entry.overrides, f"data.tokenizer={directory}"])
+    tokenizer = tokenizer_with_special_tokens(directory, entry.special_tokens)
+    cfg = compose_recipe(entry.recipe, [*entry.overrides, *overrides, f"data.tokenizer={tokenizer}"])
     if entry.dimensions is not None:
         apply_dimensions(cfg, entry.dimensions, directory)
-    state = resolve_converter(entry.converter)(read_weights(weights_file(directory, entry)))
-    return _Resolved(cfg, state, str(directory), entry.ignore)
+    weights = weights or weights_file(directory, entry)
+    state = resolve_converter(entry.converter)(read_weights(weights))
+    return _Resolved(cfg, state, str(weights if entry.kind == "url" else directory), entry.ignore)
 
 
-def _resolve(entry: ZooEntry, checkpoint: str | Path | None) -> _Resolved:
+def _from_weights_file(entry: ZooEntry, path: Path, overrides: Sequence[str]) -> _Resolved:
+    """A single weights file (a LAVIS .pth) for a "url:" entry, its tokenizer files beside it or in
+    the entry's cache."""
+    if entry.kind != "url":
+        raise CheckpointError(f"checkpoint={path}: {entry.name}/{entry.model_type} (source {entry.origin}) loads a "
+                              "directory; a single weights file loads for the LAVIS rows (source='lavis')")
+    beside = path.parent
+    directory = beside if all((beside / name).is_file() for name in entry.files) else entry_files_dir(entry)
+    return _from_hf(entry, directory, overrides, weights=path.resolve())
+
+
+def _resolve(entry: ZooEntry, checkpoint: str | Path | None, overrides: Sequence[str] = ()) -> _Resolved:
     if checkpoint is not None:
         path = _existing(checkpoint)
+        if path.is_file():
+            return _from_weights_file(entry, path, overrides)
         if _is_vlforge(path):
+            _no_overrides(overrides, path)
             return _from_vlforge(entry, path)
         if entry.kind not in ("hf", "url"):
             raise CheckpointError(f"checkpoint={path}: {entry.name}/{entry.model_type} loads a vlforge run, "
                                   f"checkpoint or export directory (config.yaml, complete.json or export.json)")
-        return _from_hf(entry, path)
+        return _from_hf(entry, path, overrides)
     if entry.kind == "run":
         path = Path(entry.location)
         if not path.exists():
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no run at {path.resolve()}; train it first "
                                        f"(vlforge train recipe={entry.recipe}) or pass checkpoint=")
+        _no_overrides(overrides, path)
         return _from_vlforge(entry, path)
     # A "url:" entry loads as an "hf:" one, its dimensions from the recipe (ZooEntry.dimensions None).
-    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry))
+    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry), overrides)
+
+
+def _no_overrides(overrides: Sequence[str], path: Path) -> None:
+    if overrides:
+        raise ValueError(f"overrides={list(overrides)}: {path} is a vlforge run or export, built by its own recipe; "
+                         "overrides apply to the zoo's published weights")
+
+
+def _find(name: str, model_type: str, source: str | None, checkpoint: str | Path | None) -> ZooEntry:
+    """The zoo row to load: of `source` when given; a single weights file as `checkpoint` is a LAVIS
+    .pth, so it picks the LAVIS row."""
+    if source is None and checkpoint is not None and Path(checkpoint).expanduser().is_file():
+        source = "lavis"
+    return find_entry(name, model_type, source)
 
 
 # The image tower's dtype option (vision.py TOWER_DTYPES) for each LM compute dtype.
@@ -216,18 +253,27 @@ def _to_device(model: nn.Module, device: torch.device) -> None:
 
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
-               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None) -> nn.Module:
+               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+               source: str | None = None, overrides: Sequence[str] = ()) -> nn.Module:
     """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
-    unless `is_eval=False`. `checkpoint`: a local directory to load instead of the zoo's (a vlforge run,
-    checkpoint or export, or an HF / open_clip model directory for the hub entries).
+    unless `is_eval=False`. `checkpoint`: local weights to load instead of the zoo's: a vlforge run,
+    checkpoint or export directory, an HF / open_clip model directory for the hub rows, or a LAVIS
+    `.pth` file (its tokenizer files beside it, or fetched into the zoo's cache).
+
+    `source` picks the release where a name and type have several ("hf", "lavis"): each row carries
+    the settings its source's code runs with (LayerNorm eps, the [ENC] token, label smoothing, image
+    size), so LAVIS weights behave as in LAVIS and HF's as in transformers. A weights file as
+    `checkpoint` means source "lavis". `overrides`: Hydra overrides on the row's recipe (dimensions of
+    a checkpoint of another size, `model.vision.img_size=...`).
 
     For a model with a language model (blip2_opt, llava): `load_4bit` / `load_8bit` quantize the LM's
     linear layers with bitsandbytes (nf4 with double quantization / LLM.int8) onto `device`, its head
     and embeddings unquantized, and hold the image tower in `compute_dtype` (default float16 on a GPU,
     bfloat16 on the CPU); `device_map="auto"` (or a map) spreads the LM over the visible GPUs with
     accelerate."""
-    entry = find_entry(name, model_type)
-    return _build(_resolve(entry, checkpoint), is_eval, device, _placement(load_4bit, load_8bit, compute_dtype, device_map))
+    entry = _find(name, model_type, source, checkpoint)
+    return _build(_resolve(entry, checkpoint, overrides), is_eval, device,
+                  _placement(load_4bit, load_8bit, compute_dtype, device_map))
 
 
 def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,
@@ -247,10 +293,11 @@ def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable
 def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                               checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+                              source: str | None = None, overrides: Sequence[str] = (),
                               ) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
     """(model, image processors, text processors) of `load_model`, the processors from the same recipe."""
     model, cfg = load_model_and_recipe(name, model_type, is_eval, device, checkpoint, load_4bit, load_8bit,
-                                       compute_dtype, device_map)
+                                       compute_dtype, device_map, source, overrides)
     vis, txt = processors(cfg)
     return model, vis, txt
 
@@ -258,11 +305,12 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, 
 def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                           checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                           compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
+                          source: str | None = None, overrides: Sequence[str] = (),
                           ) -> tuple[nn.Module, DictConfig]:
     """(model, the composed recipe it was built from) of `load_model`: the recipe's data node names its
     tokenizer, text length and image transforms."""
-    entry = find_entry(name, model_type)
-    resolved = _resolve(entry, checkpoint)
+    entry = _find(name, model_type, source, checkpoint)
+    resolved = _resolve(entry, checkpoint, overrides)
     placement = _placement(load_4bit, load_8bit, compute_dtype, device_map)
     return _build(resolved, is_eval, device, placement), resolved.cfg
 

@@ -35,6 +35,11 @@ def offline() -> bool:
 
 
 def cache_dir(entry: ZooEntry) -> Path:
+    """Where an entry's files are kept or put by hand: `$VLFORGE_HOME/models/<name>/<type>`, and for a
+    single-file release (LAVIS's) `$VLFORGE_HOME/models/<origin>/<name>/<type>`, so that two releases
+    of one name and type never share a directory."""
+    if entry.kind == "url":
+        return vlforge_home() / "models" / entry.origin / entry.name / entry.model_type
     return vlforge_home() / "models" / entry.name / entry.model_type
 
 
@@ -185,4 +190,24 @@ def url_model_dir(entry: ZooEntry) -> Path:
     missing = missing_files(local, entry)
     if missing:
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no {', '.join(missing)} after fetching: {where}")
+    return local
+
+
+def entry_files_dir(entry: ZooEntry) -> Path:
+    """The cached directory holding a "url:" entry's `files` (its tokenizer, from the hub repo
+    `files_repo`), for a weights file the user gives: fetched first when online and missing."""
+    local = cache_dir(entry)
+    missing = [name for name in entry.files if not (local / name).is_file()]
+    if not missing:
+        return local
+    hub = f"https://huggingface.co/{entry.files_repo}"
+    where = f"download {', '.join(missing)} from {hub} into {local}, or put them beside the weights file"
+    if offline():
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and the "
+                                   f"network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
+    try:
+        snapshot_download(entry.files_repo, allow_patterns=list(entry.files), local_dir=str(local), etag_timeout=5)
+    except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: fetching {', '.join(missing)} failed "
+                                   f"({type(err).__name__}: {err}): {where}") from None
     return local

@@ -19,11 +19,17 @@ from vlforge.models.zoo_entry import ZooEntry
 ENTRIES: tuple[ZooEntry, ...] = (*blip.ZOO, *albef.ZOO, *blip2.ZOO, *clip.ZOO, *siglip.ZOO, *llava.ZOO)
 
 
-def find_entry(name: str, model_type: str) -> ZooEntry:
-    for entry in ENTRIES:
-        if entry.name == name and entry.model_type == model_type:
+def find_entry(name: str, model_type: str, source: str | None = None) -> ZooEntry:
+    """The row of `name`/`model_type`: of origin `source` ("hf", "lavis", ...) when given, else the
+    first listed (a family lists its default release first)."""
+    rows = [e for e in ENTRIES if e.name == name and e.model_type == model_type]
+    for entry in rows:
+        if source is None or entry.origin == source:
             return entry
-    types = [e.model_type for e in ENTRIES if e.name == name]
+    if rows:
+        origins = ", ".join(dict.fromkeys(e.origin for e in rows))
+        raise ValueError(f"model '{name}' type '{model_type}' has no source '{source}'; its sources: {origins}")
+    types = list(dict.fromkeys(e.model_type for e in ENTRIES if e.name == name))
     if types:
         raise ValueError(f"model '{name}' has no type '{model_type}'; its types: {', '.join(types)}")
     names = sorted({e.name for e in ENTRIES})
@@ -49,8 +55,8 @@ class ModelZoo:
         return len(ENTRIES)
 
     def __str__(self) -> str:
-        return format_table([("name", "model_type", "weights", "description"),
-                             *[(e.name, e.model_type, e.source, e.description) for e in ENTRIES]])
+        return format_table([("name", "model_type", "source", "weights", "description"),
+                             *[(e.name, e.model_type, e.origin, e.source, e.description) for e in ENTRIES]])
 
     __repr__ = __str__
 

@@ -31,6 +31,14 @@ class ZooEntry:
     # no temperature: logit_scale).
     ignore: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()  # Hydra overrides on top of the recipe
+    # Whose release the row loads, which decides the architecture settings in `overrides` (LayerNorm
+    # eps, special tokens, label smoothing, image size): "hf" (transformers' port), "lavis"
+    # (salesforce/LAVIS's .pth files), "open_clip" or "vlforge" (a run). `load_model(source=...)` picks
+    # the row of one origin where a (name, type) pair has several.
+    origin: str = "hf"
+    # Special tokens the source's code adds to its tokenizer files when it loads them, as
+    # `tokenizer.add_special_tokens` takes them: LAVIS's BLIP adds [DEC] as bos and [ENC].
+    special_tokens: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
 
     @property
     def kind(self) -> str:
@@ -43,4 +51,4 @@ class ZooEntry:
 
 def demo_run(name: str, recipe: str, description: str) -> ZooEntry:
     """The `demo` type of `name`: the run the `_demo` recipe leaves in runs/ (train it first)."""
-    return ZooEntry(name, "demo", recipe, description, f"run:runs/{recipe}")
+    return ZooEntry(name, "demo", recipe, description, f"run:runs/{recipe}", origin="vlforge")

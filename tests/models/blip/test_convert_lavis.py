@@ -85,11 +85,16 @@ def test_blip_retrieval_unknown_key_is_named(retrieval, key: str) -> None:
         blip_retrieval_from_lavis({**retrieval["lavis"], key: torch.zeros(1)})
 
 
-@pytest.mark.parametrize("key", ["temp", "vision_proj.bias",
-                                 "text_encoder.encoder.layer.0.crossattention.self.value.weight"])
+@pytest.mark.parametrize("key", ["vision_proj.bias", "text_encoder.encoder.layer.0.crossattention.self.value.weight"])
 def test_blip_retrieval_missing_key_is_named(retrieval, key: str) -> None:
     with pytest.raises(KeyError, match=key.replace(".", r"\.")):
         blip_retrieval_from_lavis({k: v for k, v in retrieval["lavis"].items() if k != key})
+
+
+def test_blip_image_text_matching_has_no_temperature(retrieval) -> None:
+    # LAVIS's BlipITM keeps none (its ITC score is the cosine); the model keeps its initial one.
+    converted = blip_retrieval_from_lavis({k: v for k, v in retrieval["lavis"].items() if k != "temp"})
+    assert "logit_scale.log_scale" not in converted and "itm_head.weight" in converted
 
 
 def test_blip_caption_matches_reference_modules() -> None:

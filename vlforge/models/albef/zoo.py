@@ -21,5 +21,5 @@ ZOO: tuple[ZooEntry, ...] = (
              "url:https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/ALBEF/albef_coco_retrieval_lavis.pt",
              "vlforge.models.albef.convert:albef_retrieval_from_lavis", files=_BERT_TOKENIZER_FILES,
              weights=("albef_coco_retrieval_lavis.pt",), files_repo="google-bert/bert-base-uncased",
-             ignore=_ALBEF_MLM_HEADS),
+             ignore=_ALBEF_MLM_HEADS, origin="lavis"),
 )

@@ -82,7 +82,8 @@ def blip_vqa_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 # Momentum encoders and feature queues of LAVIS's BLIP retrieval/pretraining models.
 _BLIP_MOMENTUM = ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m")
 
-FEATURE_QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+# LAVIS names the queue pointer `queue_ptr`; BLIP's own checkpoints, which LAVIS also loads, `ptr_queue`.
+FEATURE_QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "ptr_queue")
 
 
 def blip_caption_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,14 +96,16 @@ def blip_caption_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str,
     return check_all_mapped(ckpt, out)
 
 
-def _blip_itc_itm(ckpt: LavisCheckpoint) -> dict[str, torch.Tensor]:
+def _blip_itc_itm(ckpt: LavisCheckpoint, heads: tuple[str, ...] = ("vision_proj", "text_proj", "itm_head"),
+                  ) -> dict[str, torch.Tensor]:
     """The parts vlforge's BlipRetrieval has: image tower, text encoder, ITC projections and
-    temperature, ITM head."""
+    temperature, ITM head (those of `heads` the checkpoint has)."""
     out = prefixed("vision.", lavis_vision(ckpt))
     out.update(prefixed("text_encoder.", lavis_text(ckpt, "text_encoder.")))
-    for name in ("vision_proj", "text_proj", "itm_head"):
+    for name in heads:
         out.update(prefixed(f"{name}.", lavis_linear(ckpt, name)))
-    out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
+    if "temp" in ckpt.state_dict:  # LAVIS's BlipITM has no temperature: its ITC score is the cosine
+        out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
     # vlforge's BLIP computes ITC exactly over the global batch (features gathered from all ranks),
     # with no momentum distillation: LAVIS's momentum encoders and feature/id queues are training state
     # of a method vlforge does not run, and nothing in vlforge's BLIP would read them.
@@ -118,6 +121,17 @@ def blip_retrieval_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[st
     """
     ckpt = LavisCheckpoint(state_dict)
     return check_all_mapped(ckpt, _blip_itc_itm(ckpt))
+
+
+def blip_feature_extractor_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS `blip_feature_extractor` -> vlforge.models.blip.retrieval.BlipRetrieval without an ITM
+    head (load with `ignore=("itm_head.weight", "itm_head.bias")`).
+
+    LAVIS builds its feature extractor from BLIP's pretraining checkpoint and loads it non-strictly,
+    so the decoder, ITM head, momentum encoders and queues that file holds are unused: ignored here."""
+    ckpt = LavisCheckpoint(state_dict)
+    ckpt.ignore(("text_decoder", "itm_head", *_BLIP_MOMENTUM, *FEATURE_QUEUES))
+    return check_all_mapped(ckpt, _blip_itc_itm(ckpt, heads=("vision_proj", "text_proj")))
 
 
 def _check_shared(out: Mapping[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.core.tokenizers import special_token_id
 from vlforge.models.layers.bert import BertTextModel
 from vlforge.models.layers.contrastive import (
     DualEncoderFeatures,
@@ -37,7 +38,7 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         embed_dim: int = 256,
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
-        enc_token_id: int | None = None,
+        enc_token_id: int | str | None = None,
         match_identical_texts: bool = False,
         tokenizer: str | None = None,
     ) -> None:
@@ -50,8 +51,9 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         self.text_proj = nn.Linear(width, embed_dim)
         self.itm_head = nn.Linear(width, 2)
         self.logit_scale = LogitScale(init_temperature, max_logit_scale)
-        # BLIP marks image-grounded encoding with an [ENC] token in place of [CLS]; None keeps [CLS].
-        self.enc_token_id = enc_token_id
+        # LAVIS's BLIP marks image-grounded encoding with an [ENC] token in place of [CLS] (an id, or
+        # the token, looked up in the tokenizer); None keeps [CLS], as transformers' BLIP does.
+        self.enc_token_id = special_token_id(tokenizer, enc_token_id, "enc_token_id")
         self.match_identical_texts = match_identical_texts
 
     def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vlforge.core.tokenizers import load_tokenizer, tokenize_texts
+from vlforge.core.tokenizers import load_tokenizer, special_token_id, tokenize_texts
 from vlforge.models.blip.decoder import (
     decoder_step,
     language_model_loss,
@@ -28,6 +29,14 @@ class BlipVQA(nn.Module):
     ALBEF's VQA model is the same design with two differences, set by arguments: its question encoder
     fuses the image only from `fusion_layer` up (layers below are text-only), and its answer decoder
     has `decoder_layers` (6) of the encoder's 12.
+
+    `enc_token_id` (an id, or a token of the tokenizer): the question encoder reads it in place of
+    [CLS], as LAVIS's BLIP VQA does with [ENC]; None keeps [CLS] (transformers' BLIP).
+    `label_smoothing` applies to the training loss and to rank mode, which ranks candidates by that
+    loss (LAVIS: 0.1; with 0 it is their log-likelihood).
+    `answer_attends_question_padding`: generated answers cross-attend to the question's padding
+    positions too, as LAVIS's and transformers' BLIP VQA generate (an all-ones question mask); off,
+    padding is masked as in training and ranking.
     """
 
     def __init__(
@@ -41,6 +50,8 @@ class BlipVQA(nn.Module):
         pad_token_id: int = 0,
         fusion_layer: int = 0,
         decoder_layers: int | None = None,
+        enc_token_id: int | str | None = None,
+        answer_attends_question_padding: bool = False,
     ) -> None:
         super().__init__()
         self.vision = build_vision_tower(vision)
@@ -56,6 +67,8 @@ class BlipVQA(nn.Module):
         self.tokenizer_name, self.label_smoothing = tokenizer, label_smoothing
         self.bos_token_id, self.eos_token_id, self.pad_token_id, _ = special_token_ids(
             tokenizer, "", bos_token_id, eos_token_id, pad_token_id, 1)
+        self.enc_token_id = special_token_id(tokenizer, enc_token_id, "enc_token_id")
+        self.answer_attends_question_padding = answer_attends_question_padding
 
     def question_states(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         image_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,6 +77,9 @@ class BlipVQA(nn.Module):
         _, image_tokens = self.vision(image)
         if image_index is not None:
             image_tokens = image_tokens[image_index]
+        if self.enc_token_id is not None:
+            input_ids = input_ids.clone()
+            input_ids[:, 0] = self.enc_token_id
         return self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image_tokens)
 
     def answer_logits(self, question: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
@@ -88,6 +104,8 @@ class BlipVQA(nn.Module):
                             image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Answers [Q, <= max_length] starting with the bos id, padded after [SEP] (greedy, or beam search)."""
         question = self.question_states(image, question_ids, question_mask, image_index)
+        if self.answer_attends_question_padding:
+            question_mask = torch.ones_like(question_mask)
         start = torch.full((question.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
         # One context row per question, shared by its beams (their cross-attention keys computed once).
         return generate(decoder_step(self.text_decoder, self.lm_head, question, question_mask), self.text_decoder.new_cache(),
@@ -100,7 +118,8 @@ class BlipVQA(nn.Module):
                      image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Index [Q] of the best candidate answer per question: BLIP's rank mode. Candidates
         (`answer_ids` [C, L], `[CLS] answer [SEP]` from the tokenizer) are pre-filtered to the `k`
-        whose first token is likeliest, then ranked by the log-likelihood of all their tokens."""
+        whose first token is likeliest, then ranked by the answer loss (summed over its tokens, with the
+        model's label smoothing: the log-likelihood when that is 0)."""
         question = self.question_states(image, question_ids, question_mask, image_index)
         batch, count = question.shape[0], answer_ids.shape[0]
         answer_ids = answer_ids.clone()
@@ -114,8 +133,9 @@ class BlipVQA(nn.Module):
         logits = self.answer_logits(question.repeat_interleave(k, dim=0), question_mask.repeat_interleave(k, dim=0),
                                     ids, mask)
         labels = lm_labels(ids, mask, 1)
-        token_logp = logits[:, :-1].float().log_softmax(-1).gather(2, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
-        scores = (token_logp * (labels[:, 1:] != -100)).sum(dim=1).view(batch, k)
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                                     reduction="none", label_smoothing=self.label_smoothing)
+        scores = -token_loss.view(batch * k, -1).sum(dim=1).view(batch, k)
         return top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
 
     def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1,

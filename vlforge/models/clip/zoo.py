@@ -12,7 +12,7 @@ _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bi
 def _openai_clip(model_type: str, repo: str, overrides: tuple[str, ...]) -> ZooEntry:
     return ZooEntry("clip_feature_extractor", model_type, "clip_zeroshot", f"OpenAI CLIP {model_type} (open_clip's copy)",
                     f"hf:{repo}", "vlforge.models.clip.convert:clip_from_open_clip", files=_OPEN_CLIP_FILES,
-                    weights=_OPEN_CLIP_WEIGHTS, dimensions="open_clip", overrides=overrides)
+                    weights=_OPEN_CLIP_WEIGHTS, dimensions="open_clip", overrides=overrides, origin="open_clip")
 
 
 ZOO: tuple[ZooEntry, ...] = (

@@ -23,10 +23,27 @@ TOWER_DTYPES: dict[str | None, torch.dtype | None] = {
 POOLS = ("default", "cls", "mean", "attention")
 
 
+class NormalizedPixels(torch.Tensor):
+    """Images already normalised with the model's mean and std, as LAVIS's, open_clip's and
+    transformers' image processors return them: the towers take them as they are. Made by
+    `normalized_pixels`; indexing, `.to()` and the like keep the mark."""
+
+
+def normalized_pixels(images: torch.Tensor) -> NormalizedPixels:
+    """Mark float images [B,3,H,W] as already normalised (the model's mean and std applied), for a
+    model that otherwise takes uint8 in [0, 255] or float in [0, 1] and normalises them itself:
+    `model.generate({"image": normalized_pixels(lavis_vis_processor(img)[None])})`."""
+    if not images.is_floating_point():
+        raise TypeError(f"normalized_pixels: normalised images are floating point, got {images.dtype}; "
+                        "uint8 pixels go to the model as they are")
+    return images.as_subclass(NormalizedPixels)
+
+
 class PixelNormalize(nn.Module):
     """Pixels [B,3,H,W] -> normalised float: uint8 in [0, 255] (what the loaders ship, so workers move
     4x fewer bytes) or float in [0, 1] (torchvision's ToTensor); anything else is refused with the
-    range it has, rather than normalised into nonsense (a float in [0, 255] would be 255x too bright)."""
+    range it has, rather than normalised into nonsense (a float in [0, 255] would be 255x too bright).
+    Images marked with `normalized_pixels` pass through, in the buffers' dtype."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -36,6 +53,8 @@ class PixelNormalize(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # The result is in the buffers' dtype. DeepSpeed's bf16/fp16 engine casts parameters but not
         # buffers, so callers cast it to their backbone's parameter dtype.
+        if isinstance(pixels, NormalizedPixels):
+            return pixels.as_subclass(torch.Tensor).to(self.scale.dtype)
         if pixels.dtype == torch.uint8:
             return pixels.to(self.scale.dtype) * self.scale - self.shift
         if not pixels.is_floating_point():
@@ -44,7 +63,7 @@ class PixelNormalize(nn.Module):
         if low < 0 or high > 1:
             raise ValueError(f"image pixels: a float image must be in [0, 1], got values in [{low.item():.4g}, "
                              f"{high.item():.4g}] (uint8 in [0, 255] is taken as is; an image already normalised "
-                             "with the mean and std must be un-normalised first)")
+                             "with the mean and std goes in as vlforge.normalized_pixels(images))")
         return pixels.to(self.scale.dtype) * (self.scale * 255.0) - self.shift
 
 
