@@ -1,5 +1,6 @@
 """ALBEF checkpoints -> vlforge state dicts, by key mapping (no code of theirs runs): LAVIS's `.pth`
-(pretraining and retrieval finetunes), and the image and text towers of a vlforge dual encoder."""
+(pretraining, retrieval and VQA finetunes, the feature extractor), and the image and text towers of a
+vlforge dual encoder."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -112,4 +113,43 @@ def albef_retrieval_from_lavis(state_dict: Mapping[str, torch.Tensor], token_typ
     # (match_identical_texts) ids texts by their wording, which image ids do not translate to. The
     # queued features load; without their ids they are negatives, as vlforge's ALBEF treats its own.
     ckpt.ignore(("idx_queue",))
+    return check_all_mapped(ckpt, out)
+
+
+# LAVIS's momentum copies, the distillation targets of its finetunes.
+_MOMENTUM = ("visual_encoder_m", "text_encoder_m", "text_decoder_m", "vision_proj_m", "text_proj_m")
+
+
+def albef_vqa_from_lavis(state_dict: Mapping[str, torch.Tensor], token_types: str = "fold") -> dict[str, torch.Tensor]:
+    """LAVIS `albef_vqa` (albef_vqav2_lavis.pt) -> vlforge.models.blip.vqa.BlipVQA as the albef_vqa
+    recipe builds it (`fusion_layer`, `decoder_layers`): image tower, question encoder (`text_encoder.*`,
+    a BertModel), answer decoder (`text_decoder.bert.*`) and its LM head.
+
+    The momentum copies (`*_m`) are the distillation targets of LAVIS's VQA finetuning; answering
+    reads only the online model, and vlforge's VQA finetunes without distillation: ignored.
+    `token_types`: see `_token_types`."""
+    ckpt = LavisCheckpoint(state_dict)
+    out = prefixed("vision.", lavis_vision(ckpt))
+    out.update(prefixed("text_encoder.", _token_types(lavis_text(ckpt, "text_encoder."), token_types)))
+    out.update(prefixed("text_decoder.", _token_types(lavis_text(ckpt, "text_decoder.bert."), token_types)))
+    out.update(prefixed("lm_head.", lavis_lm_head(ckpt, "text_decoder.cls.predictions.",
+                                              "text_decoder.bert.embeddings.word_embeddings.weight")))
+    ckpt.ignore(_MOMENTUM)
+    return check_all_mapped(ckpt, out)
+
+
+def albef_feature_extractor_from_lavis(state_dict: Mapping[str, torch.Tensor],
+                                       token_types: str = "fold") -> dict[str, torch.Tensor]:
+    """LAVIS `albef_feature_extractor` -> vlforge.models.albef.model.ALBEF's encoders, projections and
+    temperature, the momentum copies set to the online weights (load with the ITM head and the queues
+    ignored: they keep their initialisation).
+
+    LAVIS builds its feature extractor from ALBEF's pretraining checkpoint (ALBEF.pth) and loads it
+    non-strictly, so the ITM head, momentum encoders and queues that file holds are unused: ignored
+    here. The text encoder is a BertForMaskedLM, whose MLM head maps too."""
+    ckpt = LavisCheckpoint(state_dict)
+    model = _albef_encoders(ckpt, "", token_types, mlm_head=True)
+    ckpt.ignore(("itm_head", *_MOMENTUM, "image_queue", "text_queue", "queue_ptr", "idx_queue"))
+    out = {**prefixed("model.", model), **prefixed("momentum_model.", model)}
+    out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
     return check_all_mapped(ckpt, out)

@@ -45,8 +45,8 @@ class BlipVQA(nn.Module):
         text: Mapping[str, Any],
         tokenizer: str | None = None,
         label_smoothing: float = 0.0,
-        bos_token_id: int | None = None,
-        eos_token_id: int | None = None,
+        bos_token_id: int | str | None = None,
+        eos_token_id: int | str | None = None,
         pad_token_id: int = 0,
         fusion_layer: int = 0,
         decoder_layers: int | None = None,
@@ -65,6 +65,9 @@ class BlipVQA(nn.Module):
                                              "cross_attention_layers": "all", "encoder_width": width})
         self.lm_head = BertLMHead(width, text["vocab_size"], tied_embedding=self.text_decoder.word_embeddings)
         self.tokenizer_name, self.label_smoothing = tokenizer, label_smoothing
+        # An id, or a token of the tokenizer (ALBEF's answers start with "[CLS]": BERT's has no bos).
+        bos_token_id = special_token_id(tokenizer, bos_token_id, "bos_token_id")
+        eos_token_id = special_token_id(tokenizer, eos_token_id, "eos_token_id")
         self.bos_token_id, self.eos_token_id, self.pad_token_id, _ = special_token_ids(
             tokenizer, "", bos_token_id, eos_token_id, pad_token_id, 1)
         self.enc_token_id = special_token_id(tokenizer, enc_token_id, "enc_token_id")
