@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+from vlforge.core.tokenizers import load_tokenizer
+from vlforge.tasks.itm_rerank import itm_rerank
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lavis"
 
@@ -34,3 +38,33 @@ def weights(name: str) -> Path:
 
 def expected(name: str) -> dict[str, Any]:
     return torch.load(FIXTURES / f"{name}.expected.pt", weights_only=True)
+
+
+@pytest.fixture
+def offline_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hub, and a fresh $VLFORGE_HOME (the tokenizers with LAVIS's added tokens are written there)."""
+    monkeypatch.setenv("VLFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def tokens(model: Any, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`texts` through the model's tokenizer, padded to the longest, as LAVIS tokenizes them."""
+    encoded = load_tokenizer(model.tokenizer_name)(texts, padding="longest", truncation=True, max_length=max_len,
+                                                   return_tensors="pt")
+    return encoded.input_ids, encoded.attention_mask
+
+
+def assert_retrieval_matches(model: Any, ref: dict[str, Any]) -> None:
+    """The ITC similarities and LAVIS's retrieval scores (compute_sim_matrix: the ITM match logit plus
+    the similarity for each row's k_test best, -100 elsewhere) of `ref`, through vlforge's re-ranking."""
+    ids, mask = tokens(model, ref["texts"], 35)
+    with torch.no_grad():
+        image_tokens, image_emb = model.image_features(ref["pixels"])
+        sim = image_emb @ model.encode_text(ids, mask).t()
+    torch.testing.assert_close(sim, ref["itc_similarity"], **TOL)
+    i2t, t2i = itm_rerank(model, sim, list(image_tokens), ref["texts"], load_tokenizer(model.tokenizer_name), 35,
+                          ref["k_test"], torch.device("cpu"))
+    for ours, theirs in ((i2t, ref["scores_i2t"]), (t2i, ref["scores_t2i"])):
+        ranked = theirs > -100
+        assert torch.equal(ranked, ours > -100)
+        torch.testing.assert_close(ours[ranked], theirs[ranked], **TOL)
