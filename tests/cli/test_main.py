@@ -141,9 +141,9 @@ def test_zoo_name_lists_its_types(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_unknown_zoo_name(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["zoo", "blip"]) == 2
+    assert main(["zoo", "blip_captions"]) == 2
     err = capsys.readouterr().err
-    assert "vlforge zoo: error: unknown model 'blip'; did you mean one of " in err
+    assert "vlforge zoo: error: unknown model 'blip_captions'; did you mean " in err
     assert "blip_caption" in err and "`vlforge zoo` lists them all" in err
 
 

@@ -37,6 +37,7 @@ from vlforge.hub.sources import (
     WeightsNotFoundError,
     entry_files_dir,
     hf_model_dir,
+    tower_file,
     missing_files,
     url_model_dir,
     weights_file,
@@ -105,8 +106,21 @@ def _from_hf(entry: ZooEntry, directory: Path, overrides: Sequence[str] = (),
     if entry.dimensions is not None:
         apply_dimensions(cfg, entry.dimensions, directory)
     weights = weights or weights_file(directory, entry)
-    state = resolve_converter(entry.converter)(read_weights(weights))
+    state = _with_tower(entry, cfg, read_weights(weights), weights.parent)
+    state = resolve_converter(entry.converter)(state)
     return _Resolved(cfg, state, str(weights if entry.kind == "url" else directory), entry.ignore)
+
+
+def _with_tower(entry: ZooEntry, cfg: DictConfig, state: dict[str, torch.Tensor], beside: Path) -> dict[str, torch.Tensor]:
+    """`state` with the entry's separate image-tower file merged in (under the weights' own key names)
+    when it has no tower of its own; the file is looked for beside the weights, then in the entry's
+    cache (fetched when online)."""
+    if entry.tower_source is None or any(key.startswith("visual_encoder.") for key in state):
+        return state
+    name = entry.tower_source.rpartition("/")[2]
+    path = beside / name if (beside / name).is_file() else tower_file(entry)
+    tower = resolve_converter(entry.tower_converter)(read_weights(path), OmegaConf.to_container(cfg.model))
+    return {**tower, **state}
 
 
 def _from_weights_file(entry: ZooEntry, path: Path, overrides: Sequence[str]) -> _Resolved:

@@ -211,3 +211,22 @@ def entry_files_dir(entry: ZooEntry) -> Path:
         raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: fetching {', '.join(missing)} failed "
                                    f"({type(err).__name__}: {err}): {where}") from None
     return local
+
+
+def tower_file(entry: ZooEntry) -> Path:
+    """An entry's separate image-tower weights file (`tower_source`), in its cache directory: fetched
+    first when online and missing."""
+    address = entry.tower_source.partition(":")[2]
+    target = cache_dir(entry) / address.rpartition("/")[2]
+    if target.is_file():
+        return target
+    where = f"download {address} into {target.parent}, or put it beside the weights file"
+    if offline():
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: the image tower's weights {target} are missing "
+                                   f"and the network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
+    try:
+        download(address, target)
+    except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
+        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: fetching {address} failed "
+                                   f"({type(err).__name__}: {err}): {where}") from None
+    return target

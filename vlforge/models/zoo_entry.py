@@ -39,6 +39,11 @@ class ZooEntry:
     # Special tokens the source's code adds to its tokenizer files when it loads them, as
     # `tokenizer.add_special_tokens` takes them: LAVIS's BLIP adds [DEC] as bos and [ENC].
     special_tokens: tuple[tuple[str, str | tuple[str, ...]], ...] = ()
+    # A second weights file for the image tower, read when the weights lack it ("url:<address>"), and
+    # the "module:function" that maps it, with the recipe's model node, to the weights' own key names:
+    # LAVIS saves only what trains, so its BLIP-2 checkpoints with a frozen tower leave it to eva_vit_g.pth.
+    tower_source: str | None = None
+    tower_converter: str | None = None
 
     @property
     def kind(self) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.core.tokenizers import special_token_id
 from vlforge.models.blip.decoder import language_model_loss, special_token_ids
 from vlforge.models.fusion.qformer import QFormer
 from vlforge.models.layers.bert import BertLMHead
@@ -53,7 +54,8 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
 
     `tokenizer` supplies the [DEC] (bos) id that starts ITG's text, as BLIP's decoder does.
     `extract_features(mode="image")` gives one embedding per query, [B, Q, E]; similarities take
-    the best query (`image_text_similarity`).
+    the best query (`image_text_similarity`). `label_smoothing` applies to ITG and
+    `itc_label_smoothing` to ITC (LAVIS: 0.1 for both).
     """
 
     def __init__(
@@ -65,7 +67,8 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         label_smoothing: float = 0.1,
-        bos_token_id: int | None = None,
+        itc_label_smoothing: float = 0.1,
+        bos_token_id: int | str | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int = 0,
     ) -> None:
@@ -80,7 +83,9 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         self.lm_head = BertLMHead(width, self.encoder.qformer.word_embeddings.num_embeddings,
                                   tied_embedding=self.encoder.qformer.word_embeddings)
         self.logit_scale = LogitScale(init_temperature, max_logit_scale)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.itc_label_smoothing = label_smoothing, itc_label_smoothing
+        self.tokenizer_name = tokenizer  # for extract_features on strings; training uses the collator's ids
+        bos_token_id = special_token_id(tokenizer, bos_token_id, "bos_token_id")
         self.bos_token_id, _, _, _ = special_token_ids(tokenizer, "", bos_token_id, eos_token_id, pad_token_id, None)
 
     @property
@@ -111,7 +116,7 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, image_emb = self.image_features(batch["image"])
         text_emb = self.encode_text(ids, mask)
-        itc = contrastive_loss(image_emb, text_emb, self.logit_scale())
+        itc = contrastive_loss(image_emb, text_emb, self.logit_scale(), label_smoothing=self.itc_label_smoothing)
 
         pairs = hard_negative_pairs(image_text_similarity(image_emb, text_emb).detach())
         itm = itm_loss(self.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows]), pairs)

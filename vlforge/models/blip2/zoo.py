@@ -1,4 +1,4 @@
-"""BLIP-2's rows of the model zoo: transformers' BLIP-2 OPT checkpoints."""
+"""BLIP-2's rows of the model zoo: transformers' BLIP-2 OPT checkpoints, and LAVIS's stage-1 ones."""
 from __future__ import annotations
 
 from vlforge.models.zoo_entry import ZooEntry
@@ -19,7 +19,34 @@ def _blip2_opt(model_type: str, repo: str, description: str) -> ZooEntry:
                     overrides=() if captioner else ("model.prompt=''",))
 
 
+_LAVIS_BLIP2 = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
+
+# bert-base-uncased's tokenizer, to which LAVIS's BLIP-2 adds [DEC] as bos.
+_BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "config.json")
+
+
+def _lavis_stage1(name: str, model_type: str, description: str, weights: str, image_size: int) -> ZooEntry:
+    # LAVIS's stage-1 Q-Former (Blip2Qformer): ITC and ITG smoothed by 0.1, ln_vision's eps 1e-5 (its
+    # LayerNorm default), EVA ViT-g's 1e-6; the pretraining checkpoint leaves the frozen tower to
+    # eva_vit_g.pth, the COCO finetune (tower trained) holds its own.
+    return ZooEntry(name, model_type, "blip2_pretrain", f"{description} (LAVIS)", f"url:{_LAVIS_BLIP2}/{weights}",
+                    "vlforge.models.blip2.convert_lavis:blip2_from_lavis", files=_BERT_TOKENIZER_FILES,
+                    weights=(weights,), files_repo="google-bert/bert-base-uncased",
+                    overrides=("model=blip2_base", f"model.vision.img_size={image_size}",
+                               f"data.train_image.size={image_size}", f"data.eval_image.size={image_size}",
+                               "data.max_text_len=32"),
+                    origin="lavis", special_tokens=(("bos_token", "[DEC]"),),
+                    tower_source=f"url:{_LAVIS_BLIP2}/eva_vit_g.pth",
+                    tower_converter="vlforge.models.blip2.convert_lavis:eva_tower_from_lavis")
+
+
+_STAGE1 = (("blip2", "BLIP-2 EVA ViT-g + Q-Former, ITC + ITM + ITG"),
+           ("blip2_feature_extractor", "BLIP-2 EVA ViT-g + Q-Former image and text features"),
+           ("blip2_image_text_matching", "BLIP-2 EVA ViT-g + Q-Former ITM and ITC"))
+
 ZOO: tuple[ZooEntry, ...] = (
+    *(_lavis_stage1(name, "pretrain", f"{what}, pretrained", "blip2_pretrained.pth", 224) for name, what in _STAGE1),
+    *(_lavis_stage1(name, "coco", f"{what}, finetuned on COCO", "blip2_finetune_coco.pth", 364) for name, what in _STAGE1),
     _blip2_opt("pretrain_opt2.7b", "Salesforce/blip2-opt-2.7b", "BLIP-2 EVA ViT-g + Q-Former + OPT-2.7b, pretrained"),
     _blip2_opt("pretrain_opt6.7b", "Salesforce/blip2-opt-6.7b", "BLIP-2 EVA ViT-g + Q-Former + OPT-6.7b, pretrained"),
     _blip2_opt("caption_coco_opt2.7b", "Salesforce/blip2-opt-2.7b-coco", "BLIP-2 OPT-2.7b finetuned on COCO captions"),

@@ -73,7 +73,7 @@ def image_text_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> to
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-                     groups: torch.Tensor | None = None) -> torch.Tensor:
+                     groups: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE of local rows against global columns; inputs are L2-normalised, text
     [B_local, D] and image [B_local, D] or [B_local, Q, D] (see `image_text_similarity`).
 
@@ -81,6 +81,7 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     positives, the target spread evenly over them (as LAVIS's BLIP / ALBEF retrieval finetunes spread
     it over an image's captions by `idx`); with every group distinct this is the plain loss. Ranks must hold equal micro batches. DeepSpeed
     averages gradients over ranks, which turns the per-rank means into the mean over the global batch.
+    `label_smoothing` spreads that share of each target over all columns (BLIP-2's stage 1: 0.1).
     """
     all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -89,9 +90,11 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     logits_per_text = logit_scale * image_text_similarity(all_image, text_emb).t()
     if groups is None:
         targets = torch.arange(local, device=image_emb.device) + rank * local
-        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets))
+        return 0.5 * (F.cross_entropy(logits_per_image, targets, label_smoothing=label_smoothing)
+                      + F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing))
     same = (groups[:, None] == all_gather_rows(groups)[None, :]).float()
     targets = same / same.sum(dim=1, keepdim=True)
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
     # An image and its text share a group, so one [B_local, B_global] target serves both directions.
     i2t = -(logits_per_image.float().log_softmax(dim=1) * targets).sum(dim=1).mean()
     t2i = -(logits_per_text.float().log_softmax(dim=1) * targets).sum(dim=1).mean()

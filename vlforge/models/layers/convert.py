@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 # HF BERT / BLIP-text / LAVIS med.py names -> vlforge.models.layers.bert names (after the prefix is removed).
-_BERT_RENAMES: list[tuple[str, str]] = [
+BERT_RENAMES: list[tuple[str, str]] = [
     (r"^embeddings\.word_embeddings\.", "word_embeddings."),
     (r"^embeddings\.position_embeddings\.", "position_embeddings."),
     (r"^embeddings\.token_type_embeddings\.", "token_type_embeddings."),
@@ -27,7 +27,7 @@ _BERT_RENAMES: list[tuple[str, str]] = [
 
 
 # Separate projections that vlforge fuses: (pattern of the parts, target, order of the parts).
-_BERT_FUSED: list[tuple[str, str, tuple[str, ...]]] = [
+BERT_FUSED: list[tuple[str, str, tuple[str, ...]]] = [
     (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$",
      r"layers.{0}.attention.query_key_value.{2}", ("query", "key", "value")),
     (r"^encoder\.layer\.(\d+)\.crossattention\.self\.(key|value)\.(weight|bias)$",
@@ -82,7 +82,7 @@ def map_keys(state_dict: Mapping[str, torch.Tensor], prefix: str, renames: list[
 def bert_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """An HF BertModel / BlipTextModel (or LAVIS BLIP/ALBEF text encoder) state dict, under `prefix`,
     as a `vlforge.models.layers.bert.BertTextModel` state dict. Keys outside `prefix` are left out."""
-    return map_keys(state_dict, prefix, _BERT_RENAMES, _BERT_FUSED, _BERT_IGNORED, "BERT")
+    return map_keys(state_dict, prefix, BERT_RENAMES, BERT_FUSED, _BERT_IGNORED, "BERT")
 
 
 def bert_lm_head_from_hf(state_dict: Mapping[str, torch.Tensor], prefix: str = "cls.predictions.",

@@ -1,0 +1,63 @@
+"""LAVIS's stage-1 BLIP-2 checkpoints (blip2, blip2_feature_extractor, blip2_image_text_matching)
+through `load_model(..., checkpoint=<.pth>)` give LAVIS's outputs: a tiny Blip2ITM built and run by
+LAVIS 1.0.2 itself (tests/fixtures/lavis/make_fixtures.py), saved as LAVIS saves a pretraining run
+(without the frozen EVA tower, which comes from eva_vit_g.pth beside it), compared at 1e-5."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.models.lavis_fixtures import (  # noqa: F401 - offline_home is a fixture
+    FIXTURES,
+    TOL,
+    expected,
+    offline_home,
+    tokens,
+    weights,
+)
+from vlforge import load_model
+from vlforge.hub.sources import WeightsNotFoundError
+
+pytestmark = pytest.mark.usefixtures("offline_home")
+
+_VOCAB = len((FIXTURES / "vocab.txt").read_text().split())
+
+# The fixture's sizes: an EVA ViT of 2 blocks at 56 px, a 2-layer Q-Former with 4 queries.
+_TINY = ["model.vision.img_size=56", "model.vision.embed_dim=48", "model.vision.depth=2", "model.vision.num_heads=4",
+         "model.qformer.num_queries=4", "model.qformer.width=32", "model.qformer.layers=2", "model.qformer.heads=4",
+         "model.qformer.intermediate=64", "model.qformer.max_len=64", f"model.qformer.vocab_size={_VOCAB + 1}",
+         "model.embed_dim=16", "data.train_image.size=56", "data.eval_image.size=56"]
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict:
+    return expected("blip2")
+
+
+@pytest.mark.parametrize("name", ["blip2", "blip2_feature_extractor", "blip2_image_text_matching"])
+def test_stage1_features_matching_and_losses(ref: dict, name: str) -> None:
+    model = load_model(name, "pretrain", checkpoint=weights("blip2"), overrides=_TINY)
+    features = model.extract_features({"image": ref["pixels"], "text_input": ref["texts"]}, max_text_len=32)
+    torch.testing.assert_close(features["image_embeds"], ref["image_embeds_proj"], **TOL)
+    torch.testing.assert_close(features["text_embeds"], ref["text_embeds_proj"][:, 0], **TOL)
+    ids, mask = tokens(model, ref["texts"], 32)
+    with torch.no_grad():
+        image_tokens, image_emb = model.image_features(ref["pixels"])
+        torch.testing.assert_close(model.itm_logits(image_tokens, ids, mask), ref["itm_logits"], **TOL)
+        multimodal = model.encoder.qformer(image_tokens, ids, mask)[:, : model.num_queries]
+        torch.testing.assert_close(multimodal, ref["multimodal_embeds"], **TOL)
+        torch.testing.assert_close(features["image_embeds"].new_tensor(0) + (torch.einsum(
+            "iqd,td->iqt", image_emb, model.encode_text(ids, mask)).amax(1)), ref["itc_similarity"], **TOL)
+        losses = model({"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask}).losses
+    torch.testing.assert_close(losses["itc"], ref["loss_itc"], **TOL)
+    torch.testing.assert_close(losses["itg"], ref["loss_lm"], **TOL)
+
+
+def test_without_the_tower_file_the_error_names_it(tmp_path, ref: dict) -> None:
+    lone = tmp_path / "blip2.pth"
+    lone.write_bytes(weights("blip2").read_bytes())
+    for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
+        (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
+    with pytest.raises(WeightsNotFoundError, match=r"image tower's weights .*eva_vit_g\.pth are missing.*"
+                                                   r"LAVIS/models/BLIP2/eva_vit_g\.pth"):
+        load_model("blip2", "pretrain", checkpoint=lone, overrides=_TINY)
