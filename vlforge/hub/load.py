@@ -245,12 +245,18 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
     try:
         # Strict (every key both ways, every shape) but for the model keys the source never has.
         state = fit_position_embeddings(resolved.state, model)
-        load_into_model(model, state, allow_missing=resolved.keep_initialised)
+        load_into_model(model, state, allow_missing=_kept_keys(model, resolved.keep_initialised))
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
     _place_language_model(model, placement, compute_dtype, device)
     _to_device(model, device)
     return model.eval() if is_eval else model
+
+
+def _kept_keys(model: nn.Module, ignore: Sequence[str]) -> list[str]:
+    """The model keys an entry's `ignore` names: a key, or every key under a name ending in a dot."""
+    prefixes = tuple(name for name in ignore if name.endswith("."))
+    return [*ignore, *(key for key in model.state_dict() if prefixes and key.startswith(prefixes))]
 
 
 def _to_device(model: nn.Module, device: torch.device) -> None:

@@ -28,7 +28,8 @@ class ZooEntry:
     # config.json) or "open_clip" (open_clip_config.json); none: the recipe's (vlforge.hub.dimensions).
     dimensions: str | None = None
     # Model keys the source has no value for, which keep their initialisation (HF BLIP retrieval keeps
-    # no temperature: logit_scale).
+    # no temperature: logit_scale); a name ending in "." covers every key under it (LAVIS's BLIP-2
+    # OPT keeps the LM the recipe's `language_model.pretrained` loads).
     ignore: tuple[str, ...] = ()
     overrides: tuple[str, ...] = ()  # Hydra overrides on top of the recipe
     # Whose release the row loads, which decides the architecture settings in `overrides` (LayerNorm

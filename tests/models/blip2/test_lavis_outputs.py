@@ -61,3 +61,35 @@ def test_without_the_tower_file_the_error_names_it(tmp_path, ref: dict) -> None:
     with pytest.raises(WeightsNotFoundError, match=r"image tower's weights .*eva_vit_g\.pth are missing.*"
                                                    r"LAVIS/models/BLIP2/eva_vit_g\.pth"):
         load_model("blip2", "pretrain", checkpoint=lone, overrides=_TINY)
+
+
+# blip2_opt: the same tower and Q-Former sizes, no text in the Q-Former, the fixture's tiny OPT.
+_TINY_OPT = [o for o in _TINY if not o.startswith(("model.qformer.vocab_size", "model.qformer.max_len",
+                                                   "model.embed_dim"))]
+
+
+@pytest.fixture(scope="module")
+def opt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """blip2_opt.pth as LAVIS's runner saves it (no tower, no LM), beside eva_vit_g.pth and OPT's
+    tokenizer files, as a user would keep them."""
+    directory = tmp_path_factory.mktemp("blip2_opt")
+    for source in (weights("blip2_opt"), FIXTURES / "eva_vit_g.pth", *(FIXTURES / "opt" / name for name in (
+            "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"))):
+        (directory / source.name).write_bytes(source.read_bytes())
+    return directory / "blip2_opt.pth", expected("blip2_opt")
+
+
+def test_blip2_opt_loss_and_texts(opt_checkpoint: tuple) -> None:
+    checkpoint, ref = opt_checkpoint
+    model = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=checkpoint,
+                       overrides=[*_TINY_OPT, f"model.language_model.pretrained={FIXTURES / 'opt'}"])
+    assert model.prompt == "a photo of" and model.eos_token_id() == tokens(model, ["\n"], 4)[0][0, 1]
+    ids, mask = tokens(model, [t + "\n" for t in ref["texts"]], 32)  # LAVIS's Blip2OPT ends each text so
+    loss = model({"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask}).loss
+    torch.testing.assert_close(loss, ref["loss"], **TOL)
+    prompt = ref["beam_ids"].shape[1] - ref["generate"]["max_length"]
+    for beams, key in ((3, "beam"), (1, "greedy")):
+        assert model.generate({"image": ref["pixels"]}, num_beams=beams, **ref["generate"]) == ref[f"{key}_texts"], key
+        out = model.generate_ids(ref["pixels"], ref[f"{key}_ids"][:, :prompt], num_beams=beams,
+                                 max_new_tokens=ref["generate"]["max_length"], eos_token_id=model.eos_token_id())
+        assert out.tolist() == ref[f"{key}_ids"][:, prompt:].tolist(), key

@@ -39,6 +39,7 @@ class Blip2CausalLM(nn.Module):
         tokenizer: str | None = None,
         prompt: str = "",
         freeze_language_model: bool = True,
+        eos_text: str | None = None,
     ) -> None:
         super().__init__()
         # Stage 2 feeds no text to the Q-Former, so it carries no text embedding or text feed-forward.
@@ -54,6 +55,9 @@ class Blip2CausalLM(nn.Module):
             self.language_model.requires_grad_(False)
             self.language_model.eval()
         self.tokenizer_name, self.prompt = tokenizer, prompt
+        # LAVIS's Blip2OPT ends its texts with "\n" (appended in training, the end of generation);
+        # None: the tokenizer's eos, as transformers' BLIP-2.
+        self.eos_text = eos_text
         self.prompt_length = 0 if tokenizer is None else prompt_token_count(tokenizer, prompt)
 
     def train(self, mode: bool = True) -> "Blip2CausalLM":
@@ -103,9 +107,16 @@ class Blip2CausalLM(nn.Module):
             raise ValueError("generate needs the model's tokenizer; use generate_ids with token ids")
         return load_tokenizer(self.tokenizer_name)
 
-    def vocabulary(self) -> Vocabulary:
+    def eos_token_id(self) -> int:
+        """The id that ends a text: the first token of `eos_text`, else the tokenizer's end."""
         tok = self._tokenizer()
-        return Vocabulary(tok, end_token_id(tok), getattr(self.language_model.config, "max_position_embeddings", None))
+        if self.eos_text is None:
+            return end_token_id(tok)
+        return tok(self.eos_text, add_special_tokens=False).input_ids[0]
+
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self._tokenizer(), self.eos_token_id(),
+                          getattr(self.language_model.config, "max_position_embeddings", None))
 
     def prompt_ids(self, prompt: str | None = None) -> list[int]:
         """The tokenizer's leading special tokens and `prompt` (the model's, as `generate` cuts it)."""
@@ -137,15 +148,16 @@ class Blip2CausalLM(nn.Module):
                  max_length: int = 30, min_length: int = 1, top_p: float = 0.9,
                  repetition_penalty: float = 1.0) -> list[str]:
         """Texts for `samples["image"]` (uint8 [B,3,H,W]), continuing the model's prompt; LAVIS's
-        arguments (lengths count new tokens). With several ranks every rank keeps stepping until all
-        are done (transformers' synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
+        arguments: `max_length` counts new tokens, `min_length` the prompt's (with its bos) and the new
+        ones. With several ranks every rank keeps stepping until all are done (transformers'
+        synced_gpus), so ZeRO-3's per-step parameter gathers line up."""
         tok = self._tokenizer()
         image = samples["image"]
         prompt = tok([self.prompt] * image.shape[0], return_tensors="pt").input_ids[:, : self.prompt_length]
-        eos = end_token_id(tok)
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_length, min_new_tokens=min_length,
+        ids = self.generate_ids(image, prompt.to(image.device), max_new_tokens=max_length,
+                                min_new_tokens=max(0, min_length - prompt.shape[1]),
                                 num_beams=num_beams, do_sample=use_nucleus_sampling,
                                 top_p=top_p if use_nucleus_sampling else None, repetition_penalty=repetition_penalty,
-                                eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=synced)
+                                eos_token_id=self.eos_token_id(), pad_token_id=tok.pad_token_id, synced_gpus=synced)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]

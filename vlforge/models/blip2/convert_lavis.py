@@ -113,3 +113,22 @@ def eva_tower_from_lavis(tower: Mapping[str, torch.Tensor], model: Mapping[str, 
             continue
         out[f"visual_encoder.{key}"] = value
     return out
+
+
+def blip2_opt_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS `blip2_opt` (Blip2OPT) -> vlforge.models.blip2.causal_lm.Blip2CausalLM: the image tower
+    (merged in from eva_vit_g.pth when the checkpoint has none), ln_vision, the Q-Former without its
+    text parts (LAVIS drops them for stage 2), the queries and `opt_proj`.
+
+    The LM is frozen in LAVIS and not saved, but for `opt_model.lm_head.weight`: tied to the word
+    embeddings, it is not among the parameters LAVIS's runner checks for `requires_grad`, so it stays.
+    It is the LM's own embedding matrix, which the recipe's `language_model.pretrained` loads: ignored.
+    A checkpoint holding the whole LM (`opt_model.model.*`) loads it as `language_model.*`."""
+    ckpt = LavisCheckpoint(state_dict)
+    out = prefixed("encoder.", _query_encoder(ckpt, text=False))
+    out.update(prefixed("language_projection.", lavis_linear(ckpt, "opt_proj")))
+    if ckpt.has("opt_model.model."):
+        out.update({f"language_model.{k[len('opt_model.'):]}": v for k, v in ckpt.take("opt_model.").items()})
+    else:
+        ckpt.ignore(("opt_model.lm_head",))
+    return check_all_mapped(ckpt, out)

@@ -40,6 +40,24 @@ def _lavis_stage1(name: str, model_type: str, description: str, weights: str, im
                     tower_converter="vlforge.models.blip2.convert_lavis:eva_tower_from_lavis")
 
 
+# OPT's tokenizer, which LAVIS's Blip2OPT loads from the LM's repo.
+_OPT_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def _lavis_opt(model_type: str, lm: str, description: str, weights: str, image_size: int, prompt: str) -> ZooEntry:
+    # LAVIS's Blip2OPT: texts end with "\n"; the frozen LM (not in LAVIS's checkpoint) loads from its
+    # hub repo, as LAVIS loads it; the pretraining checkpoints leave the frozen tower to eva_vit_g.pth.
+    return ZooEntry("blip2_opt", model_type, "blip2_caption", f"{description} (LAVIS)", f"url:{_LAVIS_BLIP2}/{weights}",
+                    "vlforge.models.blip2.convert_lavis:blip2_opt_from_lavis", files=_OPT_TOKENIZER_FILES,
+                    weights=(weights,), files_repo=f"facebook/{lm}", ignore=("language_model.",),
+                    overrides=(f"model.language_model.pretrained=facebook/{lm}", f"model.prompt='{prompt}'",
+                               "++model.eos_text='\n'", f"model.vision.img_size={image_size}",
+                               f"data.train_image.size={image_size}", f"data.eval_image.size={image_size}",
+                               "data.max_text_len=32"),
+                    origin="lavis", tower_source=f"url:{_LAVIS_BLIP2}/eva_vit_g.pth",
+                    tower_converter="vlforge.models.blip2.convert_lavis:eva_tower_from_lavis")
+
+
 _STAGE1 = (("blip2", "BLIP-2 EVA ViT-g + Q-Former, ITC + ITM + ITG"),
            ("blip2_feature_extractor", "BLIP-2 EVA ViT-g + Q-Former image and text features"),
            ("blip2_image_text_matching", "BLIP-2 EVA ViT-g + Q-Former ITM and ITC"))
@@ -51,4 +69,10 @@ ZOO: tuple[ZooEntry, ...] = (
     _blip2_opt("pretrain_opt6.7b", "Salesforce/blip2-opt-6.7b", "BLIP-2 EVA ViT-g + Q-Former + OPT-6.7b, pretrained"),
     _blip2_opt("caption_coco_opt2.7b", "Salesforce/blip2-opt-2.7b-coco", "BLIP-2 OPT-2.7b finetuned on COCO captions"),
     _blip2_opt("caption_coco_opt6.7b", "Salesforce/blip2-opt-6.7b-coco", "BLIP-2 OPT-6.7b finetuned on COCO captions"),
+    _lavis_opt("pretrain_opt2.7b", "opt-2.7b", "BLIP-2 OPT-2.7b, pretrained", "blip2_pretrained_opt2.7b.pth", 224, ""),
+    _lavis_opt("pretrain_opt6.7b", "opt-6.7b", "BLIP-2 OPT-6.7b, pretrained", "blip2_pretrained_opt6.7b.pth", 224, ""),
+    _lavis_opt("caption_coco_opt2.7b", "opt-2.7b", "BLIP-2 OPT-2.7b finetuned on COCO captions",
+               "blip2_caption_opt2.7b.pth", 364, "a photo of"),
+    _lavis_opt("caption_coco_opt6.7b", "opt-6.7b", "BLIP-2 OPT-6.7b finetuned on COCO captions",
+               "blip2_caption_opt6.7b.pth", 364, "a photo of"),
 )
