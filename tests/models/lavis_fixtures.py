@@ -68,3 +68,13 @@ def assert_retrieval_matches(model: Any, ref: dict[str, Any]) -> None:
         ranked = theirs > -100
         assert torch.equal(ranked, ours > -100)
         torch.testing.assert_close(ours[ranked], theirs[ranked], **TOL)
+
+
+def assert_ranked_answers(model: Any, ref: dict[str, Any]) -> None:
+    """LAVIS's rank-mode answers of `ref` among all its candidates and among the 3 whose first token
+    is likeliest."""
+    ids, mask = tokens(model, ref["questions"], 35)
+    answers, answer_mask = tokens(model, ref["answer_list"], 35)
+    for k, key in ((len(ref["answer_list"]), "ranked_answers"), (3, "ranked_answers_top3")):
+        best = model.rank_answers(ref["pixels"], ids, mask, answers, answer_mask, k=k)
+        assert [ref["answer_list"][i] for i in best] == ref[key], key

@@ -8,6 +8,7 @@ import torch
 
 from tests.models.lavis_fixtures import (  # noqa: F401 - offline_home is a fixture
     TOL,
+    assert_ranked_answers,
     assert_retrieval_matches,
     expected,
     offline_home,
@@ -34,11 +35,7 @@ def test_vqa_answers_ranked() -> None:
     ref = expected("albef_vqa")
     model = load_model("albef_vqa", "vqav2", checkpoint=weights("albef_vqa"),
                        overrides=[*tiny_overrides(vocab_extra=0), "++model.fusion_layer=1", "++model.decoder_layers=1"])
-    ids, mask = tokens(model, ref["questions"], 35)
-    answers, answer_mask = tokens(model, ref["answer_list"], 35)
-    for k, key in ((len(ref["answer_list"]), "ranked_answers"), (3, "ranked_answers_top3")):
-        best = model.rank_answers(ref["pixels"], ids, mask, answers, answer_mask, k=k)
-        assert [ref["answer_list"][i] for i in best] == ref[key], key
+    assert_ranked_answers(model, ref)
 
 
 def test_feature_extractor_features() -> None:

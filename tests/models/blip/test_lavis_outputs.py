@@ -9,6 +9,7 @@ import torch
 
 from tests.models.lavis_fixtures import (  # noqa: F401 - offline_home is a fixture
     TOL,
+    assert_ranked_answers,
     assert_retrieval_matches,
     expected,
     offline_home,
@@ -57,10 +58,7 @@ def test_vqa_answers_generated_and_ranked() -> None:
         assert model.predict_answers(samples, num_beams=beams, max_length=10) == ref[f"{key}_answers"], key
         out = model.generate_answer_ids(ref["pixels"], ids, mask, max_length=10, num_beams=beams)
         assert out.tolist() == ref[f"{key}_ids"].tolist(), key
-    answers, answer_mask = tokens(model, ref["answer_list"], 35)
-    for k, key in ((len(ref["answer_list"]), "ranked_answers"), (3, "ranked_answers_top3")):
-        best = model.rank_answers(ref["pixels"], ids, mask, answers, answer_mask, k=k)
-        assert [ref["answer_list"][i] for i in best] == ref[key], key
+    assert_ranked_answers(model, ref)
 
 
 def test_image_text_matching_and_lavis_retrieval_scores() -> None:
