@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Callable
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import snapshot_download
@@ -193,23 +194,28 @@ def url_model_dir(entry: ZooEntry) -> Path:
     return local
 
 
+def _fetch_or_explain(entry: ZooEntry, missing: Path, where: str, fetch: Callable[[], object]) -> None:
+    """Run `fetch` for a file `missing` of `entry`, or fail naming it and `where` to get it: at once when
+    offline, with the cause when fetching fails."""
+    label = f"{entry.name}/{entry.model_type}: {missing}"
+    if offline():
+        raise WeightsNotFoundError(f"{label} is missing and the network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
+    try:
+        fetch()
+    except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
+        raise WeightsNotFoundError(f"{label} is missing and fetching it failed ({type(err).__name__}: {err}): {where}") from None
+
+
 def entry_files_dir(entry: ZooEntry) -> Path:
     """The cached directory holding a "url:" entry's `files` (its tokenizer, from the hub repo
     `files_repo`), for a weights file the user gives: fetched first when online and missing."""
     local = cache_dir(entry)
     missing = [name for name in entry.files if not (local / name).is_file()]
-    if not missing:
-        return local
-    hub = f"https://huggingface.co/{entry.files_repo}"
-    where = f"download {', '.join(missing)} from {hub} into {local}, or put them beside the weights file"
-    if offline():
-        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: {local / missing[0]} is missing and the "
-                                   f"network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
-    try:
-        snapshot_download(entry.files_repo, allow_patterns=list(entry.files), local_dir=str(local), etag_timeout=5)
-    except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
-        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: fetching {', '.join(missing)} failed "
-                                   f"({type(err).__name__}: {err}): {where}") from None
+    if missing:
+        where = (f"download {', '.join(missing)} from https://huggingface.co/{entry.files_repo} into {local}, "
+                 "or put them beside the weights file")
+        _fetch_or_explain(entry, local / missing[0], where, lambda: snapshot_download(
+            entry.files_repo, allow_patterns=list(entry.files), local_dir=str(local), etag_timeout=5))
     return local
 
 
@@ -218,15 +224,7 @@ def tower_file(entry: ZooEntry) -> Path:
     first when online and missing."""
     address = entry.tower_source.partition(":")[2]
     target = cache_dir(entry) / address.rpartition("/")[2]
-    if target.is_file():
-        return target
-    where = f"download {address} into {target.parent}, or put it beside the weights file"
-    if offline():
-        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: the image tower's weights {target} are missing "
-                                   f"and the network is off (HF_HUB_OFFLINE / VLFORGE_OFFLINE): {where}")
-    try:
-        download(address, target)
-    except Exception as err:  # noqa: BLE001 - every failure to fetch becomes one actionable message
-        raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: fetching {address} failed "
-                                   f"({type(err).__name__}: {err}): {where}") from None
+    if not target.is_file():
+        where = f"download {address} into {target.parent}, or put it beside the weights file"
+        _fetch_or_explain(entry, target, where, lambda: download(address, target))
     return target

@@ -58,8 +58,8 @@ def test_without_the_tower_file_the_error_names_it(tmp_path, ref: dict) -> None:
     lone.write_bytes(weights("blip2").read_bytes())
     for name in ("vocab.txt", "tokenizer_config.json", "config.json"):
         (tmp_path / name).write_bytes((FIXTURES / name).read_bytes())
-    with pytest.raises(WeightsNotFoundError, match=r"image tower's weights .*eva_vit_g\.pth are missing.*"
-                                                   r"LAVIS/models/BLIP2/eva_vit_g\.pth"):
+    with pytest.raises(WeightsNotFoundError, match=r"eva_vit_g\.pth is missing and the network is off.*"
+                                                   r"download .*LAVIS/models/BLIP2/eva_vit_g\.pth"):
         load_model("blip2", "pretrain", checkpoint=lone, overrides=_TINY)
 
 
