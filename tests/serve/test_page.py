@@ -151,7 +151,9 @@ def test_caption_streams_token_by_token_and_a_question_gets_its_answer(browser, 
     broken = tmp_path / "broken.png"  # an image/png by its name that no decoder reads: the API's 400, shown
     broken.write_bytes(b"not a png")
     page.set_input_files("#file", str(broken))
-    page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png;base64,bm90')")
+    # An attribute selector, not wait_for_function: a string predicate is eval'd in the page, which the
+    # page's Content-Security-Policy (no 'unsafe-eval') refuses once the first check comes back false.
+    page.wait_for_selector("#preview[src^='data:image/png;base64,bm90']", state="attached")
     page.click("#caption-run")
     page.wait_for_selector("#caption-error:not([hidden])", timeout=30_000)
     assert page.text_content("#caption-error") == "image: not a readable image (no image format recognised in its bytes)"
