@@ -12,7 +12,7 @@ from tests.models.training import loss_parts_before_and_after
 from vlforge.models.blip2.causal_lm import Blip2CausalLM
 from vlforge.models.blip2.pretrain import Blip2Pretrain
 from vlforge.models.fusion.qformer import QFormer
-from vlforge.models.language.causal_lm import build_causal_lm
+from vlforge.models.language.causal_lm import build_causal_lm, build_seq2seq_lm
 from vlforge.models.layers.contrastive import contrastive_loss, image_text_similarity
 
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=4)
@@ -182,3 +182,18 @@ def test_language_model_from_a_local_directory(tmp_path: Path) -> None:
         build_causal_lm(config={"hidden_size": 8})
     with pytest.raises(OSError, match="no_such_lm"):
         build_causal_lm(pretrained=str(tmp_path / "no_such_lm"))
+
+
+def test_config_overrides_replace_derived_attributes_and_name_unknown_ones(tmp_path: Path) -> None:
+    # T5's config derives dense_act_fn from feed_forward_proj; the override wins over the derivation
+    # whether the LM is built from a config or loaded from a directory (LAVIS's FlanT5: exact GELU).
+    t5 = {"model_type": "t5", "vocab_size": 32, "d_model": 16, "d_kv": 4, "num_heads": 2, "d_ff": 32,
+          "num_layers": 1, "feed_forward_proj": "gated-gelu"}
+    built = build_seq2seq_lm(config=t5, config_overrides={"dense_act_fn": "gelu"})
+    assert type(built.encoder.block[0].layer[1].DenseReluDense.act).__name__ == "GELUActivation"
+    build_seq2seq_lm(config=t5).save_pretrained(tmp_path / "t5")
+    loaded = build_seq2seq_lm(pretrained=str(tmp_path / "t5"), config_overrides={"dense_act_fn": "gelu"})
+    assert loaded.config.dense_act_fn == "gelu"
+    assert type(loaded.decoder.block[0].layer[2].DenseReluDense.act).__name__ == "GELUActivation"
+    with pytest.raises(ValueError, match=r"config_overrides\.no_such_field: the t5 config .* has no such attribute"):
+        build_seq2seq_lm(pretrained=str(tmp_path / "t5"), config_overrides={"no_such_field": 1})

@@ -68,15 +68,19 @@ _TINY_OPT = [o for o in _TINY if not o.startswith(("model.qformer.vocab_size", "
                                                    "model.embed_dim"))]
 
 
+def _saved_with_lm_files(tmp_path_factory: pytest.TempPathFactory, name: str, lm: str, files: tuple[str, ...]) -> tuple:
+    """`name`.pth as LAVIS's runner saves it (no tower, no LM), beside eva_vit_g.pth and the LM's
+    tokenizer files, as a user would keep them; and LAVIS's outputs."""
+    directory = tmp_path_factory.mktemp(name)
+    for source in (weights(name), FIXTURES / "eva_vit_g.pth", *(FIXTURES / lm / file for file in files)):
+        (directory / source.name).write_bytes(source.read_bytes())
+    return directory / f"{name}.pth", expected(name)
+
+
 @pytest.fixture(scope="module")
 def opt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    """blip2_opt.pth as LAVIS's runner saves it (no tower, no LM), beside eva_vit_g.pth and OPT's
-    tokenizer files, as a user would keep them."""
-    directory = tmp_path_factory.mktemp("blip2_opt")
-    for source in (weights("blip2_opt"), FIXTURES / "eva_vit_g.pth", *(FIXTURES / "opt" / name for name in (
-            "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"))):
-        (directory / source.name).write_bytes(source.read_bytes())
-    return directory / "blip2_opt.pth", expected("blip2_opt")
+    return _saved_with_lm_files(tmp_path_factory, "blip2_opt", "opt",
+                                ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"))
 
 
 def test_blip2_opt_loss_and_texts(opt_checkpoint: tuple) -> None:
@@ -93,3 +97,44 @@ def test_blip2_opt_loss_and_texts(opt_checkpoint: tuple) -> None:
         out = model.generate_ids(ref["pixels"], ref[f"{key}_ids"][:, :prompt], num_beams=beams,
                                  max_new_tokens=ref["generate"]["max_length"], eos_token_id=model.eos_token_id())
         assert out.tolist() == ref[f"{key}_ids"][:, prompt:].tolist(), key
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    # LAVIS's checkpoint keeps the T5's embed_tokens aliases of its frozen embedding (see the converter).
+    return _saved_with_lm_files(tmp_path_factory, "blip2_t5", "t5",
+                                ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"))
+
+
+def test_blip2_t5_loss_and_texts(t5_checkpoint: tuple) -> None:
+    checkpoint, ref = t5_checkpoint
+    model = load_model("blip2_t5", "caption_coco_flant5xl", checkpoint=checkpoint,
+                       overrides=[*_TINY_OPT, f"model.language_model.pretrained={FIXTURES / 't5'}"])
+    assert model.prompt == "a photo of" and model.language_model.config.dense_act_fn == "gelu"
+    ids, mask = tokens(model, ref["targets"], 32)
+    prompt_ids, prompt_mask = tokens(model, ref["prompts"], 32)
+    with torch.no_grad():
+        loss = model({"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask,
+                      "prompt_input_ids": prompt_ids, "prompt_attention_mask": prompt_mask}).loss
+    torch.testing.assert_close(loss, ref["loss"], **TOL)
+    # Beam search after the model's prompt; greedy after a prompt per image (padded on the right).
+    beam = model.generate({"image": ref["pixels"]}, num_beams=3, **ref["beam"])
+    assert beam == ref["beam_texts"]
+    greedy = model.generate({"image": ref["pixels"], "prompt": ref["prompts"]}, num_beams=1, **ref["greedy"])
+    assert greedy == ref["greedy_texts"]
+    for key, beams, prompts in (("beam", 3, ["a photo of"] * 3), ("greedy", 1, ref["prompts"])):
+        prompt_ids, prompt_mask = tokens(model, prompts, 32)
+        out = model.generate_ids(ref["pixels"], prompt_ids, prompt_mask, num_beams=beams,
+                                 max_new_tokens=ref[key]["max_length"], min_length=ref[key]["min_length"])
+        assert out.tolist() == ref[f"{key}_ids"].tolist(), key
+
+
+def test_blip2_t5_refuses_a_prompt_in_front_of_the_text(t5_checkpoint: tuple) -> None:
+    checkpoint, ref = t5_checkpoint
+    model = load_model("blip2_t5", "pretrain_flant5xl", checkpoint=checkpoint,
+                       overrides=[*_TINY_OPT, f"model.language_model.pretrained={FIXTURES / 't5'}"])
+    ids, mask = tokens(model, ref["targets"], 32)
+    batch = {"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask,
+             "text_prompt_length": torch.tensor([3, 3, 3])}
+    with pytest.raises(ValueError, match=r"data\.prompts\.text: ''"):
+        model(batch)

@@ -6,30 +6,26 @@ in tests and the demo). The batch's text must be tokenized with the LM's own tok
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from vlforge.core.tokenizers import end_token_id, load_tokenizer
 from vlforge.datasets.instruct import pad_rows
 from vlforge.models.blip.decoder import lm_labels
-from vlforge.models.blip2.pretrain import QueryImageEncoder
+from vlforge.models.blip2.prefix_lm import QueryPrefixLM
 from vlforge.models.language.causal_lm import build_causal_lm, prompt_token_count
 from vlforge.models.language.lm_rows import start_lm_rows, step_lm_rows
 from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
-from vlforge.models.layers.zero_init import outside_zero_init
 from vlforge.models.output import ModelOutput
 
 
-class Blip2CausalLM(nn.Module):
-    """Stage-2 BLIP-2: loss `lm` over the text after the visual prefix (and after the prompt).
-
-    The LM is frozen by default (`freeze_language_model`), kept in eval mode so its dropout is off,
-    as BLIP-2 trains only the Q-Former, the tower's LayerNorm and the projection.
-    """
+class Blip2CausalLM(QueryPrefixLM):
+    """Stage-2 BLIP-2: loss `lm` over the text after the visual prefix (and after the prompt); the LM
+    frozen by default (`freeze_language_model`)."""
 
     def __init__(
         self,
@@ -41,45 +37,12 @@ class Blip2CausalLM(nn.Module):
         freeze_language_model: bool = True,
         eos_text: str | None = None,
     ) -> None:
-        super().__init__()
-        # Stage 2 feeds no text to the Q-Former, so it carries no text embedding or text feed-forward.
-        self.encoder = QueryImageEncoder(vision, {**qformer, "vocab_size": None})
-        # transformers initialises (and from_pretrained loads) weights after building each module,
-        # which zero.Init's empty placeholders would swallow: the LM is built whole, and
-        # deepspeed.initialize partitions it, broadcasting rank 0's values.
-        with outside_zero_init():
-            self.language_model = build_causal_lm(**language_model)
-        self.language_projection = nn.Linear(self.encoder.qformer.width, self.language_model.config.hidden_size)
-        self.freeze_language_model = freeze_language_model
-        if freeze_language_model:
-            self.language_model.requires_grad_(False)
-            self.language_model.eval()
+        super().__init__(vision, qformer, language_model, build_causal_lm, freeze_language_model)
         self.tokenizer_name, self.prompt = tokenizer, prompt
         # LAVIS's Blip2OPT ends its texts with "\n" (appended in training, the end of generation);
         # None: the tokenizer's eos, as transformers' BLIP-2.
         self.eos_text = eos_text
         self.prompt_length = 0 if tokenizer is None else prompt_token_count(tokenizer, prompt)
-
-    def train(self, mode: bool = True) -> "Blip2CausalLM":
-        super().train(mode)
-        if self.freeze_language_model:
-            self.language_model.eval()
-        return self
-
-    def visual_prefix(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, num_queries, LM width]: the inputs the LM reads before the text."""
-        return self.language_projection(self.encoder(image)[1])
-
-    def _inputs(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix = self.visual_prefix(image)
-        # With a device_map the LM's embeddings may sit on another device than the Q-Former.
-        embed = self.language_model.get_input_embeddings()
-        text = embed(input_ids.to(embed.weight.device))
-        embeds = torch.cat([prefix.to(device=text.device, dtype=text.dtype), text], dim=1)
-        attention_mask = attention_mask.to(text.device)
-        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=text.device),
-                          attention_mask], dim=1)
-        return embeds, mask
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]

@@ -15,7 +15,8 @@ pretraining ones) holds no `visual_encoder.*`, which LAVIS takes from eva_vit_g.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -131,4 +132,20 @@ def blip2_opt_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         out.update({f"language_model.{k[len('opt_model.'):]}": v for k, v in ckpt.take("opt_model.").items()})
     else:
         ckpt.ignore(("opt_model.lm_head",))
+    return check_all_mapped(ckpt, out)
+
+
+def blip2_t5_from_lavis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS `blip2_t5` (Blip2T5) -> vlforge.models.blip2.seq2seq_lm.Blip2Seq2SeqLM: as
+    `blip2_opt_from_lavis`, with `t5_proj` the projection. LAVIS's frozen FlanT5 is not saved, but for
+    the encoder's and decoder's `embed_tokens`: aliases of its shared embedding, not parameters of
+    their own, so its runner does not drop them; the LM's own, which `language_model.pretrained`
+    loads: ignored. A checkpoint holding the whole LM (`t5_model.shared.*`) loads it as `language_model.*`."""
+    ckpt = LavisCheckpoint(state_dict)
+    out = prefixed("encoder.", _query_encoder(ckpt, text=False))
+    out.update(prefixed("language_projection.", lavis_linear(ckpt, "t5_proj")))
+    if ckpt.has("t5_model.shared."):
+        out.update({f"language_model.{k[len('t5_model.'):]}": v for k, v in ckpt.take("t5_model.").items()})
+    else:
+        ckpt.ignore(("t5_model.encoder.embed_tokens", "t5_model.decoder.embed_tokens"))
     return check_all_mapped(ckpt, out)

@@ -1,4 +1,4 @@
-"""BLIP-2's rows of the model zoo: transformers' BLIP-2 OPT checkpoints, and LAVIS's stage-1 ones."""
+"""BLIP-2's rows of the model zoo: transformers' BLIP-2 OPT checkpoints, and LAVIS's stage-1, OPT and FlanT5 ones."""
 from __future__ import annotations
 
 from vlforge.models.zoo_entry import ZooEntry
@@ -58,6 +58,24 @@ def _lavis_opt(model_type: str, lm: str, description: str, weights: str, image_s
                     tower_converter="vlforge.models.blip2.convert_lavis:eva_tower_from_lavis")
 
 
+# FlanT5's tokenizer, which LAVIS's Blip2T5 loads from the LM's repo.
+_T5_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _lavis_t5(model_type: str, lm: str, description: str, weights: str, image_size: int, prompt: str) -> ZooEntry:
+    # LAVIS's Blip2T5: the prompt in the encoder, the caption from the decoder (no data prompt); the
+    # frozen FlanT5 (not in LAVIS's checkpoint) loads from its hub repo with exact GELU, as LAVIS sets it.
+    return ZooEntry("blip2_t5", model_type, "blip2_caption", f"{description} (LAVIS)", f"url:{_LAVIS_BLIP2}/{weights}",
+                    "vlforge.models.blip2.convert_lavis:blip2_t5_from_lavis", files=_T5_TOKENIZER_FILES,
+                    weights=(weights,), files_repo=f"google/{lm}", ignore=("language_model.",),
+                    overrides=("model=blip2_flant5xl", f"model.language_model.pretrained=google/{lm}",
+                               f"model.prompt='{prompt}'", "data.prompts.text=''", f"model.vision.img_size={image_size}",
+                               f"data.train_image.size={image_size}", f"data.eval_image.size={image_size}",
+                               "data.max_text_len=32"),
+                    origin="lavis", tower_source=f"url:{_LAVIS_BLIP2}/eva_vit_g.pth",
+                    tower_converter="vlforge.models.blip2.convert_lavis:eva_tower_from_lavis")
+
+
 _STAGE1 = (("blip2", "BLIP-2 EVA ViT-g + Q-Former, ITC + ITM + ITG"),
            ("blip2_feature_extractor", "BLIP-2 EVA ViT-g + Q-Former image and text features"),
            ("blip2_image_text_matching", "BLIP-2 EVA ViT-g + Q-Former ITM and ITC"))
@@ -75,4 +93,9 @@ ZOO: tuple[ZooEntry, ...] = (
                "blip2_caption_opt2.7b.pth", 364, "a photo of"),
     _lavis_opt("caption_coco_opt6.7b", "opt-6.7b", "BLIP-2 OPT-6.7b finetuned on COCO captions",
                "blip2_caption_opt6.7b.pth", 364, "a photo of"),
+    _lavis_t5("pretrain_flant5xl", "flan-t5-xl", "BLIP-2 FlanT5-XL, pretrained", "blip2_pretrained_flant5xl.pth", 224, ""),
+    _lavis_t5("pretrain_flant5xxl", "flan-t5-xxl", "BLIP-2 FlanT5-XXL, pretrained", "blip2_pretrained_flant5xxl.pth",
+              224, ""),
+    _lavis_t5("caption_coco_flant5xl", "flan-t5-xl", "BLIP-2 FlanT5-XL finetuned on COCO captions",
+              "blip2_caption_flant5xl.pth", 364, "a photo of"),
 )

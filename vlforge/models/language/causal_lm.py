@@ -1,4 +1,4 @@
-"""transformers causal LMs as parts of a vision-language model (BLIP-2 stage 2, LLaVA): built from a
+"""transformers causal (and encoder-decoder) LMs as parts of a vision-language model (BLIP-2 stage 2, LLaVA): built from a
 pretrained directory or hub id, or from a config (tiny and random in tests), optionally quantized."""
 from __future__ import annotations
 
@@ -6,39 +6,69 @@ import os
 from typing import Any, Mapping
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
 from vlforge.core.tokenizers import load_tokenizer
 
 
 def build_causal_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None,
-                    quantization_config: Any = None, device_map: str | Mapping[str, Any] | None = None) -> PreTrainedModel:
+                    quantization_config: Any = None, device_map: str | Mapping[str, Any] | None = None,
+                    config_overrides: Mapping[str, Any] | None = None) -> PreTrainedModel:
     """A transformers causal LM from `pretrained` (a directory, or a hub id) or from `config` (a dict
     with `model_type`, e.g. {model_type: opt, hidden_size: 64, ...}); exactly one of them.
     `quantization_config` (bitsandbytes) quantizes a pretrained LM as it loads, on this process's GPU
     (LOCAL_RANK) or on the CPU. `device_map` (inference: "auto" spreads the layers over every visible
-    GPU through accelerate) places a pretrained LM as it loads."""
+    GPU through accelerate) places a pretrained LM as it loads. `config_overrides` replace attributes
+    of the pretrained LM's config (as LAVIS's BLIP-2 T5 sets FlanT5's `dense_act_fn`)."""
+    return _build_lm(AutoModelForCausalLM, pretrained, config, quantization_config, device_map, config_overrides)
+
+
+def build_seq2seq_lm(pretrained: str | None = None, config: Mapping[str, Any] | None = None,
+                     quantization_config: Any = None, device_map: str | Mapping[str, Any] | None = None,
+                     config_overrides: Mapping[str, Any] | None = None) -> PreTrainedModel:
+    """A transformers encoder-decoder LM (T5, FlanT5, BART) as `build_causal_lm` builds a causal one."""
+    return _build_lm(AutoModelForSeq2SeqLM, pretrained, config, quantization_config, device_map, config_overrides)
+
+
+def _build_lm(auto: Any, pretrained: str | None, config: Mapping[str, Any] | None, quantization_config: Any,
+              device_map: str | Mapping[str, Any] | None, config_overrides: Mapping[str, Any] | None) -> PreTrainedModel:
     if (pretrained is None) == (config is None):
         raise ValueError("model.language_model needs exactly one of 'pretrained' (a directory or hub id) or 'config'")
     if config is not None and (device_map is not None or quantization_config is not None):
         raise ValueError("model.language_model: device_map and quantization apply to a pretrained LM, not to `config`")
+    overrides = dict(config_overrides or {})
     if config is not None:
         config = dict(config)
         if "model_type" not in config:
-            raise ValueError("model.language_model.config needs a 'model_type' (opt, llama, gpt2, ...)")
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+            raise ValueError("model.language_model.config needs a 'model_type' (opt, llama, t5, ...)")
+        built = AutoConfig.for_model(config.pop("model_type"), **config)
+        return auto.from_config(_override(built, overrides, "model.language_model.config"))
     local = os.path.isdir(pretrained)
     extra: dict[str, Any] = {}
     if quantization_config is not None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-        extra = {"quantization_config": quantization_config, "device_map": {"": device}}
+        extra.update(quantization_config=quantization_config, device_map={"": device})
     if device_map is not None:
         extra["device_map"] = dict(device_map) if isinstance(device_map, Mapping) else device_map
     try:
-        return AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=local, **extra)
+        if overrides:
+            extra["config"] = _override(AutoConfig.from_pretrained(pretrained, local_files_only=local), overrides,
+                                        f"'{pretrained}'")
+        return auto.from_pretrained(pretrained, local_files_only=local, **extra)
     except OSError as err:
         raise OSError(f"model.language_model.pretrained '{pretrained}' is neither a local model directory nor "
                       f"loadable from the hub (offline={os.environ.get('HF_HUB_OFFLINE', '0')}): {err}") from None
+
+
+def _override(config: Any, overrides: Mapping[str, Any], source: str) -> Any:
+    # After construction: a config's __init__ derives some attributes (T5's dense_act_fn from
+    # feed_forward_proj) and would overwrite them if passed in.
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.language_model.config_overrides.{key}: the {config.model_type} config of "
+                             f"{source} has no such attribute")
+        setattr(config, key, value)
+    return config
 
 
 def language_model_config_node(config: Any, keep_dtype: bool) -> dict[str, Any]:
