@@ -1,10 +1,13 @@
 """Conversations: which tokens are scored, where the image goes, and what bad conversations are told."""
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from vlforge.datasets.conversation import (
@@ -17,8 +20,9 @@ from vlforge.datasets.conversation import (
     from_questions,
 )
 from vlforge.datasets.demo_tokenizer import SPECIAL_TOKENS, save_vocab_tokenizer
-from vlforge.datasets.instruct import ConversationCollator
+from vlforge.datasets.instruct import ConversationCollator, ConversationSample
 from vlforge.datasets.samples import SampleError
+from vlforge.datasets.shards import RawSample
 
 WORDS = ["user", "assistant", ":", "what", "colour", "is", "it", "red", "and", "shape", "circle", "a", "picture"]
 
@@ -91,21 +95,66 @@ def test_conversations_from_captions_and_questions() -> None:
     assert [t["value"] for t in turns] == ["<image>\nwhat colour is it?", "red", "what shape is it?", "circle"]
 
 
-def test_collator_pads_labels_with_ignore_and_prompts_on_the_left(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_collator_pads_labels_with_ignore_and_flattens_every_prompt_on_the_left(tokenizer: PreTrainedTokenizerFast,
+                                                                                tmp_path: Path) -> None:
     tokenizer.save_pretrained(str(tmp_path))
     collate = ConversationCollator(str(tmp_path))
+
+    def asked(prompt: list[int], question: str) -> dict:
+        return {"prompt_ids": torch.tensor(prompt), "question": question, "sample_id": question, "answers": ["x"]}
+
     batch = collate([
         {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "input_ids": torch.tensor([2, 5, 6]),
-         "labels": torch.tensor([IGNORE, 5, 6]), "prompt_ids": torch.tensor([2, 5]), "question": "q1"},
-        {"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "input_ids": torch.tensor([2, 7]),
-         "labels": torch.tensor([IGNORE, 7]), "prompt_ids": torch.tensor([2]), "question": "q2"},
+         "labels": torch.tensor([IGNORE, 5, 6]), "prompts": [asked([2, 5], "q1"), asked([2, 5, 6, 7], "q2")]},
+        {"image": torch.ones(3, 4, 4, dtype=torch.uint8), "input_ids": torch.tensor([2, 7]),
+         "labels": torch.tensor([IGNORE, 7]), "prompts": [asked([2], "q3")]},
     ])
     assert batch["input_ids"].tolist() == [[2, 5, 6], [2, 7, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
-    assert batch["prompt_input_ids"].tolist() == [[2, 5], [0, 2]]
-    assert batch["prompt_attention_mask"].tolist() == [[1, 1], [0, 1]]
-    assert batch["image"].shape == (2, 3, 4, 4) and batch["question"] == ["q1", "q2"]
+    assert batch["prompt_input_ids"].tolist() == [[0, 0, 2, 5], [2, 5, 6, 7], [0, 0, 0, 2]]
+    assert batch["prompt_attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]]
+    assert batch["prompt_row"].tolist() == [0, 0, 1]
+    assert batch["question"] == batch["sample_id"] == ["q1", "q2", "q3"] and batch["answers"] == [["x"]] * 3
+    assert batch["image"].shape == (2, 3, 4, 4)
+
+
+def _raw(meta: dict) -> RawSample:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return RawSample(key="k0", shard="shard-0.tar", files={"png": buffer.getvalue(), "json": json.dumps(meta).encode()})
+
+
+def test_evaluation_asks_every_question_of_a_sample(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+    tokenizer.save_pretrained(str(tmp_path))
+    chat = ConversationTemplate(system="")
+
+    def evaluation(source: str, meta: dict) -> list[dict]:
+        return ConversationSample(lambda image: image.size, str(tmp_path), chat, source, 64, train=False)(_raw(meta))["prompts"]
+
+    def prompt_ids(turns: list[dict]) -> list[int]:
+        return encode_conversation(tokenizer, chat, turns, 64, prompt_only=True)[0]
+
+    # A conversation: each human turn after the turns before it, with their reference answers.
+    prompts = evaluation("conversations", {"image_id": "img7", "conversations": TURNS})
+    assert [p["sample_id"] for p in prompts] == ["img7_q0", "img7_q1"]
+    assert [p["question"] for p in prompts] == ["what colour is it", "what shape is it"]
+    assert [p["answers"] for p in prompts] == [["red"], ["a circle"]]
+    assert prompts[0]["prompt_ids"].tolist() == prompt_ids(TURNS[:1])
+    assert prompts[1]["prompt_ids"].tolist() == prompt_ids(TURNS[:3])
+    assert ids(tokenizer, "red")[0] in prompts[1]["prompt_ids"].tolist()  # the history holds the first answer
+
+    # Questions: each alone with the image, keyed by its question id, against every human answer.
+    meta = {"image_id": "img7", "qa": [{"question": "what colour is it", "answers": ["red"] * 7 + ["pink"] * 3},
+                                       {"question": "what shape is it", "answers": ["circle"] * 10}]}
+    prompts = evaluation("questions", meta)
+    assert [p["sample_id"] for p in prompts] == ["img7_q0", "img7_q1"]
+    assert prompts[1]["prompt_ids"].tolist() == prompt_ids([{"from": "human", "value": "<image>\nwhat shape is it"}])
+    assert prompts[0]["answers"] == ["red"] * 7 + ["pink"] * 3
+
+    prompts = evaluation("captions", {"image_id": "img7", "captions": ["a red circle", "a circle"]})
+    assert len(prompts) == 1 and prompts[0]["sample_id"] == "img7"
+    assert prompts[0]["answers"] == ["a red circle", "a circle"]
 
 
 def test_an_unknown_template_is_named() -> None:

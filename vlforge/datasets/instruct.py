@@ -32,9 +32,15 @@ SOURCES = ("conversations", "captions", "questions")
 class ConversationSample:
     """`source`: where the conversation comes from: the sample's `conversations` field, or one made of
     its captions or its questions. Training: `image`, `input_ids`, `labels`. Evaluation also gives
-    `prompt_ids` (the conversation up to the first answer, what generation continues), `question`
-    (the first human turn's text), `answers` (its reference answers: every human answer of the
-    first question, or every caption) and `sample_id` (the first question's id, else the image id)."""
+    `prompts`, one per question the sample asks, each with `prompt_ids` (what generation continues),
+    `question` (its text), `answers` (its reference answers) and `sample_id` (what the evaluation keys
+    the answer by):
+    - `conversations`: every human turn, after the conversation before it with its reference answers
+      (the history a multi-turn chat has), turn k keyed `<image id>_q<k>` (as a demo image's questions);
+    - `questions`: every question alone with the image, as LLaVA evaluates VQA, keyed by its question id
+      and scored against every human answer;
+    - `captions`: the image alone, keyed by its image id, scored against every caption.
+    Prompts are not truncated to `max_len` (a cut prompt would lose the assistant's header)."""
 
     def __init__(self, image_transform: Callable[[Image.Image], Any], tokenizer: str, template: ConversationTemplate,
                  source: str, max_len: int, train: bool = True) -> None:
@@ -52,16 +58,21 @@ class ConversationSample:
             raise SampleError("missing field 'conversations' (task.source=conversations)")
         return check_conversation(meta["conversations"])
 
-    def _references(self, meta: dict[str, Any], key: str, turns: list[dict[str, str]]) -> tuple[str, list[str]]:
-        """(what the evaluation keys this sample's answer by, its reference answers): the first
-        question's id (per-question shards repeat an image), else the image id."""
+    def _prompts(self, tok: Any, meta: dict[str, Any], key: str, turns: list[dict[str, str]]) -> list[dict[str, Any]]:
         image_id = str(meta.get("image_id", key))
+
+        def prompt(context: list[dict[str, str]], sample_id: str, answers: list[str]) -> dict[str, Any]:
+            ids, _ = encode_conversation(tok, self.template, context, 2**31, prompt_only=True)
+            question = context[-1]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+            return {"prompt_ids": torch.tensor(ids), "question": question, "sample_id": sample_id, "answers": answers}
+
         if self.source == "captions":
-            return image_id, captions_of(meta)
+            return [prompt(turns[:1], image_id, captions_of(meta))]
         if self.source == "questions":
-            first = questions_of(meta, key)[0]
-            return first["question_id"], first["answers"]
-        return image_id, [turns[1]["value"]]
+            return [prompt([{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{qa['question']}"}], qa["question_id"],
+                           qa["answers"]) for qa in questions_of(meta, key)]
+        return [prompt(turns[: 2 * k + 1], f"{image_id}_q{k}", [turns[2 * k + 1]["value"]])
+                for k in range(len(turns) // 2)]
 
     def __call__(self, raw: RawSample) -> dict[str, Any]:
         meta = decode_meta(raw)
@@ -72,10 +83,7 @@ class ConversationSample:
                                   "image_id": str(meta.get("image_id", raw.key)),
                                   "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if not self.train:
-            prompt, _ = encode_conversation(tok, self.template, turns[:2], self.max_len, prompt_only=True)
-            sample["prompt_ids"] = torch.tensor(prompt)
-            sample["question"] = turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-            sample["sample_id"], sample["answers"] = self._references(meta, raw.key, turns)
+            sample["prompts"] = self._prompts(tok, meta, raw.key, turns)
         return sample
 
 
@@ -93,8 +101,10 @@ def pad_rows(rows: list[torch.Tensor], value: float, left: bool = False) -> tupl
 
 class ConversationCollator:
     """Batches of ConversationSample: `input_ids` / `labels` right-padded (pad id / IGNORE) with an
-    `attention_mask`; `prompt_input_ids` left-padded with `prompt_attention_mask`, so that every
-    prompt ends where generation starts; images stacked; anything else kept as lists."""
+    `attention_mask`; images stacked; anything else kept as lists. Evaluation samples' `prompts` are
+    flattened in sample order: `prompt_input_ids` left-padded with `prompt_attention_mask`, so that
+    every prompt ends where generation starts, `prompt_row` [P] (the image row each prompt asks
+    about), and `question`, `sample_id`, `answers` as lists of P."""
 
     def __init__(self, tokenizer: str) -> None:
         tok = load_tokenizer(tokenizer)  # fail now, naming the tokenizer, not later in a worker
@@ -108,8 +118,13 @@ class ConversationCollator:
                 batch["input_ids"], batch["attention_mask"] = pad_rows(values, self.pad_id)
             elif key == "labels":
                 batch["labels"], _ = pad_rows(values, IGNORE)
-            elif key == "prompt_ids":
-                batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_rows(values, self.pad_id, left=True)
+            elif key == "prompts":
+                prompts = [p for row in values for p in row]
+                batch["prompt_input_ids"], batch["prompt_attention_mask"] = pad_rows(
+                    [p["prompt_ids"] for p in prompts], self.pad_id, left=True)
+                batch["prompt_row"] = torch.tensor([row for row, asked in enumerate(values) for _ in asked])
+                for field in ("question", "sample_id", "answers"):
+                    batch[field] = [p[field] for p in prompts]
             elif isinstance(values[0], torch.Tensor):
                 batch[key] = torch.stack(values)
             else:

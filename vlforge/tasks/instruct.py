@@ -1,6 +1,7 @@
 """Visual instruction tuning (LLaVA): train on conversations, evaluate by the loss over the answers and
-by answering each image's first question (generation), scored with VQA accuracy against its reference
-answers (or, for captions, with the COCO caption metrics)."""
+by answering every question of each sample (generation; see ConversationSample for the context each
+question gets), scored with VQA accuracy against its reference answers (or, for captions, with the
+COCO caption metrics)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -49,18 +50,26 @@ class InstructTask(Task):
 
     def eval_step(self, model: nn.Module, batch: dict, state: PromptedGenerator, report_rows: int) -> EvalStep:
         # The image tower runs once for both the loss and the answers.
-        batch["image_features"] = state.image_features(batch["image"])
+        features = state.image_features(batch["image"])
+        batch["image_features"] = features
         # The model's loss is the mean over the scored tokens (the answers); weighted by their count
         # here, so the split's loss is the mean over all its answer tokens.
         mean_loss = model(batch).loss
-        predictions = state.generate(batch, **self.generate_kwargs)
+        # Every question of every image, each with its image's features.
+        rows = batch["prompt_row"].to(features.device)
+        predictions = state.generate({"image": batch["image"][rows.to(batch["image"].device)],
+                                      "image_features": features[rows],
+                                      "prompt_input_ids": batch["prompt_input_ids"],
+                                      "prompt_attention_mask": batch["prompt_attention_mask"]}, **self.generate_kwargs)
+        image_rows = batch["prompt_row"].tolist()
         scored = float((batch["labels"][:, 1:] != IGNORE).sum())
-        rows = [[batch["image"][row].cpu(), batch["question"][row], predictions[row], batch["answers"][row][0]]
-                for row in range(min(len(predictions), report_rows))]
+        table = [[batch["image"][image_rows[i]].cpu(), batch["question"][i], predictions[i], batch["answers"][i][0]]
+                 for i in range(min(len(predictions), report_rows))]
         return EvalStep({"loss_sum": [float(mean_loss.double()) * scored], "tokens": [scored],
-                         "sample_id": list(batch["sample_id"]), "image_id": list(batch["image_id"]),
+                         "sample_id": list(batch["sample_id"]),
+                         "image_id": [batch["image_id"][row] for row in image_rows],
                          "question": list(batch["question"]), "prediction": predictions,
-                         "answers": list(batch["answers"])}, rows)
+                         "answers": list(batch["answers"])}, table)
 
     def summarize(self, records: dict[str, list[Any]], table: list[list[Any]], state: Any) -> EvalResult:
         ids = records.get("sample_id", [])
