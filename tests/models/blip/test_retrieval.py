@@ -9,7 +9,7 @@ from tests.models.tiny_blip import TEXT, VISION, VOCAB, hf_config, images
 from vlforge.models.blip.convert import blip_retrieval_from_hf
 from vlforge.models.blip.retrieval import BlipRetrieval
 from vlforge.models.layers.convert import load_mapped
-from vlforge.models.layers.itm import sample_hard_negatives
+from vlforge.models.layers.itm import hard_negative_pairs, sample_hard_negatives
 
 EMBED = 16
 
@@ -63,6 +63,23 @@ def test_training_step_has_both_losses_and_gradients(pair) -> None:
     assert set(out.losses) == {"itc", "itm"} and torch.isfinite(out.loss)
     assert ours.itm_head.weight.grad.abs().sum() > 0 and ours.logit_scale.log_scale.grad.abs().sum() > 0
     ours.zero_grad()
+
+
+def test_itm_negatives_are_drawn_from_the_itc_logits(pair, monkeypatch) -> None:
+    # LAVIS draws them from softmax(sim / temp): a bare cosine would make the draw near uniform.
+    from vlforge.models.blip import retrieval
+
+    _, ours = pair
+    pixels, _, ids, mask = _batch()
+    seen = []
+    monkeypatch.setattr(retrieval, "hard_negative_pairs",
+                        lambda logits, **kw: seen.append(logits) or hard_negative_pairs(logits, **kw))
+    with torch.no_grad():
+        ours({"image": pixels, "text_input_ids": ids, "text_attention_mask": mask})
+        _, image_emb = ours.image_features(pixels)
+        expected = ours.logit_scale() * image_emb @ ours.encode_text(ids, mask).t()
+    assert ours.logit_scale() > 10
+    torch.testing.assert_close(seen[0], expected)
 
 
 def test_hard_negatives_are_never_the_positive_and_prefer_similar() -> None:

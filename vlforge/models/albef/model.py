@@ -237,7 +237,7 @@ class ALBEF(DualEncoderFeatures, nn.Module):
         itc = (i2t + t2i) / 2
         self._enqueue(image_feat_m, text_feat_m, groups)
 
-        pairs = hard_negative_pairs((image_feat @ text_feat.t()).detach(), positives=same)
+        pairs = hard_negative_pairs((scale * image_feat @ text_feat.t()).detach(), positives=same)
         fused = self.model.fuse(text_hidden[pairs.text_rows], mask[pairs.text_rows], image_tokens[pairs.image_rows])
         itm = itm_loss(self.itm_head(fused[:, 0]), pairs)
 

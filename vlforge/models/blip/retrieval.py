@@ -86,10 +86,11 @@ class BlipRetrieval(DualEncoderFeatures, nn.Module):
         image_tokens, image_emb = self.image_features(batch["image"])
         text_emb = self.encode_text(ids, mask)
         groups = text_groups(ids, mask) if self.match_identical_texts else None
-        itc = contrastive_loss(image_emb, text_emb, self.logit_scale(), groups)
+        scale = self.logit_scale()
+        itc = contrastive_loss(image_emb, text_emb, scale, groups)
 
         same = None if groups is None else groups[:, None] == groups[None, :]
-        pairs = hard_negative_pairs((image_emb @ text_emb.t()).detach(), positives=same)
+        pairs = hard_negative_pairs((scale * image_emb @ text_emb.t()).detach(), positives=same)
         logits = self.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows])
         itm = itm_loss(logits, pairs)
         loss = itc + itm

@@ -116,9 +116,10 @@ class Blip2Pretrain(DualEncoderFeatures, nn.Module):
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         image_tokens, image_emb = self.image_features(batch["image"])
         text_emb = self.encode_text(ids, mask)
-        itc = contrastive_loss(image_emb, text_emb, self.logit_scale(), label_smoothing=self.itc_label_smoothing)
+        scale = self.logit_scale()
+        itc = contrastive_loss(image_emb, text_emb, scale, label_smoothing=self.itc_label_smoothing)
 
-        pairs = hard_negative_pairs(image_text_similarity(image_emb, text_emb).detach())
+        pairs = hard_negative_pairs((scale * image_text_similarity(image_emb, text_emb)).detach())
         itm = itm_loss(self.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows]), pairs)
 
         decoder_ids = ids.clone()

@@ -7,15 +7,17 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_hard_negatives(sim: torch.Tensor, generator: torch.Generator | None = None,
+def sample_hard_negatives(logits: torch.Tensor, generator: torch.Generator | None = None,
                           positives: torch.Tensor | None = None) -> torch.Tensor:
-    """For each row, a column other than its own, drawn with probability softmax(similarity).
+    """For each row, a column other than its own, drawn with probability softmax(logits).
 
-    Harder negatives (more similar, yet wrong) are drawn more often, as in ALBEF/BLIP ITM training.
+    Harder negatives (more similar, yet wrong) are drawn more often, as in ALBEF/BLIP ITM training;
+    the logits are the contrastive ones (similarity times the logit scale, LAVIS's `sim / temp`):
+    softmax of a bare cosine in [-1, 1] is near uniform, and draws mostly easy negatives.
     `positives` [rows, cols] bool marks further columns that are no negatives (an identical text:
     LAVIS masks by `idx` likewise); a row with no other column left falls back to any other.
     """
-    weights = sim.float().softmax(dim=1).clone()
+    weights = logits.float().softmax(dim=1).clone()
     if positives is not None:
         weights = weights.masked_fill(positives, 0)
     weights.fill_diagonal_(0)
@@ -33,14 +35,14 @@ class MatchingPairs:
 
 
 @torch.no_grad()
-def hard_negative_pairs(sim_i2t: torch.Tensor, positives: torch.Tensor | None = None,
+def hard_negative_pairs(logits_i2t: torch.Tensor, positives: torch.Tensor | None = None,
                         generator: torch.Generator | None = None) -> MatchingPairs:
-    """ITM's training pairs from the image-to-text similarities [B, B] of a batch (ALBEF, BLIP, BLIP-2):
-    one negative text per image and one negative image per text, drawn by `sample_hard_negatives`.
-    `positives` [B, B] (symmetric) marks pairs that are no negatives."""
-    neg_text = sample_hard_negatives(sim_i2t, generator, positives)
-    neg_image = sample_hard_negatives(sim_i2t.t(), generator, None if positives is None else positives.t())
-    rows = torch.arange(sim_i2t.shape[0], device=sim_i2t.device)
+    """ITM's training pairs from the image-to-text contrastive logits [B, B] of a batch (ALBEF, BLIP,
+    BLIP-2; similarity times the logit scale): one negative text per image and one negative image per
+    text, drawn by `sample_hard_negatives`. `positives` [B, B] (symmetric) marks pairs that are no negatives."""
+    neg_text = sample_hard_negatives(logits_i2t, generator, positives)
+    neg_image = sample_hard_negatives(logits_i2t.t(), generator, None if positives is None else positives.t())
+    rows = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
     labels = torch.cat([torch.ones_like(rows), torch.zeros_like(rows), torch.zeros_like(rows)])
     return MatchingPairs(torch.cat([rows, rows, neg_image]), torch.cat([rows, neg_text, rows]), labels)
 
