@@ -60,3 +60,14 @@ def test_a_sample_without_questions_is_named() -> None:
         sample(_raw({"image_id": "x", "captions": ["a"]}))
     with pytest.raises(SampleError, match="question x_q0"):
         sample(_raw({"image_id": "x", "qa": [{"question": "q", "answers": []}]}))
+
+
+def test_weighted_training_pairs_each_question_with_every_distinct_answer_and_its_share() -> None:
+    sample = VQASample(lambda image: image.size, str.lower, train=True, weighted_answers=True)
+    out = sample(_raw(PER_IMAGE))
+    assert out["question"] == ["what color is it?", "what color is it?", "how many shapes?"]
+    assert out["answer"] == ["red", "pink", "two"]
+    assert out["answer_weight"] == pytest.approx([0.9, 0.1, 1.0])
+    out = sample(_raw(PER_QUESTION))
+    assert out["question"] == ["is it sunny?"] * 2 and out["answer"] == ["yes", "no"]
+    assert out["answer_weight"] == pytest.approx([2 / 3, 1 / 3])

@@ -126,19 +126,32 @@ class VQASample:
     per-image shard trains on all its questions in one step, so the image is encoded once for them
     and each step contrasts different questions about one image (the collator flattens the lists).
 
+    With `weighted_answers`, training instead pairs each question with every distinct human answer
+    (the question repeated once per answer) and gives `answer_weight`, the share of the question's
+    answers each has: LAVIS's VQA training data, for its weighted loss (BlipVQA).
+
     Evaluation: the image and all its questions, as lists under `question` (tokenized by the
     collator as in training), `answers` (the human answers of each), `question_ids` and `answer_types`.
     """
 
     def __init__(self, image_transform: Callable[[Image.Image], Any], text_processor: Callable[[str], str],
-                 train: bool = True) -> None:
+                 train: bool = True, weighted_answers: bool = False) -> None:
         self.image_transform, self.text_processor, self.train = image_transform, text_processor, train
+        self.weighted_answers = weighted_answers
 
     def __call__(self, raw: RawSample) -> dict[str, Any]:
         meta = decode_meta(raw)
         image = load_image(raw, self.image_transform)
         questions = questions_of(meta, raw.key)
         sample: dict[str, Any] = {"image": image, "image_id": str(meta.get("image_id", raw.key))}
+        if self.train and self.weighted_answers:
+            sample["question"], sample["answer"], sample["answer_weight"] = [], [], []
+            for q in questions:
+                for answer in dict.fromkeys(q["answers"]):  # distinct, in order of first mention
+                    sample["question"].append(self.text_processor(q["question"]))
+                    sample["answer"].append(answer)
+                    sample["answer_weight"].append(q["answers"].count(answer) / len(q["answers"]))
+            return sample
         if self.train:
             sample["question"] = [self.text_processor(q["question"]) for q in questions]
             sample["answer"] = [random.choice(q["answers"]) for q in questions]

@@ -41,14 +41,21 @@ class _VQAState:
 class VQATask(Task):
     """`mode: generate` decodes answers (`max_answer_length`, `num_beams`); `mode: rank` scores the
     `answer_list` candidates (a JSON file or a list) and takes the likeliest, pre-filtered to the
-    `rank_k` with the likeliest first token (BLIP's VQAv2 evaluation)."""
+    `rank_k` with the likeliest first token (BLIP's VQAv2 evaluation). `train_answers`: `sampled`
+    trains each question on one human answer drawn at random (more annotators, more often);
+    `weighted` on every distinct answer, its loss weighted by its share of the annotators (LAVIS's
+    objective, which the sampled one equals in expectation; see BlipVQA)."""
 
     text_keys = ("question", "answer")
 
     def __init__(self, mode: str = "generate", answer_list: str | Sequence[str] | None = None,
-                 max_answer_length: int = 10, num_beams: int = 1, rank_k: int = 128, report_images: int = 16) -> None:
+                 max_answer_length: int = 10, num_beams: int = 1, rank_k: int = 128, report_images: int = 16,
+                 train_answers: str = "sampled") -> None:
         if mode not in ("generate", "rank"):
             raise ValueError(f"task.mode must be 'generate' or 'rank', got {mode!r}")
+        if train_answers not in ("sampled", "weighted"):
+            raise ValueError(f"task.train_answers must be 'sampled' or 'weighted', got {train_answers!r}")
+        self.weighted_answers = train_answers == "weighted"
         if mode == "rank" and answer_list is None:
             raise ValueError("task.mode=rank needs task.answer_list (candidate answers)")
         self.mode, self.max_answer_length, self.num_beams, self.rank_k = mode, max_answer_length, num_beams, rank_k
@@ -56,7 +63,7 @@ class VQATask(Task):
         self.report_images = report_images
 
     def train_sample(self, data: DataConfig) -> VQASample:
-        return VQASample(*image_text_samples(data, train=True), train=True)
+        return VQASample(*image_text_samples(data, train=True), train=True, weighted_answers=self.weighted_answers)
 
     def eval_sample(self, data: DataConfig) -> VQASample:
         return VQASample(*image_text_samples(data, train=False), train=False)

@@ -4,8 +4,13 @@ floats and exactly on token ids and strings. The rows carry what LAVIS runs with
 for image-grounded text encoding, VQA answers ranked by the 0.1-smoothed loss)."""
 from __future__ import annotations
 
+import io
+import json
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.models.lavis_fixtures import (  # noqa: F401 - offline_home is a fixture
     TOL,
@@ -18,6 +23,9 @@ from tests.models.lavis_fixtures import (  # noqa: F401 - offline_home is a fixt
     weights,
 )
 from vlforge import load_model, normalized_pixels
+from vlforge.datasets.collate import Collator
+from vlforge.datasets.samples import VQASample
+from vlforge.datasets.shards import RawSample
 
 pytestmark = pytest.mark.usefixtures("offline_home")
 
@@ -59,6 +67,29 @@ def test_vqa_answers_generated_and_ranked() -> None:
         out = model.generate_answer_ids(ref["pixels"], ids, mask, max_length=10, num_beams=beams)
         assert out.tolist() == ref[f"{key}_ids"].tolist(), key
     assert_ranked_answers(model, ref)
+
+
+def test_vqa_weighted_training_loss_through_the_data_pipeline() -> None:
+    # LAVIS's training loss on every distinct answer weighted by its share of the annotators: the
+    # fixture's weights (1.0; 0.6 / 0.4; 0.7 / 0.3) come from these annotators through VQASample.
+    ref = expected("blip_vqa")
+    model = _load("blip_vqa", "vqav2")
+    annotators = [["red"] * 10, ["two"] * 6 + ["one"] * 4, ["table"] * 7 + ["on the table"] * 3]
+    sample = VQASample(lambda image: torch.from_numpy(np.array(image)).permute(2, 0, 1), str, train=True,
+                       weighted_answers=True)
+    rows = []
+    for i, (question, answers) in enumerate(zip(ref["questions"], annotators)):
+        png = io.BytesIO()
+        Image.fromarray(ref["pixels"][i].permute(1, 2, 0).numpy()).save(png, format="PNG")
+        meta = {"image_id": str(i), "question": question, "answers": answers}
+        rows.append(sample(RawSample(str(i), "shard-0.tar", {"png": png.getvalue(), "json": json.dumps(meta).encode()})))
+    assert [a for row in rows for a in row["answer"]] == ref["train_answers"]
+    assert [w for row in rows for w in row["answer_weight"]] == pytest.approx(ref["train_weights"])
+    batch = Collator(model.tokenizer_name, 35, ("question", "answer"))(rows)
+    assert torch.equal(batch["image"], ref["pixels"])
+    with torch.no_grad():
+        loss = model(batch).loss
+    torch.testing.assert_close(loss, ref["train_loss"], **TOL)
 
 
 def test_image_text_matching_and_lavis_retrieval_scores() -> None:

@@ -33,7 +33,9 @@ class BlipVQA(nn.Module):
     `enc_token_id` (an id, or a token of the tokenizer): the question encoder reads it in place of
     [CLS], as LAVIS's BLIP VQA does with [ENC]; None keeps [CLS] (transformers' BLIP).
     `label_smoothing` applies to the training loss and to rank mode, which ranks candidates by that
-    loss (LAVIS: 0.1; with 0 it is their log-likelihood).
+    loss (LAVIS: 0.1; with 0 it is their log-likelihood). The training loss is the mean over answer
+    tokens; a batch with `answer_weight` (VQASample's weighted answers) gets LAVIS's instead: each
+    answer's summed token loss times its weight, summed and divided by the number of images.
     `answer_attends_question_padding`: generated answers cross-attend to the question's padding
     positions too, as LAVIS's and transformers' BLIP VQA generate (an all-ones question mask); off,
     padding is masked as in training and ranking.
@@ -98,7 +100,16 @@ class BlipVQA(nn.Module):
         answer_ids[:, 0] = self.bos_token_id
         answer_mask = batch["answer_attention_mask"]
         logits = self.answer_logits(question, q_mask, answer_ids, answer_mask)
-        loss = language_model_loss(logits, answer_ids, answer_mask, 1, self.label_smoothing)
+        if "answer_weight" not in batch:
+            loss = language_model_loss(logits, answer_ids, answer_mask, 1, self.label_smoothing)
+            return ModelOutput(loss=loss, losses={"vqa": loss.detach()})
+        # LAVIS's objective: each answer's loss summed over its tokens, times its weight, summed over
+        # the batch's answers and divided by its images.
+        weights = torch.tensor([w for row in batch["answer_weight"] for w in row], dtype=torch.float32,
+                               device=logits.device)
+        if weights.shape[0] != answer_ids.shape[0]:
+            raise ValueError(f"answer_weight: {weights.shape[0]} weights for {answer_ids.shape[0]} answers")
+        loss = (weights * self._answer_losses(logits, answer_ids, answer_mask)).sum() / batch["image"].shape[0]
         return ModelOutput(loss=loss, losses={"vqa": loss.detach()})
 
     @torch.no_grad()
@@ -135,11 +146,15 @@ class BlipVQA(nn.Module):
         ids, mask = answer_ids[top].flatten(0, 1), answer_mask[top].flatten(0, 1)  # [B*k, L]
         logits = self.answer_logits(question.repeat_interleave(k, dim=0), question_mask.repeat_interleave(k, dim=0),
                                     ids, mask)
-        labels = lm_labels(ids, mask, 1)
-        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                                     reduction="none", label_smoothing=self.label_smoothing)
-        scores = -token_loss.view(batch * k, -1).sum(dim=1).view(batch, k)
+        scores = -self._answer_losses(logits, ids, mask).view(batch, k)
         return top.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+
+    def _answer_losses(self, logits: torch.Tensor, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        """[N]: each answer's loss summed over its tokens, with the model's label smoothing."""
+        labels = lm_labels(answer_ids, answer_mask, 1)[:, 1:]
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                     reduction="none", label_smoothing=self.label_smoothing)
+        return token_loss.view(labels.shape).sum(dim=1)
 
     def predict_answers(self, samples: Mapping[str, Any], max_length: int = 10, num_beams: int = 1,
                         max_question_len: int = 35) -> list[str]:
