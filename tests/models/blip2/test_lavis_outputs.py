@@ -88,7 +88,9 @@ def test_blip2_opt_loss_and_texts(opt_checkpoint: tuple) -> None:
     model = load_model("blip2_opt", "caption_coco_opt2.7b", checkpoint=checkpoint,
                        overrides=[*_TINY_OPT, f"model.language_model.pretrained={FIXTURES / 'opt'}"])
     assert model.prompt == "a photo of" and model.eos_token_id() == tokens(model, ["\n"], 4)[0][0, 1]
-    ids, mask = tokens(model, [t + "\n" for t in ref["texts"]], 32)  # LAVIS's Blip2OPT ends each text so
+    # The texts as the data pipeline gives them: the model ends each with "\n", as LAVIS's Blip2OPT does.
+    # Of different lengths: each "\n" goes after its own text, before the padding.
+    ids, mask = tokens(model, ref["texts"], 32)
     loss = model({"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask}).loss
     torch.testing.assert_close(loss, ref["loss"], **TOL)
     prompt = ref["beam_ids"].shape[1] - ref["generate"]["max_length"]

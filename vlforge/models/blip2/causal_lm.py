@@ -46,6 +46,8 @@ class Blip2CausalLM(QueryPrefixLM):
 
     def forward(self, batch: Mapping[str, Any]) -> ModelOutput:
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+        if self.eos_text is not None:  # LAVIS's Blip2OPT appends it to every text it trains on
+            ids, mask = _ended(ids, mask, self.eos_token_id())
         embeds, full_mask = self._inputs(batch["image"], ids, mask)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
         # The last query predicts the first text token, so an LM without a bos token learns it too.
@@ -124,3 +126,13 @@ class Blip2CausalLM(QueryPrefixLM):
                                 top_p=top_p if use_nucleus_sampling else None, repetition_penalty=repetition_penalty,
                                 eos_token_id=self.eos_token_id(), pad_token_id=tok.pad_token_id, synced_gpus=synced)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+
+
+def _ended(ids: torch.Tensor, mask: torch.Tensor, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded rows with `end_id` after each row's last token (one column more)."""
+    lengths = mask.sum(dim=1)
+    ids = torch.cat([ids, ids.new_zeros(ids.shape[0], 1)], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    ids[rows, lengths], mask[rows, lengths] = end_id, 1
+    return ids, mask
