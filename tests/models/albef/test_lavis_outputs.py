@@ -45,3 +45,17 @@ def test_feature_extractor_features() -> None:
     features = model.extract_features({"image": ref["pixels"], "text_input": ref["texts"]}, max_text_len=30)
     torch.testing.assert_close(features["image_embeds"], ref["image_embeds_proj"][:, 0], **TOL)
     torch.testing.assert_close(features["text_embeds"], ref["text_embeds_proj"][:, 0], **TOL)
+
+
+def test_classification_logits() -> None:
+    ref = expected("albef_classification")
+    model = load_model("albef_classification", "ve", checkpoint=weights("albef_classification"),
+                       overrides=[*tiny_overrides(vocab_extra=0), "++model.fusion_layer=1"])
+    logits = model.predict({"image": ref["pixels"], "text_input": ref["texts"]})["predictions"]
+    torch.testing.assert_close(logits, ref["logits"], **TOL)
+    assert logits.argmax(dim=1).tolist() == ref["logits"].argmax(dim=1).tolist()
+    # Training: the cross-entropy of those logits against the batch's labels.
+    ids, mask = tokens(model, ref["texts"], 40)
+    labels = torch.tensor([2, 0, 1])
+    loss = model({"image": ref["pixels"], "text_input_ids": ids, "text_attention_mask": mask, "label": labels}).loss
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ref["logits"], labels), **TOL)

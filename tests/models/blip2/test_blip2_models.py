@@ -197,3 +197,25 @@ def test_config_overrides_replace_derived_attributes_and_name_unknown_ones(tmp_p
     assert type(loaded.decoder.block[0].layer[2].DenseReluDense.act).__name__ == "GELUActivation"
     with pytest.raises(ValueError, match=r"config_overrides\.no_such_field: the t5 config .* has no such attribute"):
         build_seq2seq_lm(pretrained=str(tmp_path / "t5"), config_overrides={"no_such_field": 1})
+
+
+def test_the_clip_demo_tower_is_every_tower_weight_of_the_blip2_demo_model() -> None:
+    # blip2_pretrain starts its frozen tower from runs/clip_demo through this converter.
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from vlforge.hub.weights import load_into_model
+    from vlforge.models.blip2.convert import clip_tower_as_query_encoder
+
+    recipes = Path(__file__).resolve().parents[3] / "recipes" / "model"
+    clip = hydra.utils.instantiate(OmegaConf.merge(OmegaConf.load(recipes / "clip_tiny.yaml"), {"tokenizer": None}))
+    blip2 = hydra.utils.instantiate(OmegaConf.merge(OmegaConf.load(recipes / "blip2_tiny.yaml"),
+                                                    {"tokenizer": None, "bos_token_id": 1, "eos_token_id": 2}))
+    mapped = clip_tower_as_query_encoder(clip.state_dict())
+    tower = {k for k in blip2.state_dict() if k.startswith("encoder.vision.")}
+    assert set(mapped) == tower
+    load_into_model(blip2, mapped, allow_unexpected=False, partial=True)
+    for key in tower:
+        assert torch.equal(blip2.state_dict()[key], clip.state_dict()[key[len("encoder."):]]), key

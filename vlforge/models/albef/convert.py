@@ -153,3 +153,18 @@ def albef_feature_extractor_from_lavis(state_dict: Mapping[str, torch.Tensor],
     out = {**prefixed("model.", model), **prefixed("momentum_model.", model)}
     out["logit_scale.log_scale"] = log_scale_from_temperature(ckpt.get("temp"))
     return check_all_mapped(ckpt, out)
+
+
+def albef_classification_from_lavis(state_dict: Mapping[str, torch.Tensor],
+                                    token_types: str = "fold") -> dict[str, torch.Tensor]:
+    """LAVIS `albef_classification` (albef_snli_ve_lavis.pt) -> vlforge.models.albef.classification.
+    AlbefClassification: image tower, text encoder with fusion (`text_encoder.*`, a BertModel) and the
+    MLP head (`cls_head.0`, `cls_head.2`). The momentum copies (`*_m`) are the distillation targets
+    of LAVIS's finetuning, which vlforge's does not use: ignored. `token_types`: see `_token_types`."""
+    ckpt = LavisCheckpoint(state_dict)
+    out = prefixed("vision.", lavis_vision(ckpt))
+    out.update(prefixed("text.", _token_types(lavis_text(ckpt, "text_encoder."), token_types)))
+    for layer in ("0", "2"):
+        out.update(prefixed(f"cls_head.{layer}.", lavis_linear(ckpt, f"cls_head.{layer}")))
+    ckpt.ignore(("visual_encoder_m", "text_encoder_m", "cls_head_m"))
+    return check_all_mapped(ckpt, out)

@@ -32,17 +32,22 @@ def _storages(param: torch.Tensor) -> list[torch.Tensor]:
     return [param.ds_tensor, param.data] if full else [param.ds_tensor]
 
 
+def fused_text_encoder(text: Mapping[str, Any], fusion_layer: int, image_width: int) -> BertTextModel:
+    """ALBEF's text encoder: its layers from `fusion_layer` on cross-attend to image tokens of `image_width`."""
+    layers = text.get("layers", 12)
+    if not 0 < fusion_layer < layers:
+        raise ValueError(f"fusion_layer must be between 1 and text.layers-1 ({layers - 1}), got {fusion_layer}")
+    return BertTextModel(**{**text, "cross_attention_layers": range(fusion_layer, layers), "encoder_width": image_width})
+
+
 class _Encoders(nn.Module):
     """The parts ALBEF keeps a momentum copy of."""
 
     def __init__(self, vision: Mapping[str, Any], text: Mapping[str, Any], embed_dim: int, fusion_layer: int) -> None:
         super().__init__()
         self.vision = build_vision_tower(vision)
+        self.text = fused_text_encoder(text, fusion_layer, self.vision.width)
         layers = text.get("layers", 12)
-        if not 0 < fusion_layer < layers:
-            raise ValueError(f"fusion_layer must be between 1 and text.layers-1 ({layers - 1}), got {fusion_layer}")
-        self.text = BertTextModel(**{**text, "cross_attention_layers": range(fusion_layer, layers),
-                                     "encoder_width": self.vision.width})
         self.vision_proj = nn.Linear(self.vision.width, embed_dim)
         self.text_proj = nn.Linear(self.text.width, embed_dim)
         self.mlm_head = BertLMHead(self.text.width, text["vocab_size"], tied_embedding=self.text.word_embeddings)

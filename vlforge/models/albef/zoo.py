@@ -1,4 +1,5 @@
-"""ALBEF's rows of the model zoo: LAVIS's COCO retrieval finetune and the demo runs."""
+"""ALBEF's rows of the model zoo: LAVIS's finetunes (retrieval, VQA, SNLI-VE classification), its feature
+extractor, and the demo runs."""
 from __future__ import annotations
 
 from vlforge.models.zoo_entry import ZooEntry, demo_run
@@ -40,6 +41,10 @@ ZOO: tuple[ZooEntry, ...] = (
     # LAVIS finetunes and ranks with the LM loss smoothed by 0.1 (med.py BertLMHeadModel).
     _lavis("albef_vqa", "vqav2", "albef_vqa", "ALBEF ViT-B/16 VQA finetuned on VQAv2",
            f"{_BUCKET}/albef_vqav2_lavis.pt", "albef_vqa_from_lavis", overrides=("++model.label_smoothing=0.1",)),
+    # SNLI-VE (entailment, neutral, contradiction), at 384 px as LAVIS evaluates it.
+    _lavis("albef_classification", "ve", "albef_pretrain", "ALBEF ViT-B/16 image-text entailment finetuned on SNLI-VE",
+           f"{_BUCKET}/albef_snli_ve_lavis.pt", "albef_classification_from_lavis",
+           overrides=("model=albef_classification_base", "data.train_image.size=384", "data.eval_image.size=384")),
     _lavis("albef_feature_extractor", "base", "albef_pretrain", "ALBEF ViT-B/16 unimodal features, pretrained",
            "https://storage.googleapis.com/sfr-pcl-data-research/ALBEF/ALBEF.pth", "albef_feature_extractor_from_lavis",
            ignore=_FEATURE_EXTRACTOR_UNUSED),

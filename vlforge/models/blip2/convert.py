@@ -81,3 +81,10 @@ def blip2_dimensions(hf_config: Any) -> dict[str, Any]:
                     "eps": qformer.layer_norm_eps, "activation": qformer.hidden_act},
         "language_model": {"config": lm},
     }
+
+
+def clip_tower_as_query_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A vlforge CLIP run's image tower (`vision.*`) as a BLIP-2 model's frozen tower
+    (`encoder.vision.*`), the rest left out: BLIP-2 starts from a contrastively trained tower, as
+    LAVIS's from EVA-CLIP (with `trainer.init_partial`, the Q-Former and heads start fresh)."""
+    return {f"encoder.{k}": v for k, v in state_dict.items() if k.startswith("vision.")}
