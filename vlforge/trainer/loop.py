@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -19,13 +18,11 @@ from vlforge.datasets.loader import ShardLoader
 from vlforge.tasks.evaluation import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
 from vlforge.trainer.engine import TrainingEngine
+from vlforge.trainer.faults import kill_before_step
 from vlforge.trainer.preemption import StopRequest
 from vlforge.trainer.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-# Crash injection for recovery tests: the process SIGKILLs itself when it reaches this step.
-FAIL_AT_STEP_ENV = "VLFORGE_FAIL_AT_STEP"
 
 
 def average_batchnorm_statistics(module: torch.nn.Module) -> None:
@@ -107,8 +104,6 @@ class Trainer:
         self.run_dir = Path(run.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = engine.device
-        fail_at = os.environ.get(FAIL_AT_STEP_ENV)
-        self.fail_at_step = int(fail_at) if fail_at else None
         self._keys_file = None
         self.stopped_by: signal.Signals | None = None
         self.stopped_at: int | None = None
@@ -197,8 +192,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         step = start_step
         while step < cfg.max_steps:
-            if self.fail_at_step is not None and step + 1 == self.fail_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_before_step(step + 1)
             self._train_step(batches, step, meter)
             step += 1
             window_steps += 1
