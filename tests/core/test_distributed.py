@@ -1,12 +1,15 @@
 """Launcher normalisation: every launcher's environment becomes RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import vlforge.core.distributed as distributed
 from vlforge.core.distributed import (
     DistEnv,
     expand_slurm_nodelist,
+    parse_slurm_nodelist,
     prepare_launch_env,
     read_dist_env,
     strip_local_rank_arg,
@@ -55,10 +58,38 @@ def test_strip_local_rank_arg_leaves_lookalikes():
         ("a[1-2],b[08-10]", ["a1", "a2", "b08", "b09", "b10"]),
         ("node[1-2]", ["node1", "node2"]),
         ("x[7]", ["x7"]),
+        ("n[1-2]-ib,gpu[07,09-10]", ["n1-ib", "n2-ib", "gpu07", "gpu09", "gpu10"]),
+        ("r[1-2]n[01-02]", ["r1n01", "r1n02", "r2n01", "r2n02"]),
+        ("login-1,n[9-11].cluster", ["login-1", "n9.cluster", "n10.cluster", "n11.cluster"]),
     ],
 )
-def test_expand_slurm_nodelist(nodelist, hosts):
-    assert expand_slurm_nodelist(nodelist) == hosts
+def test_parse_slurm_nodelist(nodelist, hosts):
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_parse_slurm_nodelist_names_unbalanced_brackets():
+    with pytest.raises(ValueError, match=r"'n\[1-2-ib': unbalanced brackets"):
+        parse_slurm_nodelist("n[1-2-ib")
+
+
+def _fake_scontrol(tmp_path, monkeypatch, script: str) -> None:
+    tool = tmp_path / "scontrol"
+    tool.write_text("#!/bin/sh\n" + script)
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_expand_slurm_nodelist_asks_scontrol(tmp_path, monkeypatch):
+    # SLURM's own expansion wins where scontrol runs, whatever the pattern.
+    _fake_scontrol(tmp_path, monkeypatch, 'test "$1 $2" = "show hostnames" && printf "alpha\\nbeta-ib\\n"')
+    assert expand_slurm_nodelist("weird[1-2]-list") == ["alpha", "beta-ib"]
+
+
+def test_expand_slurm_nodelist_parses_where_scontrol_fails_or_is_absent(tmp_path, monkeypatch):
+    _fake_scontrol(tmp_path, monkeypatch, "exit 1")
+    assert expand_slurm_nodelist("n[1-2]-ib") == ["n1-ib", "n2-ib"]
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert expand_slurm_nodelist("n[1-2]-ib") == ["n1-ib", "n2-ib"]
 
 
 # --- prepare_launch_env -----------------------------------------------------------------------------

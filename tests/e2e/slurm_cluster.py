@@ -1,5 +1,5 @@
 """A real two-node SLURM cluster on this machine, for the SLURM tests: munged, slurmctld and two
-slurmd (node1, node2, both at 127.0.0.1 on their own ports), configured in a scratch directory and
+slurmd (n1-ib, n2-ib, both at 127.0.0.1 on their own ports), configured in a scratch directory and
 torn down afterwards. Needs root and Debian's slurmctld, slurmd, slurm-client and munge packages."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
-NODES = ("node1", "node2")
+NODES = ("n1-ib", "n2-ib")  # SLURM_JOB_NODELIST is then n[1-2]-ib: a suffix after the range
 
 
 def missing_requirements() -> str | None:

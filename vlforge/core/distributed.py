@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import MutableMapping, Sequence
@@ -50,30 +51,54 @@ def strip_local_rank_arg(argv: Sequence[str]) -> tuple[list[str], int | None]:
     return out, local_rank
 
 
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth != 0:
+        raise ValueError(f"SLURM node list {text!r}: unbalanced brackets")
+    return parts + [current]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """One host pattern, any number of bracket groups anywhere in it: `n[1-2]-ib` or `r[1-2]n[01-02]`."""
+    opened = pattern.find("[")
+    if opened < 0:
+        return [pattern]
+    closed = pattern.index("]", opened)
+    prefix, ranges, rest = pattern[:opened], pattern[opened + 1:closed], pattern[closed + 1:]
+    values: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        values += [lo] if not hi else [f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+    return [prefix + value + tail for value in values for tail in _expand_host(rest)]
+
+
+def parse_slurm_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list, expanded as `scontrol show hostnames` does:
+    `n[1-2]-ib,gpu[07,09-10]` -> ['n1-ib', 'n2-ib', 'gpu07', 'gpu09', 'gpu10']."""
+    return [host for item in _split_top_level(nodelist) if item for host in _expand_host(item)]
+
+
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
-    """`node[01-03,07],gpu5` -> ['node01', 'node02', 'node03', 'node07', 'gpu5'] (scontrol's format)."""
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if not prefix:
-            continue
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-            else:
-                hosts.extend(f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
-    return hosts
+    """The hosts of a SLURM node list, by `scontrol show hostnames` where scontrol runs (SLURM's own
+    reading), else by `parse_slurm_nodelist`."""
+    try:
+        done = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return parse_slurm_nodelist(nodelist)
+    hosts = done.stdout.split()
+    return hosts if done.returncode == 0 and hosts else parse_slurm_nodelist(nodelist)
 
 
 def slurm_node_address(node: str) -> str:
     """The address SLURM reaches `node` by (its NodeAddr), which may differ from a name that does not
     resolve; the name itself when scontrol cannot say."""
-    import subprocess
-
     try:
         out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
