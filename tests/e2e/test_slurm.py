@@ -1,7 +1,7 @@
 """SLURM, for real: a two-node cluster on this machine (tests/e2e/slurm_cluster.py) runs the script
 `python -m vlforge.launch.slurm --submit` writes. A 2-node x 1-task ZeRO-3 job trains and checkpoints;
 a second, identical job gets SIGUSR1 mid-run (as `--signal=USR1@120` sends it before the time limit),
-saves, requeues itself, resumes and ends with exactly the first job's weights. Then the same recipe
+saves, requeues itself and resumes, twice, and ends with exactly the first job's weights. Then the same recipe
 through Hydra's submitit launcher (hydra/launcher=vlforge_slurm)."""
 from __future__ import annotations
 
@@ -58,35 +58,44 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(slurm: LocalS
     straight = _submit(slurm, e2e_env, logs, "straight", tmp_path / "straight")
     preempted = _submit(slurm, e2e_env, logs, "preempted", tmp_path / "preempted")
 
-    first_save = tmp_path / "preempted" / "checkpoints" / "step_00000004" / "complete.json"
-    deadline = time.monotonic() + 300
-    while not first_save.exists():
-        assert time.monotonic() < deadline, _log(logs, "preempted", preempted)[-3000:]
-        assert slurm.job_field(preempted, "JobState") in ("PENDING", "RUNNING"), _log(logs, "preempted", preempted)[-3000:]
-        time.sleep(0.2)
-    slurm.signal(preempted, "USR1")
-    deadline = time.monotonic() + 120
-    while slurm.job_field(preempted, "Restarts") != "1":
-        assert time.monotonic() < deadline, _log(logs, "preempted", preempted)[-3000:]
-        time.sleep(0.5)
-    slurm.start_now(preempted)
+    ckpts = tmp_path / "preempted" / "checkpoints"
+
+    def preempt_after_save(step: int, restarts: str) -> None:
+        """Wait for the checkpoint of `step`, send SIGUSR1, and start the requeued job at once."""
+        deadline = time.monotonic() + 300
+        while not (ckpts / f"step_{step:08d}" / "complete.json").exists():
+            assert time.monotonic() < deadline, _log(logs, "preempted", preempted)[-3000:]
+            assert slurm.job_field(preempted, "JobState") in ("PENDING", "RUNNING"), _log(logs, "preempted", preempted)[-3000:]
+            time.sleep(0.2)
+        slurm.signal(preempted, "USR1")
+        deadline = time.monotonic() + 120
+        while slurm.job_field(preempted, "Restarts") != restarts:
+            assert time.monotonic() < deadline, _log(logs, "preempted", preempted)[-3000:]
+            time.sleep(0.5)
+        slurm.start_now(preempted)
+
+    preempt_after_save(4, "1")
+    first_stop = int(_log(logs, "preempted", preempted).split("stopped by SIGUSR1 at step ")[1].split()[0])
+    second_save = (first_stop // 4 + 1) * 4  # the requeued job's first save of its own
+    assert second_save < 16, f"stopped at {first_stop}: no save of the requeued job to preempt after"
+    preempt_after_save(second_save, "2")
 
     for job in (straight, preempted):
         assert slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400) == "COMPLETED", \
             _log(logs, "straight" if job == straight else "preempted", job)[-4000:]
     log_a, log_b = _log(logs, "straight", straight), _log(logs, "preempted", preempted)
     assert "2 rank(s) via slurm" in log_a and "ZeRO-3" in log_a and "vlforge: done at step 16" in log_a
-    assert "stopped by SIGUSR1 at step" in log_b and f"requeued SLURM job {preempted}" in log_b, log_b[-4000:]
-    assert "(restart 1)" in log_b and "resuming from" in log_b and "vlforge: done at step 16" in log_b
-    stopped_at = int(log_b.split("stopped by SIGUSR1 at step ")[1].split()[0])
-    assert 4 <= stopped_at < 16
+    stops = [int(part.split()[0]) for part in log_b.split("stopped by SIGUSR1 at step ")[1:]]
+    assert len(stops) == 2 and 4 <= stops[0] < stops[1] < 16, log_b[-4000:]
+    assert log_b.count(f"requeued SLURM job {preempted}") == 2, log_b[-4000:]
+    assert "(restart 2)" in log_b and f"at step {stops[1]}" in log_b and "vlforge: done at step 16" in log_b
     final = json.loads((tmp_path / "preempted" / "checkpoints" / "step_00000016" / "complete.json").read_text())
     assert final["world_size"] == 2
     a, b = read_weights(tmp_path / "straight"), read_weights(tmp_path / "preempted")
     assert a.keys() == b.keys()
     for key in a:
         if "running_" in key:
-            # BatchNorm statistics are averaged over ranks at every save, and the stop added one save.
+            # BatchNorm statistics are averaged over ranks at every save, and the stops added saves.
             # The average of the ranks' moving averages is the moving average of their average, so
             # they agree up to float rounding (seen: 2e-7).
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=key)

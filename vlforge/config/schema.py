@@ -7,9 +7,11 @@ Component nodes (`model`, `task`) are not here: they are `_target_` calls whose 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlforge.config.data import DemoConfig, ImageTransformConfig, TextProcessorConfig
@@ -30,6 +32,8 @@ class TrainerConfig:
     save_at_end: bool = True
     keep_last: int = 2
     resume: Optional[str] = None  # null | auto | path to a checkpoint tag directory
+    # A run_dir that already holds a run is refused unless resumed, or deleted first with overwrite.
+    overwrite: bool = False
     # Weights to start from (a finetune): a vlforge run or checkpoint directory, or a state-dict file
     # (.pth/.pt/.bin/.safetensors, e.g. a LAVIS or HF checkpoint). `init_converter` ("module:function",
     # e.g. vlforge.models.blip.convert:blip_caption_from_lavis) maps its keys to the model's first.
@@ -175,7 +179,42 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(nodes['trainer'], key)}")
     if nodes["data"].batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {nodes['data'].batch_size}")
+    _check_targets(cfg, "")
     return RunConfig(name=str(cfg.name), run_dir=str(cfg.run_dir), **nodes)
+
+
+def _check_targets(node: Any, where: str) -> None:
+    """Every `_target_` of the recipe names a class or function that imports, before anything is built."""
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node) if isinstance(node, ListConfig) else ()
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if key == "_target_" and isinstance(value, str):
+            _importable(value, path)
+        else:
+            _check_targets(value, path)
+
+
+def _importable(dotted: str, key: str, shown: str | None = None) -> None:
+    try:
+        get_object(dotted)
+    except Exception as err:  # whatever the import raised, inside the target's module too
+        root: BaseException = err
+        while root.__cause__ or root.__context__:
+            root = root.__cause__ or root.__context__
+        raise ConfigError(f"{key}={shown or dotted}: cannot be imported ({root})") from None
+
+
+def check_start_paths(trainer: TrainerConfig) -> None:
+    """The paths a run starts from (`init_from`, `resume`) exist and its `init_converter` imports:
+    checked when the run starts, before any data is prepared or model built (a recipe names paths that
+    an earlier run will write)."""
+    if trainer.init_from and not Path(trainer.init_from).exists():
+        raise ConfigError(f"trainer.init_from={trainer.init_from}: no weights at {trainer.init_from}")
+    if trainer.resume not in (None, "auto") and not Path(trainer.resume).is_dir():
+        raise ConfigError(f"trainer.resume={trainer.resume}: no such checkpoint directory (auto finds the newest)")
+    if trainer.init_converter:
+        module, _, name = trainer.init_converter.partition(":")
+        _importable(f"{module}.{name}" if name else module, "trainer.init_converter", trainer.init_converter)
 
 
 def _get(nodes: dict[str, Any], node: str, attr: str) -> Any:

@@ -12,11 +12,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vlforge.config.schema import RunConfig, validate_config
+from vlforge.config.schema import RunConfig, check_start_paths, validate_config
 from vlforge.core.console import attach_log, output_to_log
 from vlforge.core.distributed import DistEnv, init_distributed, read_dist_env
 from vlforge.core.errors import CheckpointError
 from vlforge.datasets.prepare import prepare_data
+from vlforge.hub.weights import init_weights
 from vlforge.models.towers.base import check_tower_precision
 from vlforge.tasks.base import Task
 from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
@@ -30,8 +31,8 @@ from vlforge.trainer.engine import (
 )
 from vlforge.trainer.loop import Trainer
 from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job
+from vlforge.trainer.run_dir import claim_run_dir
 from vlforge.trainer.tracking import Tracker
-from vlforge.hub.weights import init_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,19 @@ def _listed(what: str, keys: list[str]) -> str:
     return f"; {len(keys)} {what} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else ""
 
 
-def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
-    """`load_init_weights`: start the model from `trainer.init_from` when the recipe names one."""
+def start_session(cfg: DictConfig, load_init_weights: bool = True, new_run: bool = False) -> Session:
+    """`load_init_weights`: start the model from `trainer.init_from` when the recipe names one.
+    `new_run`: training, which claims the run directory (`run_dir.claim_run_dir`)."""
     run: RunConfig = validate_config(cfg)
     check_tower_precision(cfg.model.get("vision") or {}, resolve_precision(run.trainer.precision))
     dist_env = read_dist_env()
+    batch_arithmetic(run, dist_env.world_size)  # raises on sizes that do not divide, before any compute
+    if load_init_weights:
+        check_start_paths(run.trainer)
     task = build_task(cfg)
     run_dir = Path(run.run_dir)
+    if new_run:
+        claim_run_dir(run_dir, run.trainer.resume, run.trainer.overwrite, dist_env.is_main)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = attach_log(run_dir / "logs" / f"rank{dist_env.rank}.log")
     _say(dist_env, f"vlforge: starting {dist_env.world_size} rank(s) via {dist_env.launcher}"
@@ -133,7 +140,7 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True) -> Session:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train, evaluate and checkpoint as the recipe says; returns the final evaluation metrics."""
-    session = start_session(cfg)
+    session = start_session(cfg, new_run=True)
     run, dist_env, task, run_dir, engine = session.run, session.dist_env, session.task, session.run_dir, session.engine
     grad_accum, global_batch = session.grad_accum, session.global_batch
     total, local = parameter_counts(engine.module)
