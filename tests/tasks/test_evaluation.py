@@ -7,6 +7,7 @@ Module-level imports stay light: the 2-process test spawns workers that import t
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,26 @@ def test_the_scaffold_joins_the_records_caps_the_table_and_summarizes() -> None:
     assert [r["value"] for r in result.results] == [2.0, 4.0, 6.0, 8.0, 10.0]
     assert result.table_rows == [[2.0], [4.0], [6.0]]  # report_images rows, in order
     assert task.seen_rows == [3, 1, 0]  # each step is told how many rows the table still takes
+
+
+def test_rows_of_a_batch_are_recorded_with_storage_of_their_own() -> None:
+    # A split's rows are gathered by pickling: a view would send its whole batch once per row.
+    class _RowTask(_Doubler):
+        def eval_step(self, model, batch, state, report_rows):
+            return EvalStep({"rows": list(batch["x"]), "kept": [batch["x"]]}, [])
+
+        def summarize(self, records, table, state):
+            self.records = records
+            return EvalResult(metrics={})
+
+    batch = torch.arange(64 * 8, dtype=torch.float32).view(64, 8)
+    task = _RowTask([{"x": batch}])
+    task.evaluate(nn.Identity(), "val", data=None, dist_env=_env(0, 1), seed=0)
+    rows = task.records["rows"]
+    assert all(row.untyped_storage().nbytes() == row.nbytes == 32 for row in rows)
+    assert torch.equal(torch.stack(rows), batch)
+    assert len(pickle.dumps(rows)) < 2 * batch.nbytes + 64 * 1024  # a view each would pickle 64 batches
+    assert task.records["kept"][0].untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()  # whole tensors as they are
 
 
 def test_merge_joins_each_key_in_rank_order_and_keeps_keys_some_ranks_lack() -> None:

@@ -22,6 +22,7 @@ from vlforge.tasks.evaluation import (
     gather_objects,
     lockstep,
     merge_records,
+    own_storage,
     model_device,
     to_device,
 )
@@ -76,7 +77,7 @@ class Task(ABC):
             if not real:  # a rank out of batches repeats its last one so that ZeRO-3's gathers line up
                 continue
             for key, values in step.records.items():
-                records.setdefault(key, []).extend(values)
+                records.setdefault(key, []).extend(own_storage(values))
             table.extend(step.table[: self.report_images - len(table)])
         merged = merge_records(gather_objects(records))
         if self.summarize_on_every_rank:

@@ -58,6 +58,13 @@ def lockstep(batches: Iterator[dict], device: torch.device) -> Iterator[tuple[di
             yield last, False
 
 
+def own_storage(values: list[Any]) -> list[Any]:
+    """Each tensor row as a tensor of its own: a row of a batch (`list(batch_tensor)`) is a view that
+    pickles its whole batch, so gathering a split's rows would send every batch once per row."""
+    return [v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() > v.nbytes else v
+            for v in values]
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (just [obj] when not distributed)."""
     if not _is_distributed():
