@@ -248,3 +248,30 @@ def test_text_rejects_too_long_input():
     tower = TextTransformer(**TEXT)
     with pytest.raises(ValueError, match="max_len"):
         tower(torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.long))
+
+
+def _softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """Attention as softmax over the allowed keys: a query with none gets NaN, as older torch and some
+    GPU kernels give (torch 2.14's CPU kernels give zeros instead)."""
+    scores = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("pool", ["last", "cls"])
+def test_a_row_of_padding_only_gives_a_finite_output_and_leaves_the_other_rows_alone(pool, monkeypatch):
+    from vlforge.models.layers.transformer import TextTransformer
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _softmax_attention)
+    torch.manual_seed(0)
+    tower = TextTransformer(**TEXT, pool=pool).eval()
+    batch = _batch()
+    ids, mask = batch["text_input_ids"], batch["text_attention_mask"].clone()
+    with torch.no_grad():
+        before, _ = tower(ids, mask)
+        mask[2] = 0  # an empty text: every position padding
+        pooled, tokens = tower(ids, mask)
+    assert torch.isfinite(pooled).all() and torch.isfinite(tokens).all()
+    rows = [0, 1, 3]
+    torch.testing.assert_close(pooled[rows], before[rows], rtol=0, atol=1e-6)

@@ -89,12 +89,15 @@ class TextTransformer(nn.Module):
         keep = attention_mask.bool()[:, None, None, :]  # [B,1,1,L]: which keys a query may attend to
         if self.causal:
             keep = keep & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        # Every query may attend to itself: a row of padding only would otherwise attend to nothing and
+        # give NaN (softmax over no key). Real queries already see themselves, so they are unchanged.
+        keep = keep | torch.eye(length, dtype=torch.bool, device=x.device)
         for block in self.blocks:
             x = block(x, keep, causal=False)
         tokens = self.norm(x)
         if self.pool == "cls":
             pooled = tokens[:, 0]
         else:
-            last = attention_mask.long().sum(dim=1) - 1
+            last = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # padding only: its first token
             pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
         return pooled, tokens
