@@ -12,6 +12,7 @@ from vlforge.config.schema import RunConfig, validate_config
 from vlforge.core.errors import ConfigError
 from vlforge.trainer.engine import (
     batch_arithmetic,
+    FiniteStepAdamW,
     build_optimizer,
     deepspeed_config,
     lr_lambda,
@@ -115,13 +116,13 @@ def test_offload_optimizer_needs_a_zero_stage():
 def test_precision_auto_is_fp32_on_cpu():
     assert resolve_precision("auto") == "fp32"
     config = deepspeed_config(make_run("trainer.precision=auto"), 1)
-    assert config["bf16"] == {"enabled": False}
+    assert config["bf16"] == {"enabled": False, "check_grad_overflow": True}
     assert config["fp16"]["enabled"] is False
 
 
 def test_precision_bf16_on_cpu():
     config = deepspeed_config(make_run("trainer.precision=bf16"), 1)
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["fp16"]["enabled"] is False
 
 
@@ -140,7 +141,7 @@ def test_deepspeed_extra_is_deep_merged():
     # Siblings of merged keys survive.
     assert zero["stage"] == 3 and zero["allgather_bucket_size"] == 50_000_000
     assert config["wall_clock_breakdown"] is True
-    assert config["bf16"] == {"enabled": True}
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["train_batch_size"] == 64
 
 
@@ -243,6 +244,33 @@ def test_optimizer_is_fused_adamw_with_the_groups_and_the_updates_of_plain_adamw
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights
+
+
+@pytest.mark.parametrize("stage, precision, finite_only", [("zero0", "fp32", True), ("zero0", "bf16", False),
+                                                          ("zero2", "fp32", False), ("zero3", "fp32", False)])
+def test_only_an_optimizer_deepspeed_does_not_wrap_checks_its_gradients(stage, precision, finite_only):
+    run = make_run(f"deepspeed={stage}", f"trainer.precision={precision}")
+    optimizer = build_optimizer(param_groups(nn.Linear(4, 4), run), run)
+    assert isinstance(optimizer, FiniteStepAdamW) == finite_only
+
+
+def test_a_step_with_a_non_finite_gradient_changes_nothing_and_says_overflow():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    run = make_run("deepspeed=zero0", "trainer.precision=fp32", "optim.lr=1e-2")
+    optimizer = build_optimizer(param_groups(model, run), run)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    assert optimizer.overflow is False
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    optimizer.zero_grad()
+    (model(torch.randn(3, 4)).sum() * float("inf")).backward()
+    model.bias.grad.fill_(1.0)  # one parameter's gradient finite, the other's not: the whole step goes
+    optimizer.step()
+    assert optimizer.overflow is True
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(optimizer.state[model.weight][k], v) for k, v in moments.items())
 
 
 # --- lr_lambda --------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ class TrainerConfig:
     save_every: int = 0  # 0: save only at the end
     save_at_end: bool = True
     keep_last: int = 2
+    # A step with a non-finite loss or gradients on any rank is skipped (parameters and optimizer state
+    # untouched) and counted (train/bad_steps); this many in a row stop the run.
+    max_bad_steps: int = 5
     resume: Optional[str] = None  # null | auto | path to a checkpoint tag directory
     # A run_dir that already holds a run is refused unless resumed, or deleted first with overwrite.
     overwrite: bool = False
@@ -174,7 +177,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
     if nodes["deepspeed"].stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage={nodes['deepspeed'].stage} is not one of 0, 1, 2, 3")
-    for key in ("max_steps", "grad_accum", "log_every", "keep_last"):
+    for key in ("max_steps", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
         if getattr(nodes["trainer"], key) < 1:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(nodes['trainer'], key)}")
     if nodes["data"].batch_size < 1:

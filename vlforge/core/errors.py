@@ -1,4 +1,5 @@
-"""The errors every layer raises and every caller may catch: a bad config, a bad checkpoint."""
+"""The errors every layer raises and every caller may catch: a bad config, a bad checkpoint, a run
+that cannot go on."""
 from __future__ import annotations
 
 
@@ -8,3 +9,8 @@ class ConfigError(ValueError):
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a run of steps with non-finite losses, say); the message says why and
+    what was kept."""

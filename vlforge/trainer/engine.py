@@ -107,7 +107,8 @@ def deepspeed_config(run: RunConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": run.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # A step whose gradients are not finite is skipped (ZeRO-1/2 skip bf16 ones only when asked).
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {
             "enabled": precision == "fp16",
             "loss_scale": 0,  # dynamic
@@ -208,15 +209,32 @@ def build_optimizer(groups: list[dict[str, Any]], run: RunConfig) -> torch.optim
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=run.optim.lr, betas=betas, eps=run.optim.eps, adamw_mode=True)
-    return adamw(groups, lr=run.optim.lr, betas=betas, eps=run.optim.eps)
+    # DeepSpeed's ZeRO and 16-bit optimizers wrap this one and skip a step with non-finite gradients
+    # themselves; without them (ZeRO-0 in fp32) the optimizer is this one alone.
+    finite_only = run.deepspeed.stage == 0 and resolve_precision(run.trainer.precision) == "fp32"
+    return adamw(groups, finite_only=finite_only, lr=run.optim.lr, betas=betas, eps=run.optim.eps)
 
 
-def adamw(params: Any, **options: Any) -> torch.optim.AdamW:
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in `overflow`, as
+    DeepSpeed's own optimizers do: the engine then counts the step as skipped and holds the schedule."""
+
+    overflow = False
+
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        return None if self.overflow else super().step(closure)
+
+
+def adamw(params: Any, finite_only: bool = False, **options: Any) -> torch.optim.AdamW:
     """torch's AdamW with its fused kernel (one pass over each tensor for all of Adam's updates): on
     CPU since torch 2.4, 3.5x faster than the foreach one (165M parameters: 0.09 s against 0.32 s a
-    step here) with the same results to 2e-8; older torch gets foreach off CUDA."""
+    step here) with the same results to 2e-8; older torch gets foreach off CUDA. `finite_only`:
+    `FiniteStepAdamW`."""
     fused = torch.cuda.is_available() or torch.torch_version.TorchVersion(torch.__version__) >= (2, 4)
-    return torch.optim.AdamW(params, **({"fused": True} if fused else {"foreach": True}), **options)
+    kind = FiniteStepAdamW if finite_only else torch.optim.AdamW
+    return kind(params, **({"fused": True} if fused else {"foreach": True}), **options)
 
 
 def build_engine(model: nn.Module, run: RunConfig, config: dict[str, Any]) -> TrainingEngine:

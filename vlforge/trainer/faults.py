@@ -3,7 +3,8 @@
 `VLFORGE_FAIL_AT_STEP=N`: SIGKILL before training step N. `VLFORGE_FAIL_AT_SAVE=STEP:POINT[:RANK]`:
 SIGKILL at POINT of the save of step STEP, on every rank or only on RANK; POINT is one of
 `SAVE_POINTS`. `enospc` instead makes that save's writes fail with ENOSPC, as a full disk does.
-Nothing happens unless a variable is set.
+`VLFORGE_NAN_AT_STEPS=3,4[:RANK]`: the loss of those training steps is NaN (on RANK only), as a
+bad batch makes it, and so are the gradients it gives. Nothing happens unless a variable is set.
 """
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import errno
 import os
 import signal
 
+import torch
+
 FAIL_AT_STEP_ENV = "VLFORGE_FAIL_AT_STEP"
 FAIL_AT_SAVE_ENV = "VLFORGE_FAIL_AT_SAVE"
+NAN_AT_STEPS_ENV = "VLFORGE_NAN_AT_STEPS"
 
 SAVE_POINTS = (
     "rank_file",        # DeepSpeed's files written, this rank's own file half-written
@@ -52,3 +56,14 @@ def raise_if_disk_full(step: int, rank: int, path: str) -> None:
     """The injected full disk: OSError(ENOSPC) on `path`, as a write to a full filesystem raises."""
     if _save_fault(step, rank) == ENOSPC_POINT:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """`loss`, or NaN times it on a step named by VLFORGE_NAN_AT_STEPS (1-based steps)."""
+    value = os.environ.get(NAN_AT_STEPS_ENV)
+    if not value:
+        return loss
+    steps, _, only_rank = value.partition(":")
+    if step in {int(s) for s in steps.split(",")} and (not only_rank or int(only_rank) == rank):
+        return loss * float("nan")
+    return loss

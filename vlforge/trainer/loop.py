@@ -13,12 +13,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlforge.config.schema import RunConfig
+from vlforge.core.checkpoints import complete_checkpoints
 from vlforge.core.distributed import DistEnv
+from vlforge.core.errors import TrainingError
 from vlforge.datasets.loader import ShardLoader
 from vlforge.tasks.evaluation import to_device
 from vlforge.trainer.checkpoint import rng_state, save_checkpoint
 from vlforge.trainer.engine import TrainingEngine
-from vlforge.trainer.faults import kill_before_step
+from vlforge.trainer.faults import kill_before_step, poison_loss
 from vlforge.trainer.preemption import StopRequest
 from vlforge.trainer.tracking import Tracker
 
@@ -106,12 +108,18 @@ class Trainer:
         self.device = engine.device
         self._keys_file = None
         self.stopped_by: signal.Signals | None = None
+        self.bad_steps = 0  # skipped for a non-finite loss or gradients, over the run
+        self.bad_streak: list[int] = []  # the bad steps since the last good one
+        self._bad_loss_ranks: list[int] = []
+        self._batchnorm_buffers = [buffer for layer in engine.module.modules()
+                                   if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
+                                   for buffer in layer.buffers(recurse=False)]
         self.stopped_at: int | None = None
         if run.trainer.record_sample_keys:
             self._keys_file = open(self.run_dir / f"samples_rank{dist_env.rank}.jsonl", "a", encoding="utf-8")
 
     def rank_state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "rng": rng_state(), "data": self.loader.state_dict()}
+        return {"step": step, "rng": rng_state(), "data": self.loader.state_dict(), "bad_steps": self.bad_steps}
 
     def save(self, step: int) -> Path:
         average_batchnorm_statistics(self.engine.module)
@@ -126,14 +134,61 @@ class Trainer:
             self._keys_file.write(json.dumps({"step": step, "micro": micro, "keys": self.loader.last_keys}) + "\n")
             self._keys_file.flush()
 
-    def _train_step(self, batches: Iterator[dict], step: int, meter: LossMeter) -> None:
+    def _train_step(self, batches: Iterator[dict], step: int, meter: LossMeter) -> bool:
+        """One optimizer step over `grad_accum` micro-batches (`step` is the number of steps done).
+        Returns False for a bad step: a non-finite loss or gradients on any rank. Its update is
+        skipped (the optimizers skip a step whose gradients are not finite, `engine.build_optimizer`)
+        and its losses are kept out of the logged means; BatchNorm statistics, which its forward passes
+        moved, are put back."""
+        statistics = [buffer.clone() for buffer in self._batchnorm_buffers]
+        losses = []
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        skipped_before = self.engine.skipped_steps
         for micro in range(self.grad_accum):
             batch = to_device(next(batches), self.device)
             self._record_keys(step, micro)
             output = self.engine(batch)
-            self.engine.backward(output.loss)
+            loss = poison_loss(output.loss, step + 1, self.dist_env.rank)
+            finite &= torch.isfinite(loss.detach())
+            self.engine.backward(loss)
             self.engine.step()
-            meter.add({"loss": output.loss, **{f"loss_{k}": v for k, v in output.losses.items()}})
+            losses.append({"loss": loss, **{f"loss_{k}": v for k, v in output.losses.items()}})
+        self._bad_loss_ranks = self._ranks_without(finite)
+        skipped = self.engine.skipped_steps > skipped_before and not self.engine.fp16_enabled()
+        if self._bad_loss_ranks or skipped:
+            for buffer, saved in zip(self._batchnorm_buffers, statistics):
+                buffer.copy_(saved)
+            return False
+        for values in losses:
+            meter.add(values)
+        return True
+
+    def _ranks_without(self, flag: torch.Tensor) -> list[int]:
+        """The ranks where `flag` is False (every rank gets the same list)."""
+        missing = torch.zeros(self.dist_env.world_size, device=self.device)
+        missing[self.dist_env.rank] = float(not bool(flag))
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(missing)
+        return [rank for rank, value in enumerate(missing.tolist()) if value]
+
+    def _count_bad_step(self, step: int) -> None:
+        """A bad step: counted, reported, and the run stopped after `trainer.max_bad_steps` in a row."""
+        self.bad_steps += 1
+        self.bad_streak.append(step)
+        where = (f"a non-finite loss on rank(s) {', '.join(map(str, self._bad_loss_ranks))}" if self._bad_loss_ranks
+                 else "non-finite gradients")
+        log.warning("step %d skipped: %s; this rank's batch keys %s", step, where, self.loader.last_keys)
+        if self.dist_env.is_main:
+            tqdm.write(f"step {step} skipped: {where} (parameters not updated; {self.bad_steps} bad step(s) so far)")
+        limit = self.run.trainer.max_bad_steps
+        if len(self.bad_streak) >= limit:
+            saved = complete_checkpoints(self.ckpt_dir)
+            kept = f"the last checkpoint, {saved[-1][1]}, is intact" if saved else "no checkpoint was saved"
+            raise TrainingError(
+                f"{limit} steps in a row ({self.bad_streak[0]} to {step}) had {where} (trainer.max_bad_steps="
+                f"{limit}); none of them updated the parameters and {kept}. The batch keys of each step are in "
+                f"{self.run_dir / 'logs'}/rank<N>.log; a lower optim.lr, or trainer.precision=fp32, may help."
+            )
 
     def _step_stats(self, meter: LossMeter, elapsed: float, steps: int) -> dict[str, float]:
         stats = {f"train/{k}": v for k, v in meter.read().items()}
@@ -146,6 +201,7 @@ class Trainer:
         if self.engine.fp16_enabled():
             stats["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
         stats["train/skipped_steps"] = float(self.engine.skipped_steps)
+        stats["train/bad_steps"] = float(self.bad_steps)
         stats["train/samples_per_s"] = steps * self.global_batch / max(elapsed, 1e-9)
         stats["system/peak_memory_mib"] = peak_memory_mib(self.device)
         report = self.loader.report
@@ -193,14 +249,19 @@ class Trainer:
         step = start_step
         while step < cfg.max_steps:
             kill_before_step(step + 1)
-            self._train_step(batches, step, meter)
+            good = self._train_step(batches, step, meter)
             step += 1
+            if good:
+                self.bad_streak = []
+            else:
+                self._count_bad_step(step)
             window_steps += 1
             progress.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 stats = self._step_stats(meter, time.perf_counter() - window_start, window_steps)
                 self.tracker.log(stats, step)
-                progress.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{stats['train/lr']:.2e}")
+                if "train/loss" in stats:  # absent when every step since the last log was bad
+                    progress.set_postfix(loss=f"{stats['train/loss']:.4f}", lr=f"{stats['train/lr']:.2e}")
                 window_start, window_steps = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 self._evaluate(step, ("val",))

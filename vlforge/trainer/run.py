@@ -146,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     total, local = parameter_counts(engine.module)
 
     loader = task.train_loader(run.data, dist_env, run.trainer.seed)
-    start_step = 0
+    start_step, bad_steps = 0, 0
     resume_from = resolve_resume(run.trainer.resume, run_dir / "checkpoints")
     seed_everything(run.trainer.seed + dist_env.rank)  # dropout etc. differ across ranks
     if resume_from is not None:
@@ -154,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             loader.load_state_dict(rank_state["data"])
+            bad_steps = int(rank_state.get("bad_steps", 0))
     elif run.trainer.resume == "auto":
         _say(dist_env, "resume=auto: no complete checkpoint yet, starting from step 0")
 
@@ -172,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return task.evaluate(engine.module, split, run.data, dist_env, run.trainer.seed)
 
     trainer = Trainer(engine, loader, run, dist_env, tracker, evaluate, grad_accum, global_batch)
+    trainer.bad_steps = bad_steps
     final = trainer.fit(start_step)
     report = loader.report
     if trainer.stopped_by is not None:
