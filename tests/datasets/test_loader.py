@@ -269,6 +269,39 @@ def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_w
     assert "s04" in summary and "s09" in summary and shard_list[1] in summary
 
 
+def _shard_with_broken(tmp_path, total: int, broken: set[int]) -> str:
+    with ShardWriter(str(tmp_path / "mixed-%03d.tar"), max_count=total) as writer:
+        for i in range(total):
+            image = _jpeg(i)
+            writer.write(f"m{i:03d}", image[: len(image) // 3] if i in broken else image,
+                         {"image_id": f"m{i:03d}", "captions": [f"a square number {i}"]})
+    return str(writer.shards[0])
+
+
+@pytest.mark.parametrize("total, broken, at", [(12, {1, 5, 7, 10}, "the end of the epoch"), (200, set(range(0, 200, 4)), "100 samples")])
+def test_too_many_bad_samples_stop_with_the_report(demo, tmp_path, total, broken, at):
+    shard = _shard_with_broken(tmp_path, total, broken)
+    loader = ShardLoader(_stream([shard], demo, batch_size=4, drop_last=False), num_workers=0, max_bad_fraction=0.2)
+    batches = 0
+    with pytest.raises(DataError) as info:
+        for _ in loader:
+            batches += 1
+    message = str(info.value)
+    bad, read = (4, 12) if total == 12 else (26, 102)  # judged after the first batch that reaches 100
+    assert message.startswith(f"rank 0: {bad} of the {read} samples read ({bad / read:.1%}) could not be used, more "
+                              "than data.max_bad_fraction=0.2: stopping rather than training on what is left.")
+    assert f"{bad} skipped sample(s)" in message and f"shard {shard}, sample 'm{min(broken):03d}'" in message
+    assert batches == (2 if total == 12 else 18)  # the batch that crossed the line is not trained on
+
+
+def test_bad_samples_below_the_fraction_train_on(demo, tmp_path):
+    shard = _shard_with_broken(tmp_path, 12, {1, 5, 7, 10})
+    loader = ShardLoader(_stream([shard], demo, batch_size=4, drop_last=False), num_workers=0, epochs=2,
+                         max_bad_fraction=0.34)
+    assert len(_take(loader)) == 4  # two epochs of 8 good samples
+    assert loader.report.skips_read == 8 and len(loader.report.skipped_samples) == 4
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_all_shards_unreadable_raises_with_report(demo, tmp_path, num_workers):
     shards = []

@@ -135,20 +135,20 @@ def test_truncated_shard_yields_complete_samples_and_reports_once(tmp_path, wher
     samples = list(iter_shard(str(truncated), events))
 
     # A sample is known complete once the header of the next sample was read in full; the sample
-    # torn by the cut (and one whose end cannot be confirmed) is dropped, never yielded half-read.
+    # torn by the cut (or one whose end cannot be confirmed) is never yielded half-read: it is
+    # reported as skipped, by key, after the shard.
     starts = _sample_starts(shard)
     expected = [i for i in range(8) if i + 1 < 8 and starts[i + 1] + tarfile.BLOCKSIZE <= cut]
+    torn = max(i for i in range(8) if starts[i] + tarfile.BLOCKSIZE <= cut)
     assert expected, "cut too early for this test to mean anything"
     assert [s.key for s in samples] == [f"k{i:03d}" for i in expected]
     for i, sample in zip(expected, samples):
         assert set(sample.files) == {"jpg", "json"}
         assert sample.files["jpg"] == _jpeg(i)
-    assert len(events) == 1
-    (event,) = events
-    assert event.kind == "unreadable_shard"
-    assert event.shard == str(truncated)
-    assert event.key == ""
-    assert str(truncated) in str(event)
+    assert [(e.kind, e.shard, e.key) for e in events] == [
+        ("unreadable_shard", str(truncated), ""), ("skipped_sample", str(truncated), f"k{torn:03d}")]
+    assert str(truncated) in str(events[0])
+    assert events[1].reason == "torn by the damage that ended the shard"
 
 
 def test_non_tar_file_reports_unreadable_and_yields_nothing(tmp_path):

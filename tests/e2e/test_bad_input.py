@@ -49,6 +49,23 @@ def test_bad_samples_and_shards_are_reported(e2e_env: dict[str, str], tmp_path: 
 
 
 @pytest.mark.slow
+def test_more_bad_samples_than_data_max_bad_fraction_stop_the_run(e2e_env: dict[str, str], tmp_path: Path) -> None:
+    good = [(f"s{i:03d}", _jpeg((40 * (i % 6), 90, 200)), {"captions": [f"a picture of a large red circle {i}"]})
+            for i in range(12)]
+    broken = [(f"b{i:03d}", _jpeg((10, 200, 10))[:300], {"captions": ["a square"]}) for i in range(2)]
+    _write_shard(tmp_path / "part-a.tar", good[:6] + broken + good[6:])
+    result = launch(python_cmd(
+        "recipe=clip_demo", *SMALL_DEMO, f"run_dir={tmp_path / 'run'}", f"data.train.shards={tmp_path}/part-a.tar",
+        "data.batch_size=4", "data.num_workers=0", "data.max_bad_fraction=0.1", "trainer.max_steps=8",
+        "trainer.eval_at_end=false", "trainer.save_at_end=false",
+    ), e2e_env)
+    assert result.returncode != 0
+    assert ("rank 0: 2 of the 14 samples read (14.3%) could not be used, more than data.max_bad_fraction=0.1"
+            in result.output), result.output[-3000:]
+    assert f"shard {tmp_path / 'part-a.tar'}, sample 'b000'" in result.output
+
+
+@pytest.mark.slow
 def test_all_shards_unreadable_fails_clearly(e2e_env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "junk-0.tar").write_text("nope")
     result = launch(python_cmd(

@@ -103,6 +103,9 @@ class DataConfig:
     batch_size: int = 32  # per rank, per micro step
     eval_batch_size: int = 64
     num_workers: int = 2
+    # Training stops with the data report when more than this fraction of the samples a rank has read
+    # could not be used (judged from 100 samples on, or at the end of an epoch); 1.0 never stops.
+    max_bad_fraction: float = 0.1
     tokenizer: str = "???"  # hub id or local directory
     max_text_len: int = 32
     # Text key -> prompt prefix the collator puts before that key's texts (e.g. {text: "a picture of "}):
@@ -182,6 +185,8 @@ def validate_config(cfg: DictConfig) -> RunConfig:
             raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(nodes['trainer'], key)}")
     if nodes["data"].batch_size < 1:
         raise ConfigError(f"data.batch_size must be >= 1, got {nodes['data'].batch_size}")
+    if not 0.0 <= nodes["data"].max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction must be within [0, 1], got {nodes['data'].max_bad_fraction}")
     _check_targets(cfg, "")
     return RunConfig(name=str(cfg.name), run_dir=str(cfg.run_dir), **nodes)
 

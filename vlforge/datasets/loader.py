@@ -12,6 +12,9 @@ from vlforge.datasets.shards import DataError, DataEvent, ShardStream, StreamPos
 
 log = logging.getLogger(__name__)
 
+# Fewer samples than this give too rough a fraction to stop a run on (unless the epoch has ended).
+MIN_SAMPLES_FOR_BAD_FRACTION = 100
+
 
 @dataclass
 class DataReport:
@@ -19,9 +22,11 @@ class DataReport:
 
     skipped_samples: list[DataEvent] = field(default_factory=list)
     unreadable_shards: list[DataEvent] = field(default_factory=list)
+    skips_read: int = 0  # skipped samples as read, each epoch again (the lists above hold each once)
 
     def add(self, events: list[DataEvent]) -> None:
         for event in events:
+            self.skips_read += event.kind == "skipped_sample"
             target = self.skipped_samples if event.kind == "skipped_sample" else self.unreadable_shards
             if event not in target:
                 target.append(event)
@@ -48,11 +53,27 @@ class ShardLoader:
     with the next batch, provided the number of workers is the same.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int = 2, epochs: int | None = None) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int = 2, epochs: int | None = None,
+                 max_bad_fraction: float = 1.0) -> None:
         self.stream, self.num_workers, self.epochs = stream, num_workers, epochs
+        self.max_bad_fraction = max_bad_fraction
         self.position = StreamPosition()
         self.report = DataReport()
         self.last_keys: list[str] = []
+        self.samples_used = 0
+
+    def _check_bad_fraction(self, end_of_epoch: bool) -> None:
+        """Stop with the report once too many of the samples read could not be used."""
+        bad = self.report.skips_read
+        read = self.samples_used + bad
+        if read == 0 or (read < MIN_SAMPLES_FOR_BAD_FRACTION and not end_of_epoch):
+            return
+        if bad / read > self.max_bad_fraction:
+            raise DataError(
+                f"rank {self.stream.rank}: {bad} of the {read} samples read ({bad / read:.1%}) could not be used, "
+                f"more than data.max_bad_fraction={self.max_bad_fraction}: stopping rather than training on what "
+                f"is left. {self.report.summary()}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": asdict(self.position), "num_workers": self.num_workers}
@@ -96,11 +117,14 @@ class ShardLoader:
                     continue
                 batches += 1
                 self.last_keys = keys
+                self.samples_used += len(keys)
+                self._check_bad_fraction(end_of_epoch=False)
                 yield batch
             if batches == 0 and not started_mid_epoch:
                 raise DataError(
                     f"no batch could be made from {len(self.stream.urls)} shard(s) on rank {self.stream.rank} "
                     f"in epoch {self.position.epoch}: {self.report.summary()}"
                 )
+            self._check_bad_fraction(end_of_epoch=True)
             epochs_done += 1
             self.position = StreamPosition(epoch=self.position.epoch + 1)

@@ -111,8 +111,11 @@ def iter_shard(url: str, events: list[DataEvent]) -> Iterator[RawSample]:
                 data = tar.extractfile(member)
                 current.files[ext.lower()] = data.read() if data is not None else b""
     except (tarfile.TarError, OSError, EOFError) as err:
-        # A truncated shard yields what it had and is reported; its torn last sample is dropped.
+        # A damaged shard yields the samples before the damage and is reported; the sample being read
+        # when it was met may be torn, so it is skipped and named.
         events.append(DataEvent("unreadable_shard", url, "", f"{type(err).__name__}: {err}"))
+        if current is not None:
+            events.append(DataEvent("skipped_sample", url, current.key, "torn by the damage that ended the shard"))
         return
     if current is not None:
         yield current

@@ -22,8 +22,8 @@ from vlforge.tasks.evaluation import (
     gather_objects,
     lockstep,
     merge_records,
-    own_storage,
     model_device,
+    own_storage,
     to_device,
 )
 
@@ -105,7 +105,7 @@ class Task(ABC):
             drop_last=True,
             seed=seed,
         )
-        return ShardLoader(stream, num_workers=data.num_workers)
+        return ShardLoader(stream, num_workers=data.num_workers, max_bad_fraction=data.max_bad_fraction)
 
     def eval_loader(self, split_name: str, data: DataConfig, dist_env: DistEnv, seed: int) -> ShardLoader:
         split: SplitConfig | None = getattr(data, split_name)
