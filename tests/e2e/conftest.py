@@ -63,15 +63,17 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(autouse=True)
-def _remove_deepspeed_shm_buffers() -> Iterator[None]:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a buffer file per rank in /dev/shm, named by
-    the rendezvous port, and a killed rank cannot remove it. Each launch here takes a fresh port, so
-    without this they pile up over a session (about 66 MB a rank) until the machine runs out."""
+def _no_deepspeed_shm_buffers_left() -> Iterator[None]:
+    """DeepSpeed's CPU shared-memory all-reduce maps a 66 MB file per rank in /dev/shm, named by the
+    rendezvous port; vlforge removes each once every rank has mapped them (core.distributed), so no
+    launch may leave one. Any left is removed anyway, so that a failure cannot fill the machine."""
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield
-    for leftover in (set(shm.glob("deepspeed_allreduce_buffer_*")) - before) if shm.is_dir() else ():
+    left = (set(shm.glob("deepspeed_allreduce_buffer_*")) - before) if shm.is_dir() else set()
+    for leftover in left:
         leftover.unlink(missing_ok=True)
+    assert not left, f"DeepSpeed shared-memory buffers left behind: {sorted(map(str, left))}"
 
 
 def python_cmd(*args: str, script: str = "launch/train.py") -> list[str]:

@@ -11,7 +11,8 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import MutableMapping, Sequence
+from pathlib import Path
+from typing import Mapping, MutableMapping, Sequence
 
 _LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
 
@@ -235,3 +236,23 @@ def init_distributed(dist_env: DistEnv) -> None:
             torch.set_num_threads(max(1, cores // max(1, dist_env.local_world_size)))
         torch.set_flush_denormal(True)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if backend == "gloo" and dist_env.world_size > 1:
+        unlink_shared_memory_buffer(dist_env.rank)
+
+
+def shared_memory_buffer(rank: int, env: Mapping[str, str] = os.environ) -> Path:
+    """The file DeepSpeed's CPU all-reduce maps for `rank` when every rank is on one host (its shm op
+    names it by user, MASTER_ADDR, MASTER_PORT and rank)."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    return Path("/dev/shm") / name
+
+
+def unlink_shared_memory_buffer(rank: int) -> None:
+    """Remove this rank's all-reduce buffer file once every rank has mapped every buffer (DeepSpeed maps
+    them all while the process group starts): the memory stays mapped until the ranks exit, and no
+    file is left behind, however a rank ends. DeepSpeed never removes them itself, so each run left
+    one file per rank (about 66 MB each)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    shared_memory_buffer(rank).unlink(missing_ok=True)
