@@ -90,6 +90,13 @@ class ShardLoader:
         pos = state["position"]
         self.position = StreamPosition(pos["epoch"], {int(k): v for k, v in pos["cursors"].items()}, pos["next_slot"])
 
+    def continue_epoch(self, epoch: int, samples_read: int, world_size: int) -> None:
+        """Go on with `epoch`, of which `samples_read` samples were read over every rank and worker of a
+        run with another number of ranks: each worker slot of this rank skips its even share of them.
+        The count of samples is kept, not which ones: shards are split over the ranks anew."""
+        share = samples_read // max(1, world_size * max(1, self.num_workers))
+        self.position = StreamPosition(epoch, {slot: share for slot in range(max(1, self.num_workers))}, 0)
+
     def _loader(self) -> DataLoader:
         self.stream.set_position(self.position, self.num_workers)
         return DataLoader(

@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vlforge.core.checkpoints import COMPLETE, complete_checkpoints, is_complete, tag_for
+from vlforge.core.checkpoints import COMPLETE, complete_checkpoints, consolidated_state_dict, is_complete, tag_for
 from vlforge.core.distributed import DistEnv
 from vlforge.core.errors import CheckpointError
 from vlforge.trainer.engine import TrainingEngine
@@ -176,18 +178,63 @@ def _prune(ckpt_dir: Path, keep_last: int, step: int, rank: int) -> None:
             _remove(left, step, rank)
 
 
-def load_checkpoint(engine: TrainingEngine, path: Path, dist_env: DistEnv) -> tuple[int, dict[str, Any] | None]:
-    """Restore model, optimizer and schedule; return (step, this rank's RNG/data state or None)."""
-    info = json.loads((path / COMPLETE).read_text())
-    loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+UNIVERSAL = "universal"
+
+
+def written_by(path: Path) -> int:
+    """The number of ranks that wrote the checkpoint at `path`."""
+    return int(json.loads((path / COMPLETE).read_text())["world_size"])
+
+
+def universal_checkpoint(path: Path, dist_env: DistEnv) -> Path:
+    """Collective. DeepSpeed's universal form of the checkpoint at `path` (parameters and optimizer
+    state per parameter, loadable by any number of ranks), converted once by rank 0 into
+    `path/universal/`, under a .partial name until it is whole."""
+    target = path / UNIVERSAL
+    if dist_env.is_main and not (target / COMPLETE).is_file():
+        partial = path / (UNIVERSAL + PARTIAL)
+        shutil.rmtree(partial, ignore_errors=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+             "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise CheckpointError(f"converting {path} to DeepSpeed's universal checkpoint (to resume on another "
+                                  f"number of ranks) failed:\n{(done.stdout + done.stderr)[-3000:]}")
+        shutil.copyfile(path / COMPLETE, partial / COMPLETE)
+        os.rename(partial, target)
+    _barrier()
+    return target
+
+
+def data_read_before(path: Path) -> tuple[int, int]:
+    """(epoch, samples read in it over every rank and loader worker) of the run that wrote `path`."""
+    positions = [torch.load(f, weights_only=False)["data"]["position"] for f in sorted(path.glob("rank_*.pt"))]
+    if not positions:
+        return 0, 0
+    epoch = max(p["epoch"] for p in positions)
+    return epoch, sum(sum(p["cursors"].values()) for p in positions if p["epoch"] == epoch)
+
+
+def load_checkpoint(engine: TrainingEngine, path: Path, dist_env: DistEnv,
+                    universal: Path | None = None) -> tuple[int, dict[str, Any] | None]:
+    """Restore model, optimizer and schedule (from `universal`, DeepSpeed's universal form of `path`,
+    when the number of ranks changed); return (step, this rank's RNG/data state, or None when the
+    checkpoint has none for this rank)."""
+    source = universal or path
+    loaded, client = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
     if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint at {path}")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint at {source}")
+    if universal is not None:
+        # A universal checkpoint holds parameters and optimizer state, not buffers (BatchNorm statistics).
+        state = consolidated_state_dict(path)
+        for name, buffer in engine.module.named_buffers():
+            if name in state:
+                buffer.copy_(state[name])
     rank_file = path / f"rank_{dist_env.rank:05d}.pt"
-    if info["world_size"] != dist_env.world_size or not rank_file.is_file():
-        log.warning(
-            "checkpoint %s was written by %d ranks, this run has %d: weights and optimizer are restored, "
-            "RNG and data position start afresh", path, info["world_size"], dist_env.world_size,
-        )
+    if written_by(path) != dist_env.world_size or not rank_file.is_file():
         return int(client["step"]), None
     return int(client["step"]), torch.load(rank_file, weights_only=False)

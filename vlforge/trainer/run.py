@@ -20,7 +20,14 @@ from vlforge.datasets.prepare import prepare_data
 from vlforge.hub.weights import init_weights
 from vlforge.models.towers.base import check_tower_precision
 from vlforge.tasks.base import Task
-from vlforge.trainer.checkpoint import load_checkpoint, resolve_resume, set_rng_state
+from vlforge.trainer.checkpoint import (
+    data_read_before,
+    load_checkpoint,
+    resolve_resume,
+    set_rng_state,
+    universal_checkpoint,
+    written_by,
+)
 from vlforge.trainer.engine import (
     TrainingEngine,
     batch_arithmetic,
@@ -75,6 +82,8 @@ class Session:
     engine: TrainingEngine
     grad_accum: int
     global_batch: int
+    resume_from: Path | None = None  # training: the checkpoint trainer.resume names
+    universal: Path | None = None  # its universal form, when it was written by another number of ranks
 
 
 def _stopped(trainer: Trainer, tracker: Tracker, run: RunConfig, dist_env: DistEnv, report: Any) -> dict[str, float]:
@@ -118,6 +127,12 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True, new_run: bool
     prepare_data(run.data, dist_env)
 
     ds_config = deepspeed_config(run, dist_env.world_size)
+    resume_from, universal = None, None
+    if new_run:
+        resume_from = resolve_resume(run.trainer.resume, run_dir / "checkpoints")
+        if resume_from is not None and written_by(resume_from) != dist_env.world_size:
+            universal = universal_checkpoint(resume_from, dist_env)
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
     _, grad_accum, global_batch = batch_arithmetic(run, dist_env.world_size)
     seed_everything(run.trainer.seed)  # the same initial weights on every rank and every world size
     model = build_model(cfg.model, ds_config)
@@ -135,7 +150,7 @@ def start_session(cfg: DictConfig, load_init_weights: bool = True, new_run: bool
              + _listed("model weights the checkpoint shapes differently keep their initialisation", report.mismatched))
     with output_to_log():
         engine = build_engine(model, run, ds_config)
-    return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch)
+    return Session(cfg, run, dist_env, task, run_dir, engine, grad_accum, global_batch, resume_from, universal)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -147,14 +162,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     loader = task.train_loader(run.data, dist_env, run.trainer.seed)
     start_step, bad_steps = 0, 0
-    resume_from = resolve_resume(run.trainer.resume, run_dir / "checkpoints")
+    resume_from = session.resume_from
     seed_everything(run.trainer.seed + dist_env.rank)  # dropout etc. differ across ranks
     if resume_from is not None:
-        start_step, rank_state = load_checkpoint(engine, resume_from, dist_env)
+        start_step, rank_state = load_checkpoint(engine, resume_from, dist_env, session.universal)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             loader.load_state_dict(rank_state["data"])
             bad_steps = int(rank_state.get("bad_steps", 0))
+        elif session.universal is not None:
+            epoch, read = data_read_before(resume_from)
+            loader.continue_epoch(epoch, read, dist_env.world_size)
+            _say(dist_env, f"vlforge: {resume_from} was written by {written_by(resume_from)} rank(s): weights, "
+                 f"optimizer and schedule load through DeepSpeed's universal checkpoint ({session.universal}); "
+                 f"epoch {epoch} goes on, each of the {dist_env.world_size} rank(s) skipping its share of the {read} "
+                 "samples read in it (which samples differ: shards split over ranks anew); RNG streams start afresh")
+        else:
+            log.warning("%s holds no state for rank %d: RNG and data position start afresh", resume_from, dist_env.rank)
     elif run.trainer.resume == "auto":
         _say(dist_env, "resume=auto: no complete checkpoint yet, starting from step 0")
 
