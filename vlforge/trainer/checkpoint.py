@@ -111,10 +111,12 @@ def _write_failure_reported(ckpt_dir: Path, partial: Path, step: int) -> Iterato
         if not _is_write_failure(err):
             raise
         written = _megabytes(partial) if partial.exists() else 0.0
+        # What the partial save holds is free again once it is removed and the failed write's file is
+        # closed (which happens only after this exception is gone).
+        free = shutil.disk_usage(ckpt_dir).free / 2**20 + written
         shutil.rmtree(partial, ignore_errors=True)
         previous = complete_checkpoints(ckpt_dir)
         need = max(written, _megabytes(previous[-1][1])) if previous else written
-        free = shutil.disk_usage(ckpt_dir).free / 2**20
         full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < need
         kept = (f"the previous checkpoint {previous[-1][1]} is intact (trainer.resume=auto continues from it)"
                 if previous else "there is no earlier checkpoint")
