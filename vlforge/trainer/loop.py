@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -196,7 +197,7 @@ class Trainer:
         base = next((g for g in groups if g.get("lr_multiplier", 1.0) == 1.0), groups[0])
         stats["train/lr"] = float(base["lr"])
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
+        if grad_norm is not None and math.isfinite(float(grad_norm)):  # a skipped step's is inf
             stats["train/grad_norm"] = float(grad_norm)
         if self.engine.fp16_enabled():
             stats["train/loss_scale"] = float(self.engine.optimizer.cur_scale)
