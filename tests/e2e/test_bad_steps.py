@@ -40,6 +40,8 @@ def test_a_non_finite_step_is_skipped_on_every_rank_and_counted(e2e_env: dict[st
         in result.output, result.output[-3000:]
     assert "step 4 skipped" in result.output and "step 5 skipped" not in result.output
 
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: a skipped step logs no inf or NaN
     rows = read_metrics(tmp_path)
     assert series(rows, "train/bad_steps") == {1: 0.0, 2: 0.0, 3: 1.0, 4: 2.0, 5: 2.0, 6: 2.0}
     losses = series(rows, "train/loss")
