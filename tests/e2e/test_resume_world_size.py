@@ -77,4 +77,4 @@ def test_a_run_resumes_on_one_rank_then_on_two(e2e_env: dict[str, str], tmp_path
 
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kind: str) -> float:
     keys = [k for k in a if a[k].is_floating_point() and ("running_" in k) == (kind == "statistics")]
-    return math.sqrt(sum(float((a[k] - b[k]).square().sum()) for k in keys))
+    return math.sqrt(sum(float((a[k] - b[k]).detach().square().sum()) for k in keys))
