@@ -52,8 +52,11 @@ def _wait_for_replicas(url: str, proc: subprocess.Popen, log: Path, count: int, 
 
 async def _load(url: str, victim: str, victim_pid: int) -> list[dict]:
     """REQUESTS captions, CONCURRENCY at a time (every fourth streamed); the victim replica is SIGKILLed
-    once it has answered and KILL_AFTER answers are in, while both replicas hold requests."""
+    once it has answered and KILL_AFTER answers are in, at a moment it is streaming an answer (a stream's
+    headers, which name its replica, arrive before its tokens): Ray's router may leave a replica idle for
+    a while, and a kill then would cut nothing."""
     done, victim_answered = 0, False
+    streaming = collections.Counter()  # replica -> streams it is sending now
     in_flight = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY + 10)) as client:
 
@@ -61,15 +64,20 @@ async def _load(url: str, victim: str, victim_pid: int) -> list[dict]:
             nonlocal done, victim_answered
             body = {"image": png_data_uri(i % 5), "max_tokens": TOKENS, "min_tokens": TOKENS, "stream": i % 4 == 0}
             async with in_flight, client.stream("POST", f"{url}/v1/caption", json=body) as response:
-                text = (await response.aread()).decode()
+                replica = response.headers.get("x-vlforge-replica") if body["stream"] else None
+                streaming[replica] += 1
+                try:
+                    text = (await response.aread()).decode()
+                finally:
+                    streaming[replica] -= 1
             done += 1
             victim_answered |= response.headers.get("x-vlforge-replica") == victim
             return {"stream": body["stream"], "status": response.status_code, "text": text,
                     "replica": response.headers.get("x-vlforge-replica"), "done_before": done - 1}
 
         async def kill() -> None:
-            while (done < KILL_AFTER or not victim_answered) and done < REQUESTS:
-                await asyncio.sleep(0.005)
+            while (done < KILL_AFTER or not victim_answered or not streaming[victim]) and done < REQUESTS:
+                await asyncio.sleep(0.002)
             os.kill(victim_pid, signal.SIGKILL)
 
         answers, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(REQUESTS))), kill())
