@@ -54,10 +54,12 @@ setup(
                 "setuptools>=70.1",  # builds the wheel without the separate `wheel` package (tests/cli/test_wheel.py)
                 "openai>=1.30", "httpx>=0.27", "schemathesis>=3.30", "hypothesis>=6.100",  # serving tests
                 "playwright>=1.40",  # the page at / in Debian's chromium (tests/serve/test_page.py)
-                "ray[serve]>=2.60", "psutil>=5.9"],  # serve.replicas (tests/e2e/test_serve_replicas.py)
+                "ray[serve]>=2.60", "psutil>=5.9",  # serve.replicas (tests/e2e/test_serve_replicas.py)
+                "torchao>=0.14"],  # load_model(quant="int8") (tests/hub/test_low_precision.py)
         "slurm": ["hydra-submitit-launcher>=1.2"],  # hydra/launcher=vlforge_slurm
         "lora": ["peft>=0.10"],  # model.lora (LLaVA finetuning with LoRA adapters)
-        "quant": ["bitsandbytes>=0.46", "accelerate>=0.30"],  # model.load_4bit / load_8bit
+        "quant": ["bitsandbytes>=0.46", "accelerate>=0.30",  # model.load_4bit / load_8bit, quant="nf4"
+                  "torchao>=0.14"],  # quant="int8"
         "ray": ["ray[serve]>=2.60"],  # vlforge serve ... serve.replicas=N (Ray Serve)
     },
 )

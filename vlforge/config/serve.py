@@ -44,7 +44,7 @@ class ServeConfig:
     port: int = 8000
     model_name: Optional[str] = None  # the id in /v1/models and responses; default: the recipe or zoo name
     device: str = "auto"  # auto: cuda if available, else cpu
-    quantize: Optional[str] = None  # null | 4bit | 8bit: load_model's LM quantization (models with an LM)
+    quantize: Optional[str] = None  # null | int8 | bf16 (load_model quant=) | 4bit | 8bit (bitsandbytes, the LM)
     # null | auto | {module: device}: the language model spread over the devices of one replica (accelerate)
     device_map: Any = None
     replicas: int = 1  # > 1: a Ray Serve deployment of this many replicas behind Ray's proxy
@@ -84,14 +84,14 @@ def serve_config(node: DictConfig | dict | None) -> ServeConfig:
         raise ConfigError(f"serve.port must be in 1..65535, got {cfg.port}")
     if cfg.batching.policy not in ("continuous", "request"):
         raise ConfigError(f"serve.batching.policy={cfg.batching.policy!r} is not one of continuous, request")
-    if cfg.quantize not in (None, "4bit", "8bit"):
-        raise ConfigError(f"serve.quantize={cfg.quantize!r} is not one of null, 4bit, 8bit")
+    if cfg.quantize not in (None, "4bit", "8bit", "int8", "bf16"):
+        raise ConfigError(f"serve.quantize={cfg.quantize!r} is not one of null, int8, bf16, 4bit, 8bit")
     if cfg.limits.default_max_tokens > cfg.limits.max_tokens:
         raise ConfigError("serve.limits.default_max_tokens exceeds serve.limits.max_tokens")
     if cfg.device_map is not None and cfg.device_map != "auto" and not isinstance(cfg.device_map, dict):
         raise ConfigError(f"serve.device_map={cfg.device_map!r}: expected auto or a {{module: device}} map")
     if cfg.device_map is not None and cfg.quantize is not None:
-        raise ConfigError("serve.device_map with serve.quantize: a quantized LM is held on one device")
+        raise ConfigError("serve.device_map with serve.quantize: a quantized model is held on one device")
     if cfg.cpus_per_replica < 0 or (cfg.gpus_per_replica is not None and cfg.gpus_per_replica < 0):
         raise ConfigError("serve.cpus_per_replica and serve.gpus_per_replica must be >= 0")
     return cfg

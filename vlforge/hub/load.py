@@ -33,12 +33,13 @@ from vlforge.core.state_dict import load_into_model, read_weights, resolve_conve
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.hub.dimensions import apply_dimensions
 from vlforge.hub.export import is_export, read_export, read_export_config, run_config
+from vlforge.hub.low_precision import apply_low_precision, check_quant
 from vlforge.hub.sources import (
     WeightsNotFoundError,
     entry_files_dir,
     hf_model_dir,
-    tower_file,
     missing_files,
+    tower_file,
     url_model_dir,
     weights_file,
 )
@@ -195,7 +196,7 @@ def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device
         return cfg, None
     target = str(cfg.model.get("_target_")).rpartition(".")[2]
     if "language_model" not in cfg.model:
-        raise ValueError(f"load_4bit / load_8bit / device_map apply to a model with a language model (blip2_opt, "
+        raise ValueError(f"load_4bit / load_8bit / quant='nf4' / device_map apply to a model with a language model (blip2_opt, "
                          f"llava); {target} has none")
     if placement.device_map is not None and importlib.util.find_spec("accelerate") is None:
         # Checked before anything is built or read: the model would otherwise load whole first.
@@ -222,10 +223,7 @@ def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device
 def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, compute_dtype: str | None,
                           device: torch.device) -> None:
     if placement.bits is not None:
-        if getattr(model, "lora", False):
-            # LoRA adapters are merged into the weights they adapt, which are then quantized.
-            model.language_model = model.language_model.merge_and_unload()
-            model.lora = False
+        _merge_lora(model)
         quantize_language_model(model.language_model, placement.bits, compute_dtype, device)
     if placement.device_map is not None:
         from accelerate import dispatch_model, infer_auto_device_map
@@ -238,7 +236,7 @@ def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, c
 
 
 def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
-           placement: LanguageModelPlacement = LanguageModelPlacement()) -> nn.Module:
+           placement: LanguageModelPlacement = LanguageModelPlacement(), quant: str | None = None) -> nn.Module:
     device = torch.device(device)
     cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
     model = instantiate(cfg.model, _convert_="all")
@@ -250,7 +248,21 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
         raise CheckpointError(f"{resolved.source}: {err}") from None
     _place_language_model(model, placement, compute_dtype, device)
     _to_device(model, device)
+    _apply_quant(model, quant)
     return model.eval() if is_eval else model
+
+
+def _merge_lora(model: nn.Module) -> None:
+    """LoRA adapters merged into the weights they adapt, before those are quantized."""
+    if getattr(model, "lora", False):
+        model.language_model = model.language_model.merge_and_unload()
+        model.lora = False
+
+
+def _apply_quant(model: nn.Module, quant: str | None) -> None:
+    if quant in ("bf16", "int8"):
+        _merge_lora(model)
+        apply_low_precision(model, quant)
 
 
 def _kept_keys(model: nn.Module, ignore: Sequence[str]) -> list[str]:
@@ -274,7 +286,7 @@ def _to_device(model: nn.Module, device: torch.device) -> None:
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
-               source: str | None = None, overrides: Sequence[str] = ()) -> nn.Module:
+               source: str | None = None, overrides: Sequence[str] = (), quant: str | None = None) -> nn.Module:
     """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
     unless `is_eval=False`. `checkpoint`: local weights to load instead of the zoo's: a vlforge run,
     checkpoint or export directory, an HF / open_clip model directory for the hub rows, or a LAVIS
@@ -290,15 +302,24 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
     linear layers with bitsandbytes (nf4 with double quantization / LLM.int8) onto `device`, its head
     and embeddings unquantized, and hold the image tower in `compute_dtype` (default float16 on a GPU,
     bfloat16 on the CPU); `device_map="auto"` (or a map) spreads the LM over the visible GPUs with
-    accelerate."""
+    accelerate.
+
+    `quant` holds the whole model in low precision for inference: "bf16" (every weight in bfloat16),
+    "int8" (bfloat16, and every linear layer outside the image tower as torchao's int8 weights, for
+    fast decoding on a CPU or a GPU), or "nf4" (the same as `load_4bit=True`)."""
     entry = _find(name, model_type, source, checkpoint)
     return _build(_resolve(entry, checkpoint, overrides), is_eval, device,
-                  _placement(load_4bit, load_8bit, compute_dtype, device_map))
+                  _placement(load_4bit, load_8bit, compute_dtype, device_map, quant), quant)
 
 
 def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,
-               device_map: str | dict[str, Any] | None) -> LanguageModelPlacement:
-    return LanguageModelPlacement(quant_bits(load_4bit, load_8bit), compute_dtype, device_map)
+               device_map: str | dict[str, Any] | None, quant: str | None = None) -> LanguageModelPlacement:
+    check_quant(quant)
+    if quant is not None and (load_4bit or load_8bit):
+        raise ValueError(f"quant={quant!r} with load_4bit / load_8bit: choose one (quant='nf4' is load_4bit=True)")
+    if quant in ("bf16", "int8") and device_map is not None:
+        raise ValueError(f"quant={quant!r} with device_map: a low-precision model is held on one device")
+    return LanguageModelPlacement(quant_bits(load_4bit or quant == "nf4", load_8bit), compute_dtype, device_map)
 
 
 def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable]]:
@@ -313,11 +334,11 @@ def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable
 def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                               checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                               compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
-                              source: str | None = None, overrides: Sequence[str] = (),
+                              source: str | None = None, overrides: Sequence[str] = (), quant: str | None = None,
                               ) -> tuple[nn.Module, dict[str, Callable], dict[str, Callable]]:
     """(model, image processors, text processors) of `load_model`, the processors from the same recipe."""
     model, cfg = load_model_and_recipe(name, model_type, is_eval, device, checkpoint, load_4bit, load_8bit,
-                                       compute_dtype, device_map, source, overrides)
+                                       compute_dtype, device_map, source, overrides, quant)
     vis, txt = processors(cfg)
     return model, vis, txt
 
@@ -325,26 +346,29 @@ def load_model_and_preprocess(name: str, model_type: str, is_eval: bool = True, 
 def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                           checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                           compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
-                          source: str | None = None, overrides: Sequence[str] = (),
+                          source: str | None = None, overrides: Sequence[str] = (), quant: str | None = None,
                           ) -> tuple[nn.Module, DictConfig]:
     """(model, the composed recipe it was built from) of `load_model`: the recipe's data node names its
     tokenizer, text length and image transforms."""
     entry = _find(name, model_type, source, checkpoint)
     resolved = _resolve(entry, checkpoint, overrides)
-    placement = _placement(load_4bit, load_8bit, compute_dtype, device_map)
-    return _build(resolved, is_eval, device, placement), resolved.cfg
+    placement = _placement(load_4bit, load_8bit, compute_dtype, device_map, quant)
+    return _build(resolved, is_eval, device, placement, quant), resolved.cfg
 
 
 def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
-                      is_eval: bool = True, device_map: str | dict[str, Any] | None = None) -> nn.Module:
+                      is_eval: bool = True, device_map: str | dict[str, Any] | None = None,
+                      quant: str | None = None) -> nn.Module:
     """The model of a composed recipe `cfg` on `device`, with the weights of `checkpoint` (a vlforge run,
     checkpoint or export directory: every key, both ways, as `vlforge eval` loads them) or, without one,
     those its `trainer.init_from` names (as training would start), else its fresh initialisation.
-    `device_map` spreads its language model over devices as in `load_model`."""
-    placement = _placement(False, False, None, device_map)
+    `device_map` spreads its language model over devices, and `quant` holds it in low precision, as in
+    `load_model`."""
+    placement = _placement(False, False, None, device_map, quant)
     if checkpoint is not None:  # the recipe builds the model; the checkpoint's own recipe is not read
         path = _existing(checkpoint)
-        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device, placement)
+        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device, placement,
+                      quant)
     cfg, _ = _placement_config(cfg, placement, torch.device(device))
     model = instantiate(cfg.model, _convert_="all")
     trainer = cfg.get("trainer", {})
@@ -352,6 +376,7 @@ def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, dev
         init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
     _place_language_model(model, placement, None, torch.device(device))
     _to_device(model, torch.device(device))
+    _apply_quant(model, quant)
     return model.eval() if is_eval else model
 
 

@@ -81,12 +81,16 @@ def served_recipe(request: ServeRequest, config: ServeConfig) -> DictConfig | No
     else:
         raise ConfigError("name what to serve: a zoo model (vlforge serve blip_caption:base_coco), "
                           "recipe=<name> [checkpoint=<run or export>], or checkpoint=<run or export>")
-    if config.quantize is not None:
+    if config.quantize in ("4bit", "8bit"):
         key = "load_4bit" if config.quantize == "4bit" else "load_8bit"
         if key not in cfg.model:
             raise ConfigError(f"serve.quantize={config.quantize}: {cfg.model._target_} has no language model to quantize")
         cfg.model[key] = True
     return cfg
+
+
+def _low_precision(config: ServeConfig) -> str | None:
+    return config.quantize if config.quantize in ("int8", "bf16") else None
 
 
 def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, ServeConfig, str, torch.device]:
@@ -98,9 +102,10 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
         name, _, model_type = str(request.model).partition(":")
         model, cfg = load_model_and_recipe(name, model_type, device=device, checkpoint=request.checkpoint,
                                            load_4bit=config.quantize == "4bit", load_8bit=config.quantize == "8bit",
-                                           device_map=config.device_map)
+                                           device_map=config.device_map, quant=_low_precision(config))
         return model, cfg, config, config.model_name or str(request.model), device
-    model = load_recipe_model(cfg, request.checkpoint, device, device_map=config.device_map)
+    model = load_recipe_model(cfg, request.checkpoint, device, device_map=config.device_map,
+                              quant=_low_precision(config))
     return model, cfg, config, config.model_name or str(cfg.get("name", request.recipe)), device
 
 

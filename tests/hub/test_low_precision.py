@@ -1,0 +1,104 @@
+"""load_model(quant=...): a model held in bfloat16, or with its text side in torchao's int8 weights, and
+the settings that refuse what cannot be combined."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import BlipForConditionalGeneration
+
+from tests.hub.test_load import _offline_cache, save_hf_model  # noqa: F401 (the fixture)
+from tests.models.tiny_blip import BOS, PAD, SEP, images
+from vlforge import load_model
+from vlforge.config.serve import serve_config
+from vlforge.core.errors import ConfigError
+from vlforge.hub.low_precision import FUSED_MAX_ROWS, Int8Linear
+
+
+@pytest.fixture(scope="module")
+def caption_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("blip")
+    hf = save_hf_model(BlipForConditionalGeneration, directory)
+    # Weights away from their initialisation (LayerNorms included), so that a layer left in float32,
+    # or a scale applied to the wrong channel, shows in the logits.
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(str(directory))
+    return directory
+
+
+def _logits(model: nn.Module, seed: int = 3) -> torch.Tensor:
+    pixels, _ = images(2, seed=seed)
+    ids = torch.tensor([[BOS, 6, 7, 8, 9, SEP], [BOS, 6, 7, 10, SEP, PAD]])
+    with torch.no_grad():
+        return model.logits(model.image_tokens(pixels), ids, (ids != PAD).long()).float()
+
+
+def test_bf16_holds_every_weight_in_bfloat16_and_keeps_the_logits(caption_dir: Path) -> None:
+    full = load_model("blip_caption", "base_coco", checkpoint=caption_dir)
+    half = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    for name, p in half.named_parameters():  # the values are the float32 ones, rounded
+        assert torch.equal(p, dict(full.named_parameters())[name].to(torch.bfloat16)), name
+    expected, got = _logits(full), _logits(half)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    # The tokens a user reads: the same greedy caption ids.
+    pixels, _ = images(2, seed=8)
+    prompt = torch.tensor([[BOS, 6, 7]] * 2)
+    assert torch.equal(full.generate_ids(pixels, prompt, max_length=8), half.generate_ids(pixels, prompt, max_length=8))
+
+
+def test_int8_quantizes_every_text_linear_per_output_channel_and_keeps_the_tower(caption_dir: Path) -> None:
+    full = load_model("blip_caption", "base_coco", checkpoint=caption_dir)
+    model = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8")
+    tower = {id(m) for m in model.vision.modules()}
+    outside = [(name, m) for name, m in model.named_modules() if id(m) not in tower]
+    assert not [name for name, m in outside if type(m) is nn.Linear or (isinstance(m, nn.Linear))]
+    int8 = {name: m for name, m in outside if isinstance(m, Int8Linear)}
+    # Every text linear layer: self and cross attention, the feed-forward and the LM head.
+    assert len(int8) == 2 * (2 + 3 + 2) + 2, sorted(int8)
+    assert all(p.dtype == torch.bfloat16 for p in model.vision.parameters())
+    assert not any(isinstance(m, Int8Linear) for m in model.vision.modules())
+    reference = full.state_dict()  # the tied head too
+    for name, layer in int8.items():
+        weight = reference[f"{name}.weight"].detach()
+        # One scale per output channel: each row is held to within half its own step (max |row| / 127),
+        # plus bfloat16's rounding of the weight before quantization and of the scale.
+        row_max = weight.abs().amax(dim=1, keepdim=True)
+        error = (layer.weight.dequantize().float() - weight).abs()
+        assert (error <= row_max / 127 / 2 + (weight.abs() + row_max) * 2 ** -8).all(), name
+    # The LM head tied to the word embeddings gets its own int8 copy; the table keeps its weight.
+    assert model.text_decoder.word_embeddings.weight.dtype == torch.bfloat16
+    expected, got = _logits(full), _logits(model)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("name", "rows"), [("intermediate", 1), ("intermediate", 3),
+                                           ("intermediate", FUSED_MAX_ROWS + 1), ("output", 3)])
+def test_an_int8_layer_computes_with_its_widened_weight_fused_or_not(caption_dir: Path, name: str, rows: int) -> None:
+    model = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8")
+    layer = getattr(model.text_decoder.layers[0], name)
+    # 32 inputs run fused; 40 (not a multiple of 16) widen the weight, as inductor's kernel needs.
+    assert layer.fused == (layer.in_features == 32)
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    expected = F.linear(x.float(), layer.weight.dequantize().float(), layer.bias.float())
+    with torch.no_grad():
+        got = layer(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, layer.out_features)
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_unknown_or_conflicting_quantization_is_refused(caption_dir: Path) -> None:
+    with pytest.raises(ValueError, match="quant='int4': expected one of None, 'bf16', 'int8', 'nf4'"):
+        load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int4")
+    with pytest.raises(ValueError, match="quant='int8' with load_4bit / load_8bit"):
+        load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8", load_8bit=True)
+    with pytest.raises(ValueError, match="quant=.nf4. / device_map apply to a model with a language model"):
+        load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="nf4")
+    with pytest.raises(ConfigError, match="serve.quantize='fp8' is not one of null, int8, bf16, 4bit, 8bit"):
+        serve_config(OmegaConf.create({"quantize": "fp8"}))

@@ -1,0 +1,121 @@
+"""Inference in low precision: a loaded model held in bfloat16, or with its text side's linear layers in
+int8 (torchao's weight-only int8, per output channel), chosen by `load_model(quant=...)` and
+`serve.quantize`.
+
+What each mode holds:
+- "bf16": every floating-point parameter and buffer in bfloat16; activations follow.
+- "int8": the model in bfloat16, and the linear layers outside the image tower as int8 weights with
+  one scale per output channel. Decoding reads
+  every text-side weight once per token, so it is bound by the bytes of those weights; the image
+  tower is bound by arithmetic on its many tokens, where int8 weights buy nothing (the weight is
+  widened before the product), so it stays in bfloat16.
+
+torchao's int8 layers are fast only under torch.compile, which fuses the widening of the weight into
+the product: each quantized layer runs through one compiled linear for the few rows decoding feeds
+it, and widens its weight once per call for the many rows of a prompt or an image, where the product
+costs more than the widening.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_MODES = ("bf16", "int8", "nf4")
+
+# Rows a quantized layer takes at once above which it widens its weight instead of running the fused
+# kernel: a prompt or image tokens, not a decoding step (a batch of 32 rows with 3 beams stays fused).
+FUSED_MAX_ROWS = 128
+# Inductor's fused int8 kernel on the CPU (torch 2.14) reads past the input of a layer whose input
+# width is not a multiple of 16 (NaNs or a crash): such layers widen their weight instead.
+FUSED_IN_MULTIPLE = 16
+
+
+def check_quant(quant: str | None, what: str = "quant") -> None:
+    if quant is not None and quant not in QUANT_MODES:
+        raise ValueError(f"{what}={quant!r}: expected one of None, {', '.join(map(repr, QUANT_MODES))}")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively (a GPU that has it; a CPU with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+_compiled_linear: Callable[..., torch.Tensor] | None = None
+
+
+def _fused_linear() -> Callable[..., torch.Tensor]:
+    global _compiled_linear
+    if _compiled_linear is None:
+        # One graph per weight shape (torchao's tensor carries its shape in its metadata): a model has
+        # a handful, more than dynamo's default limit of 8 for a model with a Q-Former and an LM.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._functorch.config.enable_autograd_cache = False
+        _compiled_linear = torch.compile(F.linear, dynamic=True)
+    return _compiled_linear
+
+
+class Int8Linear(nn.Module):
+    """A linear layer holding torchao's int8 weight (`weight`, `bias` as the layer it replaces had them,
+    so the model's key names stay)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.fused = self.in_features % FUSED_IN_MULTIPLE == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused or x.numel() // self.in_features > FUSED_MAX_ROWS:
+            return F.linear(x, self.weight.dequantize().to(x.dtype), self.bias)
+        return _fused_linear()(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
+
+
+def _quantize_int8(parent: nn.Module, skip: set[int]) -> int:
+    """Replace every nn.Linear under `parent` but those in `skip` (module ids) by an Int8Linear;
+    returns how many."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    count = 0
+    for name, child in list(parent.named_children()):
+        if id(child) in skip:
+            continue
+        if isinstance(child, nn.Linear):
+            # A layer's weight may be shared (an LM head tied to the word embeddings): the head gets
+            # its own int8 copy, the embedding table keeps its weight.
+            holder = nn.Sequential(child)
+            quantize_(holder, Int8WeightOnlyConfig(set_inductor_config=False))
+            setattr(parent, name, Int8Linear(holder[0]))
+            count += 1
+        else:
+            count += _quantize_int8(child, skip)
+    return count
+
+
+def apply_low_precision(model: nn.Module, quant: str) -> None:
+    """Hold `model` (its weights loaded, on its device) in `quant` ("bf16" or "int8"), in place."""
+    check_quant(quant)
+    if quant == "bf16":
+        model.to(torch.bfloat16)
+        return
+    if quant != "int8":
+        raise ValueError(f"apply_low_precision: {quant!r} is not a low-precision mode (nf4 quantizes the LM with bitsandbytes)")
+    try:
+        import torchao  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"quant='int8' needs torchao: pip install 'vlforge[quant]' ({err})") from None
+    # bfloat16 even on a CPU without bfloat16 instructions: decoding reads weights, and half the
+    # bytes is faster there too; the image tower's arithmetic is then emulated.
+    model.to(torch.bfloat16)
+    tower = getattr(model, "vision", None)
+    if not _quantize_int8(model, {id(tower)} if isinstance(tower, nn.Module) else set()):
+        raise ValueError(f"quant='int8': {type(model).__name__} has no linear layer outside its image tower")
