@@ -10,7 +10,10 @@ Targets: <= 0.5x transformers' latency at batch 1, >= 2x its throughput at batch
 decode alone >= 45 tokens/s at batch 1.
 
     python benchmarks/generate.py [--repeats 5] [--warmup 1] [--only greedy_1 beam3_8 ...] [--precision bf16]
+                                  [--quant none|int8|bf16]
 
+`--quant` holds vlforge's model as `load_model(quant=...)` does (transformers' stays as `--precision`
+says: fp32 on CPU), so the ratios compare low-precision vlforge with transformers' fp32 `generate`.
 On a GPU (the variant of benchmark 6) both run under bf16 autocast unless `--precision fp32`.
 """
 from __future__ import annotations
@@ -30,12 +33,16 @@ PROMPT = [BOS, 1037, 3861, 1997]  # [DEC] a picture of (bert-base-uncased ids)
 CONFIGS = {"greedy_1": (1, 1), "greedy_8": (1, 8), "beam3_1": (3, 1), "beam3_8": (3, 8)}
 
 
-def build() -> tuple[torch.nn.Module, torch.nn.Module]:
+def build(device: str, quant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import BlipConfig, BlipForConditionalGeneration
 
+    from vlforge.hub.low_precision import apply_low_precision
+
     torch.manual_seed(0)
-    ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=BOS, eos_token_id=SEP).eval()
-    peer = BlipForConditionalGeneration(BlipConfig()).eval()
+    ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=BOS, eos_token_id=SEP).eval().to(device)
+    if quant != "none":
+        apply_low_precision(ours, quant)
+    peer = BlipForConditionalGeneration(BlipConfig()).eval().to(device)
     return ours, peer
 
 
@@ -95,12 +102,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--quant", choices=("none", "int8", "bf16"), default="none",
+                        help="vlforge's model held as load_model(quant=...) holds it")
     args = parser.parse_args()
     device, dtype = setup(args.precision)
-    ours, peer = build()
-    ours, peer = ours.to(device), peer.to(device)
-    print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, {str(dtype).removeprefix('torch.')} "
-          f"({environment()})\n")
+    ours, peer = build(device, args.quant)
+    print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, {str(dtype).removeprefix('torch.')}, "
+          f"vlforge quant {args.quant} ({environment()})\n")
     print("| decoding | batch | vlforge s/image | transformers s/image | latency ratio | vlforge tokens/s | "
           "transformers tokens/s | throughput ratio |")
     print("|---|---|---|---|---|---|---|---|")

@@ -236,7 +236,8 @@ def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, c
 
 
 def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
-           placement: LanguageModelPlacement = LanguageModelPlacement(), quant: str | None = None) -> nn.Module:
+           placement: LanguageModelPlacement = LanguageModelPlacement(), quant: str | None = None,
+           compile: bool = False) -> nn.Module:
     device = torch.device(device)
     cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
     model = instantiate(cfg.model, _convert_="all")
@@ -249,7 +250,17 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
     _place_language_model(model, placement, compute_dtype, device)
     _to_device(model, device)
     _apply_quant(model, quant)
+    _compile_decoding(model, compile)
     return model.eval() if is_eval else model
+
+
+def _compile_decoding(model: nn.Module, compile: bool) -> None:
+    if not compile:
+        return
+    if not hasattr(model, "compile_decoding"):
+        raise ValueError(f"compile=True: {type(model).__name__} has no compiled decoding step (BLIP's captioner "
+                         "and VQA model have one)")
+    model.compile_decoding = True
 
 
 def _merge_lora(model: nn.Module) -> None:
@@ -286,7 +297,8 @@ def _to_device(model: nn.Module, device: torch.device) -> None:
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
                checkpoint: str | Path | None = None, load_4bit: bool = False, load_8bit: bool = False,
                compute_dtype: str | None = None, device_map: str | dict[str, Any] | None = None,
-               source: str | None = None, overrides: Sequence[str] = (), quant: str | None = None) -> nn.Module:
+               source: str | None = None, overrides: Sequence[str] = (), quant: str | None = None,
+               compile: bool = False) -> nn.Module:
     """The zoo model `name`/`model_type` (see `model_zoo`) with its weights, on `device`; in eval mode
     unless `is_eval=False`. `checkpoint`: local weights to load instead of the zoo's: a vlforge run,
     checkpoint or export directory, an HF / open_clip model directory for the hub rows, or a LAVIS
@@ -306,10 +318,12 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
 
     `quant` holds the whole model in low precision for inference: "bf16" (every weight in bfloat16),
     "int8" (bfloat16, and every linear layer outside the image tower as torchao's int8 weights, for
-    fast decoding on a CPU or a GPU), or "nf4" (the same as `load_4bit=True`)."""
+    fast decoding on a CPU or a GPU), or "nf4" (the same as `load_4bit=True`). `compile=True` decodes
+    through a static-shape step compiled by torch.compile (BLIP's captioner and VQA model): faster per
+    token, after a compilation of some seconds for each batch size and length first seen."""
     entry = _find(name, model_type, source, checkpoint)
     return _build(_resolve(entry, checkpoint, overrides), is_eval, device,
-                  _placement(load_4bit, load_8bit, compute_dtype, device_map, quant), quant)
+                  _placement(load_4bit, load_8bit, compute_dtype, device_map, quant), quant, compile)
 
 
 def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,

@@ -57,7 +57,8 @@ def _fused_linear() -> Callable[..., torch.Tensor]:
         # a handful, more than dynamo's default limit of 8 for a model with a Q-Former and an LM.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._functorch.config.enable_autograd_cache = False
-        _compiled_linear = torch.compile(F.linear, dynamic=True)
+        # torch's own linear, not F.linear's current binding: DeepSpeed's zero.Init rebinds that one.
+        _compiled_linear = torch.compile(torch._C._nn.linear, dynamic=True)
     return _compiled_linear
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from vlforge.core.tokenizers import load_tokenizer
 from vlforge.models.blip.decoder import (
-    decoder_step,
+    decode,
     language_model_loss,
     special_token_ids,
     start_decoder_rows,
@@ -16,7 +16,7 @@ from vlforge.models.blip.decoder import (
 )
 from vlforge.models.layers.bert import BertLMHead, BertTextModel
 from vlforge.models.layers.decode_rows import DecodeRows, RowStart, Vocabulary
-from vlforge.models.layers.generation import GenerationConfig, generate
+from vlforge.models.layers.generation import GenerationConfig
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
@@ -43,6 +43,7 @@ class BlipCaptioner(nn.Module):
         tie_word_embeddings: bool = True,
     ) -> None:
         super().__init__()
+        self.compile_decoding = False  # generate through a compiled static-shape step (load_model(compile=True))
         self.vision = build_vision_tower(vision)
         text = {"cross_attention_layers": "all", "encoder_width": self.vision.width, **text}
         self.text_decoder = BertTextModel(**text)
@@ -81,8 +82,8 @@ class BlipCaptioner(nn.Module):
             raise ValueError(f"generate_ids: {prompt_ids.shape[0]} prompts for {image.shape[0]} images")
         # One row of image tokens per image, whatever the beams: they share its cross-attention keys.
         image_tokens = self.image_tokens(image)
-        return generate(decoder_step(self.text_decoder, self.lm_head, image_tokens), self.text_decoder.new_cache(),
-                        prompt_ids, cfg, self.eos_token_id, self.pad_token_id)
+        return decode(self.text_decoder, self.lm_head, image_tokens, None, prompt_ids, cfg, self.eos_token_id,
+                      self.pad_token_id, self.compile_decoding)
 
     def _tokenizer(self) -> Any:
         if self.tokenizer_name is None:

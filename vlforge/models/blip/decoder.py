@@ -11,6 +11,8 @@ from vlforge.core.tokenizers import load_tokenizer
 from vlforge.datasets.instruct import pad_rows
 from vlforge.models.layers.bert import BertLMHead, BertTextModel, KVCache, LayerCache
 from vlforge.models.layers.decode_rows import DecodeRows, RowStart, left_padded_positions
+from vlforge.models.layers.generation import GenerationConfig, generate
+from vlforge.models.layers.static_decode import StaticDecoding
 
 
 def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int | torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,18 @@ def decoder_step(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Ten
         return lm_head(hidden[:, -1])
 
     return step
+
+
+def decode(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Tensor, context_mask: torch.Tensor | None,
+           prompt_ids: torch.Tensor, cfg: GenerationConfig, eos_id: int, pad_id: int,
+           compiled: bool = False) -> torch.Tensor:
+    """`generate` over the decoder cross-attending to `context`; `compiled`: through a static-shape step
+    captured by torch.compile (StaticDecoding), where the sequences fit the decoder's positions."""
+    if compiled and cfg.max_length <= decoder.max_len:
+        decoding = StaticDecoding(decoder, lm_head, context, cfg.max_length, context_mask)
+        return generate(decoding, decoding, prompt_ids, cfg, eos_id, pad_id)
+    return generate(decoder_step(decoder, lm_head, context, context_mask), decoder.new_cache(), prompt_ids, cfg,
+                    eos_id, pad_id)
 
 
 def start_decoder_rows(decoder: BertTextModel, lm_head: BertLMHead, context: torch.Tensor,

@@ -9,13 +9,13 @@ from torch import nn
 
 from vlforge.core.tokenizers import load_tokenizer, special_token_id, tokenize_texts
 from vlforge.models.blip.decoder import (
-    decoder_step,
+    decode,
     language_model_loss,
     lm_labels,
     special_token_ids,
 )
 from vlforge.models.layers.bert import BertLMHead, BertTextModel
-from vlforge.models.layers.generation import GenerationConfig, generate
+from vlforge.models.layers.generation import GenerationConfig
 from vlforge.models.output import ModelOutput
 from vlforge.models.towers.build import build_vision_tower
 
@@ -56,6 +56,7 @@ class BlipVQA(nn.Module):
         answer_attends_question_padding: bool = False,
     ) -> None:
         super().__init__()
+        self.compile_decoding = False  # generate through a compiled static-shape step (load_model(compile=True))
         self.vision = build_vision_tower(vision)
         layers = text.get("layers", 12)
         if not 0 <= fusion_layer < layers:
@@ -122,9 +123,9 @@ class BlipVQA(nn.Module):
             question_mask = torch.ones_like(question_mask)
         start = torch.full((question.shape[0], 1), self.bos_token_id, dtype=torch.long, device=image.device)
         # One context row per question, shared by its beams (their cross-attention keys computed once).
-        return generate(decoder_step(self.text_decoder, self.lm_head, question, question_mask), self.text_decoder.new_cache(),
-                        start, GenerationConfig(max_length=max_length, num_beams=num_beams), self.eos_token_id,
-                        self.pad_token_id)
+        return decode(self.text_decoder, self.lm_head, question, question_mask, start,
+                      GenerationConfig(max_length=max_length, num_beams=num_beams), self.eos_token_id, self.pad_token_id,
+                      self.compile_decoding)
 
     @torch.no_grad()
     def rank_answers(self, image: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,

@@ -107,9 +107,25 @@ class Attention(nn.Module):
         if self.cross and q.shape[0] != k.shape[0]:
             out = _grouped_cross_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            out = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(x.shape)
         return self.norm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+
+# Queries at most this many (a decoding step's, or its beams') attend by plain products on a CPU in
+# half precision: torch's CPU flash kernel costs several times its float32 time there for so few rows.
+FEW_QUERIES = 8
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+           dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention [B, heads, L_query, dim]; `mask` additive."""
+    if q.shape[2] <= FEW_QUERIES and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not dropout:
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def _grouped_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -122,7 +138,7 @@ def _grouped_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise ValueError(f"{rows} decoded rows cannot share {contexts} context rows in equal groups")
     group = rows // contexts
     q = q.view(contexts, group, heads, length, dim).transpose(1, 2).reshape(contexts, heads, group * length, dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attend(q, k, v, mask)
     return out.view(contexts, heads, group, length, dim).transpose(1, 2).reshape(rows, heads, length, dim)
 
 
