@@ -10,10 +10,12 @@ Targets: <= 0.5x transformers' latency at batch 1, >= 2x its throughput at batch
 decode alone >= 45 tokens/s at batch 1.
 
     python benchmarks/generate.py [--repeats 5] [--warmup 1] [--only greedy_1 beam3_8 ...] [--precision bf16]
-                                  [--quant none|int8|bf16]
+                                  [--quant none|int8|bf16] [--compile]
 
 `--quant` holds vlforge's model as `load_model(quant=...)` does (transformers' stays as `--precision`
-says: fp32 on CPU), so the ratios compare low-precision vlforge with transformers' fp32 `generate`.
+says: fp32 on CPU), so the ratios compare low-precision vlforge with transformers' fp32 `generate`;
+`--compile` decodes through vlforge's compiled static-shape step (`load_model(compile=True)`), the
+compilation done in the warm-up.
 On a GPU (the variant of benchmark 6) both run under bf16 autocast unless `--precision fp32`.
 """
 from __future__ import annotations
@@ -33,7 +35,7 @@ PROMPT = [BOS, 1037, 3861, 1997]  # [DEC] a picture of (bert-base-uncased ids)
 CONFIGS = {"greedy_1": (1, 1), "greedy_8": (1, 8), "beam3_1": (3, 1), "beam3_8": (3, 8)}
 
 
-def build(device: str, quant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build(device: str, quant: str, compile: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from vlforge.hub.low_precision import apply_low_precision
@@ -42,6 +44,7 @@ def build(device: str, quant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     ours = vlforge_model("blip_caption_base", tokenizer=None, bos_token_id=BOS, eos_token_id=SEP).eval().to(device)
     if quant != "none":
         apply_low_precision(ours, quant)
+    ours.compile_decoding = compile
     peer = BlipForConditionalGeneration(BlipConfig()).eval().to(device)
     return ours, peer
 
@@ -77,8 +80,8 @@ def run_config(ours: torch.nn.Module, peer: torch.nn.Module, beams: int, batch: 
 
 def decode_alone(ours: torch.nn.Module, device: str, dtype: torch.dtype, warmup: int, repeats: int) -> Timing:
     """vlforge's decoding loop at batch 1, greedy, on an image encoded beforehand."""
-    from vlforge.models.blip.decoder import decoder_step
-    from vlforge.models.layers.generation import GenerationConfig, generate
+    from vlforge.models.blip.decoder import decode
+    from vlforge.models.layers.generation import GenerationConfig
 
     pixels = images(1, SIZE, torch.Generator().manual_seed(1)).to(device)
     prompt = torch.tensor([PROMPT], device=device)
@@ -90,8 +93,7 @@ def decode_alone(ours: torch.nn.Module, device: str, dtype: torch.dtype, warmup:
     @torch.no_grad()
     def step() -> None:
         with autocast(device, dtype):
-            generate(decoder_step(ours.text_decoder, ours.lm_head, context), ours.text_decoder.new_cache(), prompt,
-                     cfg, SEP, 0, sync_ranks=False)
+            decode(ours.text_decoder, ours.lm_head, context, None, prompt, cfg, SEP, 0, ours.compile_decoding)
 
     return time_steps("vlforge decode alone", step, device, NEW_TOKENS, warmup, repeats)
 
@@ -104,11 +106,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
     parser.add_argument("--quant", choices=("none", "int8", "bf16"), default="none",
                         help="vlforge's model held as load_model(quant=...) holds it")
+    parser.add_argument("--compile", action="store_true", help="vlforge decodes through its compiled static step")
     args = parser.parse_args()
     device, dtype = setup(args.precision)
-    ours, peer = build(device, args.quant)
+    ours, peer = build(device, args.quant, args.compile)
     print(f"# Caption generation, BLIP-base, 384 px, {NEW_TOKENS} new tokens, {str(dtype).removeprefix('torch.')}, "
-          f"vlforge quant {args.quant} ({environment()})\n")
+          f"vlforge quant {args.quant}{', compiled decoding' if args.compile else ''} ({environment()})\n")
     print("| decoding | batch | vlforge s/image | transformers s/image | latency ratio | vlforge tokens/s | "
           "transformers tokens/s | throughput ratio |")
     print("|---|---|---|---|---|---|---|---|")

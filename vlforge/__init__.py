@@ -4,10 +4,15 @@
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 __all__ = ["__version__", "load_model", "load_model_and_preprocess", "model_zoo", "normalized_pixels"]
+
+# transformers imports torchao when it is installed (vlforge[quant]), and torchao registers enums that
+# torch now handles natively: torch logs a deprecation line for each, on every command.
+logging.getLogger("torch.utils._pytree").addFilter(lambda record: "register_constant()" not in record.getMessage())
 
 if TYPE_CHECKING:
     from vlforge.hub.load import load_model, load_model_and_preprocess

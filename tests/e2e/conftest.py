@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,6 +26,14 @@ SMALL_DEMO = [
     "data.demo.samples_per_shard=64",
     "data.eval_batch_size=32",
     "logger=jsonl",
+]
+
+# One process training tests/e2e/recipes' tiny regressor on the small demo, deterministically (no
+# workers, no shuffle buffer), logging every step; add trainer.max_steps and what the test varies.
+TINY_REGRESSOR_RUN = [
+    "recipe=clip_demo", *SMALL_DEMO, f"hydra.searchpath=[file://{TEST_RECIPES}]", "model=tiny_regressor",
+    "deepspeed=zero2", "data.num_workers=0", "data.train.shuffle_buffer=0", "trainer.log_every=1",
+    "trainer.eval_at_end=false", "optim.lr=0.05", "optim.warmup_steps=0",
 ]
 
 
@@ -41,6 +50,12 @@ def launch(cmd: list[str], env: dict[str, str], timeout: float = 600) -> Launch:
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
     return Launch(proc.returncode, proc.stdout, time.perf_counter() - start)
+
+
+def model_states(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights a ZeRO-0/1/2 run saved at `step`."""
+    states = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -6,25 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.conftest import SMALL_DEMO, TEST_RECIPES, check, launch, python_cmd
+from tests.e2e.conftest import TINY_REGRESSOR_RUN, check, launch, model_states, python_cmd
 from tests.e2e.tiny_models import MeanColourRegressor
-
-
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    states = run_dir / "checkpoints" / "step_00000005" / "mp_rank_00_model_states.pt"
-    return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
 @pytest.mark.slow
 def test_accumulation_matches_larger_micro_batch(e2e_env: dict[str, str], tmp_path: Path) -> None:
-    common = [
-        "recipe=clip_demo", *SMALL_DEMO, f"hydra.searchpath=[file://{TEST_RECIPES}]", "model=tiny_regressor",
-        "deepspeed=zero2", "data.num_workers=0", "data.train.shuffle_buffer=0", "trainer.max_steps=5",
-        "trainer.log_every=1", "trainer.eval_at_end=false", "optim.lr=0.05", "optim.warmup_steps=0",
-    ]
+    common = [*TINY_REGRESSOR_RUN, "trainer.max_steps=5"]
     check(launch(python_cmd(*common, f"run_dir={tmp_path / 'a'}", "data.batch_size=4", "trainer.grad_accum=1"), e2e_env))
     check(launch(python_cmd(*common, f"run_dir={tmp_path / 'b'}", "data.batch_size=2", "trainer.grad_accum=2"), e2e_env))
-    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    a, b = model_states(tmp_path / "a", 5), model_states(tmp_path / "b", 5)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=f"{name} differs")

@@ -25,6 +25,7 @@ class TrainerConfig:
     # When set, grad_accum is derived from it: global = micro batch x grad_accum x world size.
     global_batch_size: Optional[int] = None
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the model's forward (the first steps pay for the compilation)
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_at_end: bool = True

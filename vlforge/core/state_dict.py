@@ -7,7 +7,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -77,11 +77,12 @@ class LoadReport:
 
 
 def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allow_unexpected: bool = False,
-                    partial: bool = False, allow_missing: Iterable[str] = ()) -> LoadReport:
+                    partial: bool = False, allow_missing: Iterable[str] = (), assign: bool = False) -> LoadReport:
     """Load `state_dict` into `module` (ZeRO-3 partitioned or not, before or after deepspeed.initialize
     has wrapped it). Every model key must be there with its shape unless `partial`, but for the keys
     in `allow_missing` (which keep their initialisation); checkpoint keys the model does not have are
-    an error unless `allow_unexpected`."""
+    an error unless `allow_unexpected`. `assign`: the checkpoint's tensors become the parameters
+    (a model built on the meta device), instead of being copied into them."""
     allow_missing = set(allow_missing)
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
@@ -105,8 +106,55 @@ def load_into_model(module: nn.Module, state_dict: dict[str, torch.Tensor], allo
         fitting = {k: v for k, v in state_dict.items() if k in expected and k not in mismatched}
         if not fitting:
             raise CheckpointError(f"checkpoint has no weight that fits {type(module).__name__}")
-        module.load_state_dict(fitting, strict=not (partial or kept))
+        module.load_state_dict(fitting, strict=not (partial or kept), assign=assign)
     return LoadReport(unexpected, missing, mismatched)
+
+
+@contextlib.contextmanager
+def parameters_on_meta(enabled: bool = True) -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation
+    cost); buffers stay real, as many are computed at construction and not saved (pixel statistics,
+    rotary frequencies). Load weights with `load_into_model(..., assign=True)` afterwards."""
+    if not enabled:
+        yield
+        return
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def tied_parameters(module: nn.Module) -> list[list[str]]:
+    """Names of the parameters shared by several modules (an LM head tied to the word embeddings), one
+    list per shared parameter."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def retie(module: nn.Module, groups: list[list[str]]) -> None:
+    """Share again each group's first parameter under all its names (loading with assign unties them)."""
+    for first, *others in groups:
+        shared = module.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, shared)
+
+
+def check_materialised(module: nn.Module) -> None:
+    """CheckpointError naming the parameters and buffers still on the meta device (given no value)."""
+    empty = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+    if empty:
+        raise CheckpointError(f"no value for {empty[:10]} ({len(empty)}): the checkpoint does not hold them")
 
 
 def resolve_converter(dotted: str) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:

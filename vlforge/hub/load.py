@@ -29,7 +29,15 @@ from vlforge.core.checkpoints import (
     resolve_checkpoint,
 )
 from vlforge.core.errors import CheckpointError
-from vlforge.core.state_dict import load_into_model, read_weights, resolve_converter
+from vlforge.core.state_dict import (
+    check_materialised,
+    load_into_model,
+    parameters_on_meta,
+    read_weights,
+    resolve_converter,
+    retie,
+    tied_parameters,
+)
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.hub.dimensions import apply_dimensions
 from vlforge.hub.export import is_export, read_export, read_export_config, run_config
@@ -240,11 +248,20 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
            compile: bool = False) -> nn.Module:
     device = torch.device(device)
     cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
-    model = instantiate(cfg.model, _convert_="all")
+    # Built with its parameters on the meta device, the checkpoint's tensors then becoming them: no
+    # random initialisation, and no second copy of the weights. Keys the source lacks keep their
+    # initialisation, so such a model, or one whose constructor loads weights itself, is built whole.
+    empty = not resolved.keep_initialised and not _loads_pretrained(cfg.model)
+    with parameters_on_meta(empty):
+        model = instantiate(cfg.model, _convert_="all")
     try:
         # Strict (every key both ways, every shape) but for the model keys the source never has.
         state = fit_position_embeddings(resolved.state, model)
-        load_into_model(model, state, allow_missing=_kept_keys(model, resolved.keep_initialised))
+        tied = tied_parameters(model)
+        load_into_model(model, state, allow_missing=_kept_keys(model, resolved.keep_initialised), assign=empty)
+        if empty:
+            retie(model, tied)
+            check_materialised(model)
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
     _place_language_model(model, placement, compute_dtype, device)
@@ -252,6 +269,17 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
     _apply_quant(model, quant)
     _compile_decoding(model, compile)
     return model.eval() if is_eval else model
+
+
+def _loads_pretrained(node: Any) -> bool:
+    """Whether a model config names pretrained weights its constructor loads (`pretrained: <name>`)."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=False)
+    if isinstance(node, dict):
+        return any((key == "pretrained" and bool(value)) or _loads_pretrained(value) for key, value in node.items())
+    if isinstance(node, list):
+        return any(_loads_pretrained(value) for value in node)
+    return False
 
 
 def _compile_decoding(model: nn.Module, compile: bool) -> None:

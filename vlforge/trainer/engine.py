@@ -249,4 +249,8 @@ def build_engine(model: nn.Module, run: RunConfig, config: dict[str, Any]) -> Tr
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=config,
     )
+    if run.trainer.compile:
+        # The model's forward (the loss included) compiled by torch.compile through DeepSpeed, which
+        # keeps its ZeRO hooks out of the graph; the backward follows the compiled graph.
+        engine.compile()
     return engine
