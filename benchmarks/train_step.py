@@ -8,7 +8,7 @@ same run (issue 7, benchmark 1):
 - The image tower alone, fwd + bwd, batch 8, 224 px: vlforge's TimmVisionTower vs timm's
   vit_base_patch16_224. Target >= 0.95x.
 
-    python benchmarks/train_step.py [--only blip|clip|tower] [--repeats 5] [--warmup 2]
+    python benchmarks/train_step.py [--only blip|clip|tower] [--repeats 5] [--warmup 2] [--blip-variants bf16 compile]
 
 Prints markdown tables (results go to docs/benchmarks.md). One step = forward, backward, AdamW step.
 The models of a table are built together and their timed steps alternate (`time_interleaved`), so
@@ -49,19 +49,19 @@ PRECISION: dict[str, object] = {"device": "cpu", "dtype": torch.float32}
 
 
 def train_step(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor],
-               fused: bool = False) -> tuple[Callable[[], None], float]:
+               fused: bool = False, dtype: torch.dtype | None = None) -> tuple[Callable[[], None], float]:
     """(one AdamW training step, its FLOPs counted once by torch's flop counter). The forward runs under
     the benchmark's autocast (bf16 on a GPU), the same for every model of a table.
 
     Each run steps with the AdamW its framework's trainer builds: fused for vlforge (`engine.adamw`)
     and for transformers (the Trainer's default `adamw_torch_fused` on torch >= 2.8); foreach for
     open_clip, whose training script leaves torch's default (foreach on CUDA, a loop over the tensors
-    on CPU, which would be slower still)."""
+    on CPU, which would be slower still). `dtype`: this step's autocast instead of the benchmark's."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr=1e-5) if fused else torch.optim.AdamW(params, lr=1e-5, foreach=True)
 
     def loss() -> torch.Tensor:
-        with autocast(str(PRECISION["device"]), PRECISION["dtype"]):  # type: ignore[arg-type]
+        with autocast(str(PRECISION["device"]), dtype or PRECISION["dtype"]):  # type: ignore[arg-type]
             return loss_of()
 
     def step() -> None:
@@ -80,7 +80,10 @@ def images(batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
 
 
-def bench_blip(device: str, warmup: int, repeats: int) -> list[Timing]:
+def bench_blip(device: str, warmup: int, repeats: int, variants: tuple[str, ...] = ()) -> list[Timing]:
+    """vlforge's BLIP step against transformers'; `variants` adds vlforge rows: "bf16" (bf16 autocast,
+    transformers staying in the benchmark's precision) and "compile" (`torch.compile` of the model, as
+    `trainer.compile` does; the warm-up pays for the compilation)."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     batch, size, length = 4, 384, 30
@@ -98,9 +101,16 @@ def bench_blip(device: str, warmup: int, repeats: int) -> list[Timing]:
     peer = BlipForConditionalGeneration(BlipConfig()).to(device).train()
     peer_step, peer_flops = train_step(peer, lambda: peer(pixel_values=normalised, input_ids=ids, attention_mask=mask,
                                                           labels=ids).loss, fused=True)
-    return time_interleaved([("vlforge BlipCaptioner", ours_step, batch, ours_flops),
-                             ("transformers BlipForConditionalGeneration", peer_step, batch, peer_flops)],
-                            device, warmup, repeats)
+    runs = [("vlforge BlipCaptioner", ours_step, batch, ours_flops),
+            ("transformers BlipForConditionalGeneration", peer_step, batch, peer_flops)]
+    if "bf16" in variants:
+        step, _ = train_step(ours, lambda: ours(batch_dict).loss, fused=True, dtype=torch.bfloat16)
+        runs.append(("vlforge BlipCaptioner, bf16 autocast", step, batch, ours_flops))
+    if "compile" in variants:
+        compiled = torch.compile(ours)
+        step, _ = train_step(ours, lambda: compiled(batch_dict).loss, fused=True)
+        runs.append(("vlforge BlipCaptioner, compiled", step, batch, ours_flops))
+    return time_interleaved(runs, device, warmup, repeats)
 
 
 def bench_clip(device: str, warmup: int, repeats: int) -> list[Timing]:
@@ -161,6 +171,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on CPU")
+    parser.add_argument("--blip-variants", nargs="*", choices=("bf16", "compile"), default=[],
+                        help="extra vlforge rows in the BLIP table (bf16 autocast; torch.compile)")
     args = parser.parse_args()
     device, dtype = setup(args.precision)
     PRECISION.update(device=device, dtype=dtype)
@@ -177,7 +189,7 @@ def main() -> None:
                     rows, peak, faster) + "\n")
     if "blip" in chosen:
         print(table("BLIP-base captioning, batch 4, 384 px, 30 tokens (target >= 1.3x)",
-                    bench_blip(device, args.warmup, args.repeats), peak,
+                    bench_blip(device, args.warmup, args.repeats, tuple(args.blip_variants)), peak,
                     "transformers BlipForConditionalGeneration") + "\n")
 
 

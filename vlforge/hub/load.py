@@ -257,6 +257,9 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
     try:
         # Strict (every key both ways, every shape) but for the model keys the source never has.
         state = fit_position_embeddings(resolved.state, model)
+        # `state` holds the only references now: once the model holds the weights, a cast to low
+        # precision frees each full-precision tensor as it goes.
+        resolved.state.clear()
         tied = tied_parameters(model)
         load_into_model(model, state, allow_missing=_kept_keys(model, resolved.keep_initialised), assign=empty)
         if empty:
@@ -264,6 +267,7 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
             check_materialised(model)
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
+    del state
     _place_language_model(model, placement, compute_dtype, device)
     _to_device(model, device)
     _apply_quant(model, quant)
