@@ -108,7 +108,7 @@ def score(run: str, split: str, compile: bool) -> None:
         id_key = "image_id" if key == "caption" else "question_id"
         texts[quant] = {r[id_key]: r[key] for r in result.results}
         rows.append((quant or "fp32", result.metrics, seconds))
-    headline = next((name for k, name in HEADLINE.items() if k in kind), None) or sorted(rows[0][1])[0]
+    headline = next((name for k, name in HEADLINE.items() if k in kind), None) or min(rows[0][1])
     base = rows[0][1][headline]
     print(f"\n### {cfg.name}: {split} split, greedy ({environment()})\n")
     print(f"| model | {headline} | vs fp32 | same text as fp32 | eval time (s) |")

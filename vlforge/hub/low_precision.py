@@ -38,15 +38,6 @@ def check_quant(quant: str | None, what: str = "quant") -> None:
         raise ValueError(f"{what}={quant!r}: expected one of None, {', '.join(map(repr, QUANT_MODES))}")
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` computes in bfloat16 natively (a GPU that has it; a CPU with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
 _compiled_linear: Callable[..., torch.Tensor] | None = None
 
 
