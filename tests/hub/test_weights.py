@@ -113,6 +113,15 @@ def test_vit_position_embeddings_follow_the_image_size(tmp_path: Path) -> None:
     assert pos.shape == (1, 37, 32)
     source = torch.load(pth)["model"]["vision.backbone.pos_embed"]
     assert torch.equal(pos[:, :1], source[:, :1])  # the class token's embedding is kept as it is
+    # The grid is resampled as BLIP's own code does it (LAVIS's interpolate_pos_embed, transformers'
+    # interpolate_pos_encoding: bicubic without antialiasing), here transformers' run for real.
+    from transformers.models.blip.configuration_blip import BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionEmbeddings
+
+    embeddings = BlipVisionEmbeddings(BlipVisionConfig(hidden_size=32, image_size=32, patch_size=8))
+    embeddings.position_embedding = torch.nn.Parameter(source.clone())
+    expected = embeddings.interpolate_pos_encoding(torch.zeros(1, 37, 32), 48, 48)
+    torch.testing.assert_close(pos.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
 
 
 def _zero3_worker(rank: int, port: int, pth: str, out: str) -> None:

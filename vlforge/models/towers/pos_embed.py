@@ -22,5 +22,7 @@ def fit_position_embeddings(state_dict: dict[str, torch.Tensor], model: nn.Modul
         side = round((target[1] - prefix) ** 0.5)
         if side * side + prefix != target[1]:
             continue
-        out[key] = resample_abs_pos_embed(source.float(), [side, side], num_prefix_tokens=prefix).to(source.dtype)
+        # Bicubic without antialiasing, as BLIP (LAVIS, transformers) resamples; timm antialiases by default.
+        out[key] = resample_abs_pos_embed(source.float(), [side, side], num_prefix_tokens=prefix,
+                                          antialias=False).to(source.dtype)
     return out
