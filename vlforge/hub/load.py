@@ -10,8 +10,6 @@ by hand in `$VLFORGE_HOME/models/<name>/<type>`, then the hub when online. Token
 """
 from __future__ import annotations
 
-import copy
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,7 +39,15 @@ from vlforge.core.state_dict import (
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.hub.dimensions import apply_dimensions
 from vlforge.hub.export import is_export, read_export, read_export_config, run_config
-from vlforge.hub.low_precision import apply_low_precision, check_quant
+from vlforge.hub.placement import (
+    LanguageModelPlacement,
+    apply_quant,
+    place_language_model,
+    placement_config,
+    placement_of,
+    set_compiled_decoding,
+    to_device,
+)
 from vlforge.hub.sources import (
     WeightsNotFoundError,
     entry_files_dir,
@@ -54,7 +60,6 @@ from vlforge.hub.sources import (
 from vlforge.hub.tokenizer_files import tokenizer_with_special_tokens
 from vlforge.hub.weights import init_weights
 from vlforge.hub.zoo import find_entry
-from vlforge.models.language.quantize import quant_bits, quantize_language_model
 from vlforge.models.towers.pos_embed import fit_position_embeddings
 from vlforge.models.zoo_entry import ZooEntry
 
@@ -180,74 +185,11 @@ def _find(name: str, model_type: str, source: str | None, checkpoint: str | Path
     return find_entry(name, model_type, source)
 
 
-# The image tower's dtype option (vision.py TOWER_DTYPES) for each LM compute dtype.
-_TOWER_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-
-
-@dataclass(frozen=True)
-class LanguageModelPlacement:
-    """How `load_model` holds a model's language model: quantized (`bits` 4 or 8, computing in
-    `compute_dtype`, the image tower held in it too) or spread over GPUs (`device_map`)."""
-
-    bits: int | None = None
-    compute_dtype: str | None = None
-    device_map: str | dict[str, Any] | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.bits is not None or self.device_map is not None
-
-
-def _placement_config(cfg: DictConfig, placement: LanguageModelPlacement, device: torch.device) -> tuple[DictConfig, str | None]:
-    """The config to build with, and the compute dtype of a quantized LM."""
-    if not placement.active:
-        return cfg, None
-    target = str(cfg.model.get("_target_")).rpartition(".")[2]
-    if "language_model" not in cfg.model:
-        raise ValueError(f"load_4bit / load_8bit / quant='nf4' / device_map apply to a model with a language model (blip2_opt, "
-                         f"llava); {target} has none")
-    if placement.device_map is not None and importlib.util.find_spec("accelerate") is None:
-        # Checked before anything is built or read: the model would otherwise load whole first.
-        raise ImportError("device_map= places the language model through accelerate, which is not installed: "
-                          "pip install 'vlforge[quant]' (or pip install accelerate)")
-    if placement.bits is None:
-        return cfg, None
-    if placement.device_map is not None:
-        raise ValueError("load_4bit / load_8bit with device_map: quantize onto one device (device=...); "
-                         "a 4-bit LM of 7B parameters fits one GPU")
-    compute_dtype = placement.compute_dtype or ("float16" if device.type == "cuda" else "bfloat16")
-    if compute_dtype not in _TOWER_DTYPE:
-        raise ValueError(f"compute_dtype={compute_dtype!r}: expected one of {', '.join(_TOWER_DTYPE)}")
-    cfg = copy.deepcopy(cfg)
-    # The seed's loader: the tower in the half precision the LM computes in; a run's own quantize-at-load
-    # (QLoRA) options are off, since its weights load in full precision first.
-    OmegaConf.update(cfg, "model.vision.dtype", _TOWER_DTYPE[compute_dtype], force_add=True)
-    for key in ("load_4bit", "load_8bit"):
-        if key in cfg.model:
-            cfg.model[key] = False
-    return cfg, compute_dtype
-
-
-def _place_language_model(model: nn.Module, placement: LanguageModelPlacement, compute_dtype: str | None,
-                          device: torch.device) -> None:
-    if placement.bits is not None:
-        _merge_lora(model)
-        quantize_language_model(model.language_model, placement.bits, compute_dtype, device)
-    if placement.device_map is not None:
-        from accelerate import dispatch_model, infer_auto_device_map
-
-        lm = model.language_model
-        device_map = placement.device_map
-        if device_map == "auto":
-            device_map = infer_auto_device_map(lm, no_split_module_classes=getattr(lm, "_no_split_modules", None))
-        dispatch_model(lm, device_map=dict(device_map))
-
-
 def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
            placement: LanguageModelPlacement = LanguageModelPlacement(), quant: str | None = None,
            compile: bool = False) -> nn.Module:
     device = torch.device(device)
-    cfg, compute_dtype = _placement_config(resolved.cfg, placement, device)
+    cfg, compute_dtype = placement_config(resolved.cfg, placement, device)
     # Built with its parameters on the meta device, the checkpoint's tensors then becoming them: no
     # random initialisation, and no second copy of the weights. Keys the source lacks keep their
     # initialisation, so such a model, or one whose constructor loads weights itself, is built whole.
@@ -268,10 +210,10 @@ def _build(resolved: _Resolved, is_eval: bool, device: str | torch.device,
     except CheckpointError as err:
         raise CheckpointError(f"{resolved.source}: {err}") from None
     del state
-    _place_language_model(model, placement, compute_dtype, device)
-    _to_device(model, device)
-    _apply_quant(model, quant)
-    _compile_decoding(model, compile)
+    place_language_model(model, placement, compute_dtype, device)
+    to_device(model, device)
+    apply_quant(model, quant)
+    set_compiled_decoding(model, compile)
     return model.eval() if is_eval else model
 
 
@@ -286,44 +228,10 @@ def _loads_pretrained(node: Any) -> bool:
     return False
 
 
-def _compile_decoding(model: nn.Module, compile: bool) -> None:
-    if not compile:
-        return
-    if not hasattr(model, "compile_decoding"):
-        raise ValueError(f"compile=True: {type(model).__name__} has no compiled decoding step (BLIP's captioner "
-                         "and VQA model have one)")
-    model.compile_decoding = True
-
-
-def _merge_lora(model: nn.Module) -> None:
-    """LoRA adapters merged into the weights they adapt, before those are quantized."""
-    if getattr(model, "lora", False):
-        model.language_model = model.language_model.merge_and_unload()
-        model.lora = False
-
-
-def _apply_quant(model: nn.Module, quant: str | None) -> None:
-    if quant in ("bf16", "int8"):
-        _merge_lora(model)
-        apply_low_precision(model, quant)
-
-
 def _kept_keys(model: nn.Module, ignore: Sequence[str]) -> list[str]:
     """The model keys an entry's `ignore` names: a key, or every key under a name ending in a dot."""
     prefixes = tuple(name for name in ignore if name.endswith("."))
     return [*ignore, *(key for key in model.state_dict() if prefixes and key.startswith(prefixes))]
-
-
-def _to_device(model: nn.Module, device: torch.device) -> None:
-    """`model.to(device)`, but for submodules accelerate has placed (an LM loaded or dispatched with a
-    `device_map`), which stay where they are. Layers quantized onto `device` are already there."""
-    placed = {id(m) for m in model.modules() if getattr(m, "hf_device_map", None)}
-    if not placed:
-        model.to(device)
-        return
-    for child in model.children():
-        if not any(id(m) in placed for m in child.modules()):
-            child.to(device)
 
 
 def load_model(name: str, model_type: str, is_eval: bool = True, device: str | torch.device = "cpu",
@@ -355,17 +263,7 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
     token, after a compilation of some seconds for each batch size and length first seen."""
     entry = _find(name, model_type, source, checkpoint)
     return _build(_resolve(entry, checkpoint, overrides), is_eval, device,
-                  _placement(load_4bit, load_8bit, compute_dtype, device_map, quant), quant, compile)
-
-
-def _placement(load_4bit: bool, load_8bit: bool, compute_dtype: str | None,
-               device_map: str | dict[str, Any] | None, quant: str | None = None) -> LanguageModelPlacement:
-    check_quant(quant)
-    if quant is not None and (load_4bit or load_8bit):
-        raise ValueError(f"quant={quant!r} with load_4bit / load_8bit: choose one (quant='nf4' is load_4bit=True)")
-    if quant in ("bf16", "int8") and device_map is not None:
-        raise ValueError(f"quant={quant!r} with device_map: a low-precision model is held on one device")
-    return LanguageModelPlacement(quant_bits(load_4bit or quant == "nf4", load_8bit), compute_dtype, device_map)
+                  placement_of(load_4bit, load_8bit, compute_dtype, device_map, quant), quant, compile)
 
 
 def processors(cfg: DictConfig) -> tuple[dict[str, Callable], dict[str, Callable]]:
@@ -398,7 +296,7 @@ def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, devi
     tokenizer, text length and image transforms."""
     entry = _find(name, model_type, source, checkpoint)
     resolved = _resolve(entry, checkpoint, overrides)
-    placement = _placement(load_4bit, load_8bit, compute_dtype, device_map, quant)
+    placement = placement_of(load_4bit, load_8bit, compute_dtype, device_map, quant)
     return _build(resolved, is_eval, device, placement, quant), resolved.cfg
 
 
@@ -410,19 +308,19 @@ def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, dev
     those its `trainer.init_from` names (as training would start), else its fresh initialisation.
     `device_map` spreads its language model over devices, and `quant` holds it in low precision, as in
     `load_model`."""
-    placement = _placement(False, False, None, device_map, quant)
+    placement = placement_of(False, False, None, device_map, quant)
     if checkpoint is not None:  # the recipe builds the model; the checkpoint's own recipe is not read
         path = _existing(checkpoint)
         return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device, placement,
                       quant)
-    cfg, _ = _placement_config(cfg, placement, torch.device(device))
+    cfg, _ = placement_config(cfg, placement, torch.device(device))
     model = instantiate(cfg.model, _convert_="all")
     trainer = cfg.get("trainer", {})
     if trainer.get("init_from"):
         init_weights(model, str(trainer.init_from), trainer.get("init_converter"), bool(trainer.get("init_partial")))
-    _place_language_model(model, placement, None, torch.device(device))
-    _to_device(model, torch.device(device))
-    _apply_quant(model, quant)
+    place_language_model(model, placement, None, torch.device(device))
+    to_device(model, torch.device(device))
+    apply_quant(model, quant)
     return model.eval() if is_eval else model
 
 
