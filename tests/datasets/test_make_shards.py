@@ -163,6 +163,29 @@ def test_folder_labels_follow_sorted_class_names(tmp_path):
     assert [entry for entry, _ in report.skipped] == ["dog/bad.jpg"]
 
 
+def test_folder_caption_templates_fill_in_each_class_name(tmp_path):
+    root = tmp_path / "folder"
+    _jpeg(root / "sea lion" / "1.jpg")
+    _png(root / "ant" / "1.png")
+    out = tmp_path / "out" / "train-%06d.tar"
+    assert main(["folder", "--root", str(root), "--out", str(out),
+                 "--caption-template", "a photo of a {}", "--caption-template", "{}, up close"]) == 0
+    samples = _read_samples(sorted((tmp_path / "out").glob("*.tar")))
+    metas = {s["meta"]["image_id"]: s["meta"] for s in samples.values()}
+    assert metas["ant/1"]["captions"] == ["a photo of a ant", "ant, up close"]
+    assert metas["sea lion/1"]["captions"] == ["a photo of a sea lion", "sea lion, up close"]
+    assert metas["sea lion/1"]["label"] == 1
+
+
+def test_folder_caption_template_without_one_placeholder_is_refused(tmp_path, capsys):
+    root = tmp_path / "folder"
+    _jpeg(root / "dog" / "1.jpg")
+    out = tmp_path / "out" / "train-%06d.tar"
+    assert main(["folder", "--root", str(root), "--out", str(out), "--caption-template", "a photo"]) == 2
+    assert "caption template 'a photo' must hold exactly one '{}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_prints_counts_and_skipped_entries(tmp_path, images, capsys):
     entries = [{"image": "train/a.jpg", "caption": "x"}, {"image": "train/gone.jpg", "caption": "y"}]
     ann = _write_json(tmp_path / "c.json", entries)

@@ -4,7 +4,8 @@
     python -m vlforge.datasets.make_shards vqa --ann ann.json --image-root images --out out/train-%06d.tar
     python -m vlforge.datasets.make_shards conversation --ann llava_v1_5_mix665k.json --image-root images \
         --out out/train-%06d.tar
-    python -m vlforge.datasets.make_shards folder --root imagenet/train --out out/train-%06d.tar
+    python -m vlforge.datasets.make_shards folder --root imagenet/train --out out/train-%06d.tar \
+        [--caption-template "a photo of a {}" ...]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import random
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,12 +274,18 @@ def write_folder_shards(
     max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: int = DEFAULT_MAX_BYTES,
     seed: int = 0,
+    caption_templates: Sequence[str] = (),
 ) -> ShardReport:
     """Class-per-folder images -> shards plus classes.json beside them.
 
     Samples are shuffled with `seed` so that no shard holds a single class: streaming readers
     only shuffle within a bounded buffer and would otherwise see long runs of one label.
+    With `caption_templates` (each holding one `{}`), every sample also gets `captions`, the templates
+    filled with its class name, so image-text tasks (CLIP) train on the folder; training draws one.
     """
+    for template in caption_templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"caption template {template!r} must hold exactly one '{{}}' for the class name")
     root = Path(root)
     classes, items = find_class_images(root)
     random.Random(seed).shuffle(items)
@@ -290,6 +297,7 @@ def write_folder_shards(
                 "image_id": path.relative_to(root).with_suffix("").as_posix(),
                 "label": label,
                 "class_name": classes[label],
+                **({"captions": [t.format(classes[label]) for t in caption_templates]} if caption_templates else {}),
             },
         )
         for path, label in items
@@ -318,6 +326,8 @@ def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p = sub.add_parser("folder", help="image folder with one sub-folder per class")
     p.add_argument("--root", required=True)
     p.add_argument("--seed", type=int, default=0, help="seed for shuffling samples across shards")
+    p.add_argument("--caption-template", action="append", default=[], metavar="TEMPLATE",
+                   help="e.g. 'a photo of a {}': captions from the class name (repeatable), for image-text training")
     add_output_args(p)
     return parser.parse_args(argv)
 
@@ -333,7 +343,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vlforge.datasets.
         elif args.kind == "conversation":
             report = write_conversation_shards(args.ann, args.image_root, args.out, **limits)
         else:
-            report = write_folder_shards(args.root, args.out, seed=args.seed, **limits)
+            report = write_folder_shards(args.root, args.out, seed=args.seed,
+                                         caption_templates=args.caption_template, **limits)
     except (OSError, ValueError) as exc:  # unreadable annotation file, bad pattern, no class folders
         print(f"error: {exc}", file=sys.stderr)
         return 2
