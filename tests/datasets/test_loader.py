@@ -1,6 +1,7 @@
 """ShardStream + ShardLoader: determinism, exact resume, rank splits, bad-data reports, per-sample seeding."""
 import io
 import json
+import os
 import random
 from collections import Counter
 
@@ -120,6 +121,31 @@ def test_train_augmentation_is_fresh_each_epoch(demo, urls):
     epoch1 = torch.cat([batches[2][1]["image"], batches[3][1]["image"]])
     differing = sum(not torch.equal(x, y) for x, y in zip(epoch0, epoch1))
     assert differing >= 12  # new random crops each epoch (a rare identical crop is allowed)
+
+
+class _WorkerPid:
+    """A collate that stamps each batch with the process that made it."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples):
+        return {**self.collate(samples), "worker_pid": os.getpid()}
+
+
+def test_workers_live_from_epoch_to_epoch(demo, urls):
+    # One shard per worker, 2 batches each: 4 batches an epoch, so 12 batches are 3 epochs. Starting
+    # workers anew each epoch would fork the trainer and leave the pipeline empty at every epoch's start.
+    stream = _stream(urls[:2], demo, shuffle_buffer=4)
+    stream.collate = _WorkerPid(stream.collate)
+    loader = ShardLoader(stream, num_workers=2)
+    batches = _take(loader, 12)
+    pids = [batch["worker_pid"] for _, batch in batches]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert pids[:4] == pids[4:8] == pids[8:]  # the same two processes, in the same turns, every epoch
+    assert loader.position.epoch == 2
+    for epoch in range(3):  # and each epoch is every sample once
+        assert sorted(_all_keys(batches[4 * epoch : 4 * epoch + 4])) == [f"train_{i:06d}" for i in range(32)]
 
 
 # ---------------------------------------------------------------- exact resume

@@ -104,7 +104,10 @@ class ShardLoader:
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            # The workers live from epoch to epoch: each plays its stream's next epoch itself
+            # (`ShardStream.__iter__`), so an epoch's end costs no new processes (a fork of the
+            # trainer, the tokenizer loaded again) and no empty pipeline while they start.
+            persistent_workers=self.num_workers > 0,
             # Its own generator: DataLoader draws a worker base seed per epoch, which would otherwise come
             # from the trainer's global torch RNG (and shift it differently in a resumed run).
             generator=torch.Generator(),
@@ -112,10 +115,13 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         epochs_done = 0
+        loader: DataLoader | None = None
         while self.epochs is None or epochs_done < self.epochs:
             batches = 0
             started_mid_epoch = bool(self.position.cursors)
-            for batch in self._loader():
+            if loader is None or self.num_workers == 0:
+                loader = self._loader()
+            for batch in loader:
                 batch, slot, cursor, events, keys = _strip_meta(batch)
                 self.report.add(events)
                 self.position.cursors[slot] = cursor
