@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from vlforge.config.data import ImageTransformConfig, TextProcessorConfig
 from vlforge.datasets.processors import TextProcessor, build_image_transform
@@ -90,6 +91,26 @@ def test_train_is_random():
     transform = build_image_transform(ImageTransformConfig(size=24, train=True, scale=(0.2, 0.5)))
     outputs = [transform(_image()) for _ in range(5)]
     assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_train_crop_and_flip_are_torchvisions(hflip):
+    # The training transform draws and applies its crop and flip as torchvision's classes do, so a
+    # recipe's augmentation is the one its scale/ratio mean in torchvision, seed for seed.
+    cfg = ImageTransformConfig(size=24, train=True, scale=(0.2, 1.0), ratio=(0.6, 1.6), hflip=hflip)
+    ours = build_image_transform(cfg)
+    steps = [v2.PILToTensor(), v2.RandomResizedCrop(24, scale=(0.2, 1.0), ratio=(0.6, 1.6),
+                                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    theirs = v2.Compose(steps + ([v2.RandomHorizontalFlip()] if hflip else []))
+    image, differing = _image(), 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        got = ours(image)
+        torch.manual_seed(seed)
+        expected = theirs(image)
+        assert torch.equal(got, expected), seed
+        differing += not torch.equal(got, ours(image))
+    assert differing >= 35  # the draws are real: another draw gives another crop
 
 
 def test_transform_pickles_for_dataloader_workers():

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as TF
 
 from vlforge.config.data import ImageTransformConfig, TextProcessorConfig
 
@@ -67,18 +69,51 @@ class Contiguous:
         return f"{type(self).__name__}()"
 
 
-class ImageTransform:
-    """PIL image -> uint8 tensor [3, size, size]. `draft_size`: the smallest (width, height) a JPEG may
-    be decoded at for this transform (None: decode whole); `load_image` applies it."""
+class ResizedCropTensor:
+    """uint8 [3, H, W] -> [3, size, size]: torchvision's RandomResizedCrop, its crop drawn the same way
+    (`get_params`, from torch's generator) and resized the same way, called directly: the v2 class's
+    per-call dispatch costs more than the crop itself on small images."""
 
-    def __init__(self, steps: list[Callable], draft_size: tuple[int, int] | None) -> None:
-        self.transform, self.draft_size = v2.Compose(steps), draft_size
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                 interpolation: InterpolationMode) -> None:
+        self.size, self.scale, self.ratio, self.interpolation = size, list(scale), list(ratio), interpolation
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        return TF.resized_crop_image(image, top, left, height, width, [self.size, self.size],
+                                     interpolation=self.interpolation, antialias=True)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(draft_size={self.draft_size}, {self.transform})"
+        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, {self.interpolation})"
+
+
+class HorizontalFlipTensor:
+    """uint8 [3, H, W] mirrored left-right with probability 1/2, drawn as torchvision's
+    RandomHorizontalFlip draws it."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return image if torch.rand(1) >= 0.5 else image.flip(-1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ImageTransform:
+    """PIL image -> uint8 tensor [3, size, size], the steps applied in order. `draft_size`: the smallest
+    (width, height) a JPEG may be decoded at for this transform (None: decode whole); `load_image`
+    applies it."""
+
+    def __init__(self, steps: list[Callable], draft_size: tuple[int, int] | None) -> None:
+        self.steps, self.draft_size = steps, draft_size
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        out: Any = image
+        for step in self.steps:
+            out = step(out)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(draft_size={self.draft_size}, [{', '.join(map(repr, self.steps))}])"
 
 
 def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
@@ -95,13 +130,9 @@ def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
     if cfg.pad_to_square is not None:
         steps.append(PadToSquare(cfg.pad_to_square))
     if cfg.train:
-        steps.append(
-            v2.RandomResizedCrop(
-                cfg.size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), interpolation=bicubic, antialias=True
-            )
-        )
+        steps.append(ResizedCropTensor(cfg.size, tuple(cfg.scale), tuple(cfg.ratio), bicubic))
         if cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
+            steps.append(HorizontalFlipTensor())
         if cfg.randaugment:
             # Its rotations and shears interpolate bilinearly (torchvision's tensor affine has no
             # bicubic; LAVIS's RandomAugment warps bilinearly too).
