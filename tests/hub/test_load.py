@@ -17,6 +17,7 @@ from transformers import (
     BlipForQuestionAnswering,
 )
 
+from tests.models.perturb import noisy
 from tests.models.tiny_blip import BOS, IMAGE, PAD, SEP, VOCAB, hf_config, images
 from vlforge import load_model, load_model_and_preprocess, model_zoo
 from vlforge.datasets.demo_tokenizer import save_vocab_tokenizer
@@ -47,7 +48,7 @@ def save_tiny_tokenizer(directory: Path) -> None:
 
 def save_hf_model(model_class: type, directory: Path, **config: object) -> torch.nn.Module:
     torch.manual_seed(0)
-    hf = model_class(hf_config(**config)).eval()
+    hf = noisy(model_class(hf_config(**config)), seed=0)
     hf.save_pretrained(str(directory))
     save_tiny_tokenizer(directory)
     return hf

@@ -15,20 +15,14 @@ from torch import nn
 from transformers import BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
+from tests.models.perturb import noisy
+
 VOCAB, MAXLEN, EMBED, QUEUE, FUSION, TEXT_LAYERS = 64, 40, 16, 8, 2, 4
 VISION_WIDTH, TEXT_WIDTH = 32, 48  # different, so a cross-attention built with the wrong width cannot load
 VIT = dict(img_size=32, patch_size=8, embed_dim=VISION_WIDTH, depth=2, num_heads=4, mlp_ratio=1.5)
 VISION = dict(name="vit_base_patch16_224", **VIT)  # no norm_eps: timm's 1e-6, as LAVIS's ViT
 TEXT = dict(vocab_size=VOCAB, width=TEXT_WIDTH, layers=TEXT_LAYERS, heads=4, intermediate=40, max_len=MAXLEN)
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def noisy(module: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():  # tied parameters are listed once and stay tied
-            param.add_(0.05 * torch.randn(param.shape, generator=gen))
-    return module.eval()
 
 
 def make_vit(seed: int) -> nn.Module:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration
 
+from tests.models.perturb import noisy
 from tests.models.tiny_blip import BOS, PAD, SEP, TEXT, VISION, hf_config, images
 from vlforge.models.blip.caption import BlipCaptioner
 from vlforge.models.blip.convert import blip_caption_from_hf
@@ -14,7 +15,7 @@ from vlforge.models.layers.convert import load_mapped
 @pytest.fixture(scope="module")
 def pair() -> tuple[BlipForConditionalGeneration, BlipCaptioner]:
     torch.manual_seed(0)
-    hf = BlipForConditionalGeneration(hf_config()).eval()
+    hf = noisy(BlipForConditionalGeneration(hf_config()), seed=0)
     ours = BlipCaptioner(VISION, TEXT, bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD, prompt_length=3).eval()
     load_mapped(ours, blip_caption_from_hf(hf.state_dict()))
     return hf, ours
@@ -82,10 +83,14 @@ def test_beam_search_captions_are_identical(pair, min_length: int) -> None:
     hf, ours = pair
     pixels, normalised = _images(3)
     prompt = torch.tensor([[BOS, 7, 8, SEP]] * 3)
+    # No length normalisation: vlforge divides a hypothesis's log-probability by its length with the
+    # prompt, as LAVIS's transformers did (tests/models/blip/test_lavis_outputs.py checks beams against
+    # LAVIS); transformers 4.37 and later divide by the generated length only.
     with torch.no_grad():
         expected = hf.generate(pixel_values=normalised, input_ids=prompt.clone(), max_length=12, min_length=min_length,
-                               num_beams=3, do_sample=False)
-        got = ours.generate_ids(pixels, prompt[:, :-1], max_length=12, min_length=min_length, num_beams=3)
+                               num_beams=3, do_sample=False, length_penalty=0.0)
+        got = ours.generate_ids(pixels, prompt[:, :-1], max_length=12, min_length=min_length, num_beams=3,
+                                length_penalty=0.0)
     for row_expected, row_got in zip(expected.tolist(), got.tolist()):
         trim = lambda row: row[: row.index(SEP) + 1] if SEP in row[3:] else row  # noqa: E731
         assert trim(row_got) == trim(row_expected)

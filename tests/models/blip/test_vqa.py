@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import BlipForQuestionAnswering
 
+from tests.models.perturb import noisy
 from tests.models.tiny_blip import BOS, PAD, SEP, TEXT, VISION, hf_config, images
 from vlforge.models.blip.convert import blip_vqa_from_hf
 from vlforge.models.blip.vqa import BlipVQA
@@ -14,7 +15,7 @@ from vlforge.models.layers.convert import load_mapped
 @pytest.fixture(scope="module")
 def pair() -> tuple[BlipForQuestionAnswering, BlipVQA]:
     torch.manual_seed(0)
-    hf = BlipForQuestionAnswering(hf_config()).eval()
+    hf = noisy(BlipForQuestionAnswering(hf_config()), seed=0)
     hf.decoder_start_token_id = BOS
     with torch.no_grad():  # a random tiny decoder says [SEP] at once; make it talk for a few tokens
         hf.text_decoder.cls.predictions.bias[SEP] = -0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.models.perturb import noisy
 from vlforge.models.clip.convert import clip_from_open_clip
 from vlforge.models.clip.model import CLIP
 from vlforge.models.layers.convert import load_mapped
@@ -17,12 +18,12 @@ VOCAB, CONTEXT, WIDTH, EMBED, IMAGE, PATCH = 64, 12, 32, 16, 32, 8
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])  # quick_gelu: OpenAI's weights
 def test_open_clip_vit_parity(act: str) -> None:
     torch.manual_seed(0)
-    reference = open_clip.CLIP(
+    reference = noisy(open_clip.CLIP(
         embed_dim=EMBED,
         vision_cfg=dict(image_size=IMAGE, layers=2, width=WIDTH, patch_size=PATCH, head_width=8),
         text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=WIDTH, heads=4, layers=2),
         quick_gelu=act == "quick_gelu",
-    ).eval()
+    ), seed=0)
     ours = CLIP(
         vision=dict(name="vit_base_patch16_clip_224", img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=2,
                     num_heads=4, act_layer=act),

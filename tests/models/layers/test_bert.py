@@ -6,6 +6,7 @@ import torch
 from transformers import BertConfig, BertModel, BlipTextConfig
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from tests.models.perturb import noisy
 from vlforge.models.layers.bert import BertTextModel
 from vlforge.models.layers.convert import bert_from_hf, load_mapped
 
@@ -25,7 +26,8 @@ def test_matches_hf_bert_encoder() -> None:
     torch.manual_seed(0)
     hf = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                               intermediate_size=INTER, max_position_embeddings=MAXLEN, type_vocab_size=2,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    hf = noisy(hf, seed=0)
     ours = BertTextModel(VOCAB, WIDTH, LAYERS, HEADS, INTER, MAXLEN, type_vocab_size=2).eval()
     load_mapped(ours, bert_from_hf(hf.state_dict()))
     ids, mask = _inputs()
@@ -44,7 +46,7 @@ def blip_text() -> tuple[BlipTextModel, BertTextModel]:
     config = BlipTextConfig(vocab_size=VOCAB, hidden_size=WIDTH, encoder_hidden_size=IMG_WIDTH, intermediate_size=INTER,
                             num_hidden_layers=LAYERS, num_attention_heads=HEADS, max_position_embeddings=MAXLEN,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True)
-    hf = BlipTextModel(config, add_pooling_layer=False).eval()
+    hf = noisy(BlipTextModel(config, add_pooling_layer=False), seed=0)
     ours = BertTextModel(VOCAB, WIDTH, LAYERS, HEADS, INTER, MAXLEN, cross_attention_layers="all",
                          encoder_width=IMG_WIDTH).eval()
     load_mapped(ours, bert_from_hf(hf.state_dict()))

@@ -146,7 +146,9 @@ def _beam_search(step: Callable[[torch.Tensor, Reorderable], torch.Tensor], cach
         return score / (length ** cfg.length_penalty)
 
     while ids.shape[1] < cfg.max_length:
-        logprobs = _process_logits(step(step_input, cache), ids, cfg, eos_id).log_softmax(dim=-1)
+        # The processors act on the log-probabilities, as transformers' beam search (LAVIS's too) applies
+        # them: a token banned by min_length is dropped, not its probability spread over the others.
+        logprobs = _process_logits(step(step_input, cache).float().log_softmax(dim=-1), ids, cfg, eos_id)
         vocab = logprobs.shape[1]
         candidates = (scores.view(-1, 1) + logprobs).view(batch, beams * vocab)
         top_scores, top_index = candidates.topk(2 * beams, dim=1)
