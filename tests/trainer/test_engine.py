@@ -1,18 +1,24 @@
-"""Recipe -> batch arithmetic, DeepSpeed JSON, AdamW groups and lr schedule (no engine is built)."""
+"""Recipe -> batch arithmetic, DeepSpeed JSON, AdamW groups and lr schedule; the schedule as the built
+DeepSpeed engine applies it (one engine, in a child process)."""
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
+from tests.e2e.conftest import free_port
 from vlforge.config.recipes import compose_recipe
 from vlforge.config.schema import RunConfig, validate_config
 from vlforge.core.errors import ConfigError
 from vlforge.trainer.engine import (
     batch_arithmetic,
     FiniteStepAdamW,
+    build_engine,
     build_optimizer,
     deepspeed_config,
     lr_lambda,
@@ -324,3 +330,50 @@ def test_schedule_drives_lambda_lr():
     assert lrs[4] == pytest.approx(0.1)
     assert lrs[5] == pytest.approx(0.1)
     assert lrs[20] == pytest.approx(0.0, abs=1e-12)
+
+
+class _HeadAndBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(3, 3), nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).square().mean()
+
+
+ENGINE_RUN = ("deepspeed=zero0", "trainer.precision=fp32", "data.batch_size=2", "trainer.global_batch_size=4",
+              "trainer.max_steps=6", "optim.warmup_steps=2", "optim.schedule=linear", "optim.lr=0.1",
+              "optim.min_lr_ratio=0.0", "+optim.lr_multipliers.head=10")
+
+
+def _engine_lrs_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      DS_ACCELERATOR="cpu")
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import deepspeed
+
+    deepspeed.init_distributed("gloo", verbose=False)
+    run = make_run(*ENGINE_RUN)
+    torch.manual_seed(0)
+    engine = build_engine(_HeadAndBody(), run, deepspeed_config(run, 1))
+    seen = []
+    for _ in range(2 * 7):  # 7 optimizer steps of 2 micro-batches: past max_steps
+        engine.backward(engine(torch.randn(2, 3)))
+        engine.step()
+        seen.append(sorted({(g["lr_multiplier"], g["lr"]) for g in engine.optimizer.param_groups}))
+    torch.save(seen, out)
+
+
+def test_the_engine_applies_the_schedule_per_optimizer_step_and_group(tmp_path):
+    # Two micro-batches a step: the lr moves once per optimizer step, not per micro-batch, and each
+    # group keeps its multiplier. Linear: warmup 0.05, 0.1 over 2 steps, then down to 0 at step 6.
+    out = tmp_path / "lrs.pt"
+    mp.spawn(_engine_lrs_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    seen = torch.load(out)
+    factors = [lr_lambda(make_run(*ENGINE_RUN))(step) for step in range(8)]
+    assert factors[:7] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
+    for micro, groups in enumerate(seen):
+        steps_done = (micro + 1) // 2
+        assert [m for m, _ in groups] == [1.0, 10.0]
+        assert [lr for _, lr in groups] == pytest.approx([0.1 * factors[steps_done], 1.0 * factors[steps_done]]), micro

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.models.training import loss_parts_before_and_after
 from vlforge.models.blip.pretrain import BlipPretrain
@@ -45,6 +46,28 @@ def test_a_few_steps_lower_every_loss() -> None:
     assert set(first) == {"itc", "itm", "lm"}
     for name in first:
         assert last[name] < first[name], (name, first[name], last[name])
+
+
+def test_captioning_loss_is_the_label_smoothed_cross_entropy_of_the_decoder() -> None:
+    torch.manual_seed(0)
+    model = BlipPretrain(VISION, TEXT, embed_dim=16, bos_token_id=1, eos_token_id=2, label_smoothing=0.1).eval()
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    ids = torch.tensor([[3, 5, 6, 7, 2], [3, 8, 9, 2, 0]])  # [CLS]-style first token; the decoder reads [DEC] (1)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = model({"image": images, "text_input_ids": ids, "text_attention_mask": mask})
+        image_tokens, _ = model.image_features(images)
+        decoder_ids = ids.clone()
+        decoder_ids[:, 0] = 1
+        logits = model.lm_head(model.text_decoder(decoder_ids, mask, encoder_hidden_states=image_tokens, causal=True))
+    # Each token after the first predicted from those before it; padding not scored; smoothing 0.1.
+    scored = [(row, t) for row in range(2) for t in range(1, 5) if mask[row, t]]
+    predicted = torch.stack([logits[row, t - 1] for row, t in scored])
+    targets = torch.tensor([int(ids[row, t]) for row, t in scored])
+    expected = F.cross_entropy(predicted, targets, label_smoothing=0.1)
+    torch.testing.assert_close(out.losses["lm"], expected)
+    torch.testing.assert_close(out.loss, out.losses["itc"] + out.losses["itm"] + expected)
 
 
 def test_albef_losses_and_momentum_in_one_process() -> None:

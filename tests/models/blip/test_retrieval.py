@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval
 
+from tests.models.perturb import noisy
 from tests.models.tiny_blip import TEXT, VISION, VOCAB, hf_config, images
 from vlforge.models.blip.convert import blip_retrieval_from_hf
 from vlforge.models.blip.retrieval import BlipRetrieval
@@ -17,7 +19,7 @@ EMBED = 16
 @pytest.fixture(scope="module")
 def pair() -> tuple[BlipForImageTextRetrieval, BlipRetrieval]:
     torch.manual_seed(0)
-    hf = BlipForImageTextRetrieval(hf_config(image_text_hidden_size=EMBED)).eval()
+    hf = noisy(BlipForImageTextRetrieval(hf_config(image_text_hidden_size=EMBED)), seed=0)
     ours = BlipRetrieval(VISION, TEXT, embed_dim=EMBED).eval()
     load_mapped(ours, blip_retrieval_from_hf(hf.state_dict()), ignore=("logit_scale",))
     return hf, ours
@@ -63,6 +65,30 @@ def test_training_step_has_both_losses_and_gradients(pair) -> None:
     assert set(out.losses) == {"itc", "itm"} and torch.isfinite(out.loss)
     assert ours.itm_head.weight.grad.abs().sum() > 0 and ours.logit_scale.log_scale.grad.abs().sum() > 0
     ours.zero_grad()
+
+
+def test_training_losses_are_the_contrastive_and_matching_cross_entropies(pair, monkeypatch) -> None:
+    from vlforge.models.blip import retrieval
+
+    _, ours = pair
+    pixels, _, ids, mask = _batch()
+    drawn = []
+    monkeypatch.setattr(retrieval, "hard_negative_pairs",
+                        lambda logits, **kw: drawn.append(hard_negative_pairs(logits, **kw)) or drawn[-1])
+    with torch.no_grad():
+        out = ours({"image": pixels, "text_input_ids": ids, "text_attention_mask": mask})
+        image_tokens, image_emb = ours.image_features(pixels)
+        logits = ours.logit_scale() * image_emb @ ours.encode_text(ids, mask).t()
+        pairs = drawn[0]
+        itm_logits = ours.itm_logits(image_tokens[pairs.image_rows], ids[pairs.text_rows], mask[pairs.text_rows])
+    # Image i goes with text i, both ways; then the 3 aligned pairs are "match" (1), the 6 drawn ones not.
+    itc = 0.5 * (F.cross_entropy(logits, torch.arange(3)) + F.cross_entropy(logits.t(), torch.arange(3)))
+    assert pairs.labels.tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    itm = F.cross_entropy(itm_logits, torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(out.losses["itc"], itc)
+    torch.testing.assert_close(out.losses["itm"], itm)
+    torch.testing.assert_close(out.loss, itc + itm)
+    assert out.losses["itm"] > 0.1 and out.losses["itc"] > 0.1  # neither term is trivially zero
 
 
 def test_itm_negatives_are_drawn_from_the_itc_logits(pair, monkeypatch) -> None:
