@@ -23,6 +23,7 @@ from vlforge import load_model, load_model_and_preprocess, model_zoo
 from vlforge.datasets.demo_tokenizer import save_vocab_tokenizer
 from vlforge.hub.sources import WeightsNotFoundError
 from vlforge.hub.zoo import ENTRIES
+from vlforge.models.towers.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 WORDS = ["a", "picture", "of", "red", "blue", "circle", "square", "what", "colour", "is", "the", "?"]
 
@@ -105,8 +106,18 @@ def test_caption_model_from_the_cache_matches_transformers(_offline_cache: Path)
     assert (model.bos_token_id, model.eos_token_id, model.prompt_length) == (BOS, SEP, 4)
     image = vis["eval"](Image.new("RGB", (50, 40), (200, 30, 30)))
     assert image.dtype == torch.uint8 and image.shape == (3, IMAGE, IMAGE)
-    captions = model.generate({"image": image[None]}, num_beams=2, max_length=8, min_length=2)
-    assert len(captions) == 1 and isinstance(captions[0], str)
+    captions = model.generate({"image": image[None]}, num_beams=1, max_length=9, min_length=7)
+    # The text a user reads: transformers' greedy caption of the same pixels and prompt, decoded by the
+    # checkpoint's own tokenizer, its prompt cut off.
+    tok = AutoTokenizer.from_pretrained(str(_offline_cache / "models" / "blip_caption" / "base_coco"))
+    prompt = tok(["a picture of "], return_tensors="pt").input_ids
+    mean, std = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = hf.generate(pixel_values=(image[None].float() / 255 - mean) / std, input_ids=prompt,
+                                max_length=9, min_length=7, num_beams=1, do_sample=False)
+    expected = tok.decode(reference[0, prompt.shape[1] - 1:], skip_special_tokens=True).strip()
+    assert len(expected.split()) >= 3  # a caption of words, not an empty string
+    assert captions == [expected]
     assert txt["eval"]("A Picture, of THE Circle.") == "a picture, of the circle"
 
 
