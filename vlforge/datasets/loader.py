@@ -115,12 +115,10 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         epochs_done = 0
-        loader: DataLoader | None = None
+        loader = self._loader()  # each pass over it plays the stream's next epoch (ShardStream.__iter__)
         while self.epochs is None or epochs_done < self.epochs:
             batches = 0
             started_mid_epoch = bool(self.position.cursors)
-            if loader is None or self.num_workers == 0:
-                loader = self._loader()
             for batch in loader:
                 batch, slot, cursor, events, keys = _strip_meta(batch)
                 self.report.add(events)

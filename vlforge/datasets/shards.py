@@ -265,6 +265,6 @@ class ShardStream(IterableDataset):
             yield emit()
         if events:
             yield {"__slot__": slot, "__cursor__": cursor, "__events__": list(events), "__keys__": []}
-        # The epoch is played out: a persistent loader worker asked for more plays the next one, as
-        # the ShardLoader that reads its batches counts it.
+        # The epoch is played out: asked for more (the next pass of the DataLoader, in a persistent
+        # worker or in the main process), the stream plays the next one, as ShardLoader counts it.
         self.position, self.slot_offset = StreamPosition(epoch=self.position.epoch + 1), 0
