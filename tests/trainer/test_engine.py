@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
-from tests.e2e.conftest import free_port
+from tests.gloo import run_on_ranks
 from vlforge.config.recipes import compose_recipe
 from vlforge.config.schema import RunConfig, validate_config
 from vlforge.core.errors import ConfigError
@@ -346,17 +344,12 @@ ENGINE_RUN = ("deepspeed=zero0", "trainer.precision=fp32", "data.batch_size=2", 
               "optim.min_lr_ratio=0.0", "+optim.lr_multipliers.head=10")
 
 
-def _engine_lrs_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import deepspeed
-
-    deepspeed.init_distributed("gloo", verbose=False)
+def _engine_lrs_worker(rank: int, world: int, out: str) -> None:
+    # The group is up (tests/gloo.py); DeepSpeed still reads these, as the launcher would set them.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     run = make_run(*ENGINE_RUN)
     torch.manual_seed(0)
-    engine = build_engine(_HeadAndBody(), run, deepspeed_config(run, 1))
+    engine = build_engine(_HeadAndBody(), run, deepspeed_config(run, world))
     seen = []
     for _ in range(2 * 7):  # 7 optimizer steps of 2 micro-batches: past max_steps
         engine.backward(engine(torch.randn(2, 3)))
@@ -369,7 +362,7 @@ def test_the_engine_applies_the_schedule_per_optimizer_step_and_group(tmp_path):
     # Two micro-batches a step: the lr moves once per optimizer step, not per micro-batch, and each
     # group keeps its multiplier. Linear: warmup 0.05, 0.1 over 2 steps, then down to 0 at step 6.
     out = tmp_path / "lrs.pt"
-    mp.spawn(_engine_lrs_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    run_on_ranks(1, _engine_lrs_worker, str(out))
     seen = torch.load(out)
     factors = [lr_lambda(make_run(*ENGINE_RUN))(step) for step in range(8)]
     assert factors[:7] == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0])
