@@ -105,11 +105,11 @@ def build_model() -> torch.nn.Module:
 
 def load_in_memory(folder: Path, tokenizer_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(uint8 images [N,3,H,W], input ids [N*T, L], attention masks) for every image and template."""
-    from transformers import AutoTokenizer
+    from vlforge.core.tokenizers import load_tokenizer
 
     paths = sorted(folder.rglob("*.jpg"))
     images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(str(tokenizer_dir))
     captions = [t.format(p.parent.name) for p in paths for t in TEMPLATES]
     tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=MAX_LEN, return_tensors="pt")
     return images, tokens["input_ids"], tokens["attention_mask"]
