@@ -13,6 +13,9 @@ from typing import Iterator
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+from vlforge.datasets.shards import DataEvent, expand_shard_spec, iter_shard
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -65,6 +68,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def series(rows: list[dict], key: str) -> dict[int, float]:
     return {row["step"]: row[key] for row in rows if key in row}
+
+
+def demo_annotations(run_dir: Path, split: str) -> dict[str, dict]:
+    """image_id -> the JSON record of each sample in the demo split a run read (from its saved config)."""
+    shards = OmegaConf.load(run_dir / "config.yaml").data[split].shards
+    events: list[DataEvent] = []
+    records = {}
+    for shard in expand_shard_spec(shards):
+        for sample in iter_shard(shard, events):
+            record = json.loads(sample.files["json"])
+            records[record["image_id"]] = record
+    assert records and not events, (shards, events)
+    return records
 
 
 @pytest.fixture(scope="session")

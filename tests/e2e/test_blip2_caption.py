@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, demo_annotations, launch, python_cmd, read_metrics
+from vlforge.tasks.metrics.captioning import caption_metrics
 
 BLIP2 = ["recipe=blip2_caption_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=16",
          "task.generate.num_beams=2", "task.generate.max_length=12", "data.demo.num_val=24"]
@@ -27,6 +28,11 @@ def test_blip2_caption_demo_trains_scores_and_reevaluates_from_init_weights(e2e_
     assert final["val/num_images"] == 24 and 0.0 <= final["val/cider"]
     captions = json.loads((run_dir / "results" / "val_step_00000030.json").read_text())
     assert len(captions) == 24 and all(isinstance(c["caption"], str) for c in captions)
+    # The reported CIDEr scores the saved captions against their own images' references in the val shards.
+    annotations = demo_annotations(run_dir, "val")
+    rescored = caption_metrics({c["image_id"]: c["caption"] for c in captions},
+                               {c["image_id"]: annotations[c["image_id"]]["captions"] for c in captions})
+    assert final["val/cider"] == pytest.approx(rescored["cider"], abs=1e-9)
 
     out = tmp_path / "from_init"
     result = check(launch(python_cmd(*BLIP2, "checkpoint=null", f"trainer.init_from={run_dir}", f"run_dir={out}",

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, read_metrics, series
+from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, demo_annotations, launch, read_metrics, series
 from vlforge.hub.export import export_run
+from vlforge.tasks.metrics.vqa import normalize_answer
 
 # The recipes' tower comes from runs/clip_demo in the full demo; here the tower is random and frozen.
 COMMON = [*SMALL_DEMO, "data.num_workers=1", "trainer.log_every=10", "optim.warmup_steps=5"]
@@ -47,7 +48,16 @@ def test_llava_pretrain_then_finetune_on_two_ranks(e2e_env: dict[str, str], tmp_
     assert len(asked) == 64 and final["test/num_samples"] == len(results)
     for image_id, sample_ids in asked.items():
         assert sorted(sample_ids) == [f"{image_id}_q{k}" for k in range(len(sample_ids))] and len(sample_ids) in (3, 5)
-    assert 0.0 <= final["test/answer_accuracy"] <= 1.0
+    # Each answer is scored against its own question's reference answers in the test shards.
+    annotations = demo_annotations(finetune, "test")
+    references = {}
+    for row in results:
+        qa = annotations[row["image_id"]]["qa"][int(row["sample_id"].rsplit("_q", 1)[1])]
+        assert row["question"] == qa["question"], row
+        references[row["sample_id"]] = qa["answers"]
+    predictions = {row["sample_id"]: row["answer"] for row in results}
+    expected = sum(normalize_answer(predictions[q]) == refs[0] for q, refs in references.items()) / len(references)
+    assert final["test/answer_accuracy"] == pytest.approx(expected, abs=1e-9)
 
     # The finetuned run exports whole (python -m vlforge.hub.export does this): projector and LM, all finite.
     exported = tmp_path / "export"
