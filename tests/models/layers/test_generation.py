@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from tests.e2e.conftest import free_port
 from vlforge.models.layers.generation import GenerationConfig, _beam_search, _process_logits, generate
+from vlforge.models.layers.sampling import SamplingParams
 
 VOCAB, EOS, PAD = 5, 4, 0
 
@@ -82,9 +83,12 @@ def test_greedy_and_one_beam_are_the_argmax_path(seed: int) -> None:
             assert _strip(row) == _manual_greedy(seed, [start], 8)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_wide_beam_search_finds_the_best_sequence(seed: int) -> None:
-    """With as many beams as live prefixes and no length penalty, beam search is exhaustive search."""
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("seed", range(16))
+def test_wide_beam_search_finds_the_best_sequence(seed: int, length_penalty: float) -> None:
+    """With as many beams as live prefixes, beam search is exhaustive search: the best sequence by its
+    log-probability divided by its length (prompt and eos counted, as LAVIS's transformers did) raised
+    to the length penalty."""
     max_length = 4
     best, best_score = None, float("-inf")
     for length in range(1, max_length):
@@ -92,11 +96,11 @@ def test_wide_beam_search_finds_the_best_sequence(seed: int) -> None:
             if EOS in tail[:-1] or (len(tail) < max_length - 1 and tail[-1] != EOS):
                 continue
             seq = [1, *tail]
-            score = _sequence_score(seed, seq)
+            score = _sequence_score(seed, seq) / len(seq) ** length_penalty
             if score > best_score:
                 best, best_score = seq, score
     step, _ = _model(seed)
-    cfg = GenerationConfig(max_length=max_length, num_beams=VOCAB**2, length_penalty=0.0)
+    cfg = GenerationConfig(max_length=max_length, num_beams=VOCAB**2, length_penalty=length_penalty)
     ids = generate(step, HistoryCache(), torch.tensor([[1]]), cfg, EOS, PAD)
     assert _strip(ids[0]) == best
 
@@ -211,3 +215,51 @@ def test_num_return_sequences_samples_independent_rows_and_returns_the_best_beam
     assert three.shape[0] == 3 and three[0, : one.shape[1]].tolist() == one[0].tolist()
     with pytest.raises(ValueError, match="num_return_sequences"):
         GenerationConfig(num_return_sequences=2)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"num_beams": 0}, "generation num_beams must be >= 1, got 0"),
+    ({"do_sample": True, "num_beams": 2}, "generation: nucleus sampling (do_sample) needs num_beams=1"),
+    ({"top_p": 0.0}, "generation top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.01}, "generation top_p must be in (0, 1], got 1.01"),
+    ({"min_length": 9, "max_length": 8}, "generation min_length 9 exceeds max_length 8"),
+    ({"num_return_sequences": 0}, "generation num_return_sequences=0 needs do_sample, or num_beams >= it (got num_beams=1)"),
+])
+def test_generation_config_names_the_bad_setting(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        GenerationConfig(**settings)
+    assert str(info.value) == message
+
+
+def test_generation_config_accepts_its_boundaries() -> None:
+    GenerationConfig(top_p=1.0)
+    GenerationConfig(min_length=8, max_length=8)
+    GenerationConfig(num_beams=3, num_return_sequences=3)
+
+
+def test_generation_config_passes_every_sampling_setting_on() -> None:
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, top_p=0.8, repetition_penalty=1.3,
+                           no_repeat_ngram_size=2)
+    assert cfg.sampling() == SamplingParams(do_sample=True, temperature=0.7, top_k=3, top_p=0.8,
+                                            repetition_penalty=1.3, no_repeat_ngram_size=2)
+
+
+def test_no_repeat_ngram_size_bans_a_bigram_seen_before() -> None:
+    # A model that ranks the tokens 1 > 2 > 3 > 0 > eos whatever came before: without the ban it says
+    # 1 forever; with bigrams banned it takes the best token that does not repeat a bigram.
+    ranking = torch.tensor([0.0, 10.0, 9.0, 8.0, -100.0])
+    step = lambda ids, cache: ranking.repeat(ids.shape[0], 1)
+    cfg = GenerationConfig(max_length=8, no_repeat_ngram_size=2)
+    ids = generate(step, HistoryCache(), torch.tensor([[1]]), cfg, EOS, PAD, sync_ranks=False)
+    assert ids[0].tolist() == [1, 1, 2, 1, 3, 1, 0, 1]
+
+
+def test_sampling_draws_from_the_given_generator_only() -> None:
+    step, _ = _model()
+    cfg = GenerationConfig(max_length=6, do_sample=True, top_p=1.0, temperature=20.0)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(generate(step, HistoryCache(), torch.zeros(16, 1, dtype=torch.long), cfg, EOS, PAD,
+                              generator=torch.Generator().manual_seed(5)).tolist())
+    assert draws[0] == draws[1]
