@@ -76,3 +76,18 @@ def test_missing_or_unknown_predictions_are_named() -> None:
         caption_metrics({"1": "a", "2": "b"}, REFS)
     with pytest.raises(ValueError, match=r"without references \['9'\]"):
         caption_metrics({**PREDS, "9": "x"}, REFS)
+
+
+def test_errors_name_the_first_five_images() -> None:
+    refs = {str(i): ["a cat"] for i in range(7)}
+    with pytest.raises(ValueError) as info:
+        caption_metrics({"6": "a cat", "x1": "a", "x2": "b", "x3": "c", "x4": "d", "x5": "e", "x6": "f"}, refs)
+    assert str(info.value) == ("caption metrics: 6 image(s) without a prediction ['0', '1', '2', '3', '4'], "
+                               "6 prediction(s) without references ['x1', 'x2', 'x3', 'x4', 'x5']")
+    with pytest.raises(ValueError) as info:
+        caption_metrics({str(i): "a cat" for i in range(7)}, {**refs, **{str(i): [] for i in range(6)}})
+    assert str(info.value) == "caption metrics: 6 image(s) have no reference caption ['0', '1', '2', '3', '4']"
+
+
+def test_python_tokenizer_reads_a_line_break_as_a_space() -> None:
+    assert captioning._python_tokenize("a red\ncar") == "a red car"

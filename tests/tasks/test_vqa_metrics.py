@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlforge.tasks.metrics.vqa import CONTRACTIONS, normalize_answer, vqa_accuracy, vqa_metrics
+from vlforge.tasks.metrics.vqa import CONTRACTIONS, _apostrophe_variants, normalize_answer, vqa_accuracy, vqa_metrics
 
 
 @pytest.mark.parametrize("matches, expected", [
@@ -54,3 +54,36 @@ def test_metrics_average_and_split_by_answer_type() -> None:
     assert out["accuracy_yes_no"] == 1.0 and out["accuracy_number"] == 0.0 and out["accuracy_other"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match=r"1 question\(s\) without a prediction \['q3'\]"):
         vqa_metrics({"q1": "yes", "q2": "2"}, humans)
+
+
+def test_apostrophe_variants_drop_every_subset_of_apostrophes() -> None:
+    assert _apostrophe_variants("couldn't've") == ["couldnt've", "couldn'tve", "couldntve"]
+    assert _apostrophe_variants("don't") == ["dont"] and _apostrophe_variants("dog") == []
+
+
+def test_human_answers_lose_punctuation_only_where_they_disagree() -> None:
+    # As the official code: unanimous answers are compared as written ("yes." then matches nothing).
+    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
+    # Two different answers: both lose their punctuation, and "yes." counts as "yes".
+    assert vqa_accuracy("yes", ["yes."] * 5 + ["no"] * 5) == 1.0
+
+
+def test_tabs_and_line_breaks_separate_words() -> None:
+    assert normalize_answer("red\tcar") == "red car" and normalize_answer("two\ncats") == "2 cats"
+
+
+def test_one_question_and_questions_without_a_type() -> None:
+    assert vqa_metrics({"q": "yes"}, {"q": ["yes"] * 10}) == {"accuracy": 1.0}
+    humans = {"q1": ["yes"] * 10, "q2": ["2"] * 10, "q3": ["red"] * 10}
+    out = vqa_metrics({"q1": "yes", "q2": "2", "q3": "blue"}, humans, {"q1": "yes/no"})
+    assert out == {"accuracy": pytest.approx(2 / 3), "accuracy_yes_no": 1.0, "accuracy_other": 0.5}
+
+
+def test_errors_name_the_first_five_questions() -> None:
+    humans = {f"q{i}": ["yes"] * 10 for i in range(7)}
+    with pytest.raises(ValueError) as info:
+        vqa_metrics({"q6": "yes"}, humans)
+    assert str(info.value) == "vqa metrics: 6 question(s) without a prediction ['q0', 'q1', 'q2', 'q3', 'q4']"
+    with pytest.raises(ValueError) as info:
+        vqa_accuracy("yes", [])
+    assert str(info.value) == "vqa accuracy needs the human answers of the question (VQAv2 has 10)"
