@@ -137,3 +137,17 @@ def test_recall_at_k_matching_by_wording():
 def test_recall_at_k_captions_must_match_texts():
     with pytest.raises(ValueError, match="2 captions for 3 texts"):
         recall_at_k(torch.zeros(2, 3), [0, 0, 1], captions=["a", "b"])
+
+
+def test_recall_at_k_image_without_caption_anywhere_in_the_matrix():
+    # Image 0 has no caption; images 1 and 2 still rank their own.
+    sim = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.9, 0.2], [0.3, 0.2, 0.8]])
+    out = recall_at_k(sim, [1, 1, 2], ks=(1,))
+    assert out["txt_r1"] == pytest.approx(2 / 3)
+
+
+def test_recall_at_k_ranks_images_by_the_text_to_image_matrix_when_given():
+    sim_i2t = torch.eye(2)
+    swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # each text prefers the other image
+    out = recall_at_k(sim_i2t, [0, 1], ks=(1,), sim_t2i=swapped)
+    assert out["txt_r1"] == 1.0 and out["img_r1"] == 0.0

@@ -23,7 +23,7 @@ from vlforge.tasks.zero_shot import (
 def test_templates_from_a_list_a_json_file_or_lines(tmp_path: Path) -> None:
     assert load_templates(["a {}", "a photo of a {}."]) == ["a {}", "a photo of a {}."]
     as_json = tmp_path / "templates.json"
-    as_json.write_text(json.dumps(["itap of a {}.", "a bad photo of the {}."]))
+    as_json.write_text("\n  " + json.dumps(["itap of a {}.", "a bad photo of the {}."]))
     assert load_templates(str(as_json)) == ["itap of a {}.", "a bad photo of the {}."]
     as_lines = tmp_path / "templates.txt"
     as_lines.write_text("a photo of a {}.\n\n  a drawing of a {}.  \n")
@@ -41,8 +41,12 @@ def test_class_names_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "classes.json"
     path.write_text(json.dumps(["tench", "goldfish"]))
     assert load_class_names(str(path)) == ["tench", "goldfish"]
-    with pytest.raises(ValueError, match="at least one class"):
+    with pytest.raises(ValueError) as info:
         load_class_names([])
+    assert str(info.value) == "zero-shot classification needs at least one class name"
+    with pytest.raises(FileNotFoundError) as info:
+        load_class_names(str(tmp_path / "absent.json"))
+    assert str(info.value) == f"zero-shot class names file '{tmp_path / 'absent.json'}' does not exist"
 
 
 class _BagOfWords(torch.nn.Module):
