@@ -1,12 +1,14 @@
 """Shard spec expansion and tar reading (vlforge.datasets.shards): globs, brace ranges, truncated shards."""
 import io
+import random
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from vlforge.datasets.shards import DataError, expand_shard_spec, iter_shard
+from vlforge.datasets.shards import DataError, DataEvent, ShardStream, _stable_seed, expand_shard_spec, iter_shard
 from vlforge.datasets.writer import ShardWriter
 
 
@@ -173,3 +175,52 @@ def test_missing_file_reports_unreadable(tmp_path):
     events = []
     assert list(iter_shard(missing, events)) == []
     assert [(e.kind, e.shard) for e in events] == [("unreadable_shard", missing)]
+
+
+def test_expand_an_empty_spec_or_part_names_no_shard(tmp_path):
+    with pytest.raises(DataError) as info:
+        expand_shard_spec("")
+    assert str(info.value) == "shard spec '' names no shard"
+    assert expand_shard_spec(f"::{tmp_path}/a.tar") == [f"{tmp_path}/a.tar"]
+
+
+def test_expand_leaves_a_pipe_command_unglobbed():
+    assert expand_shard_spec("pipe:cat /data/a-*.tar") == ["pipe:cat /data/a-*.tar"]
+
+
+def test_data_events_read_as_sentences():
+    assert str(DataEvent("skipped_sample", "s.tar", "k7", "bad jpeg")) == "skipped sample: shard s.tar, sample 'k7': bad jpeg"
+    assert str(DataEvent("unreadable_shard", "s.tar", "", "EOFError")) == "unreadable shard: shard s.tar: EOFError"
+
+
+# ---------------------------------------------------------------- per-sample randomness
+
+
+def _draws(urls: list[str], seed: int = 0) -> dict[str, tuple[float, float]]:
+    """key -> (torch draw, python draw) each sample's build saw."""
+    build = lambda raw: {"key": raw.key, "draw": (torch.rand(1).item(), random.random())}
+    stream = ShardStream(urls, build, lambda rows: {"rows": list(rows)}, 1, drop_last=False, shuffle_shards=False, seed=seed)
+    return {row["key"]: row["draw"] for batch in stream for row in batch["rows"]}
+
+
+def test_a_sample_s_randomness_follows_the_sample_not_its_directory_or_neighbours(tmp_path):
+    # Every sample has the same bytes; only keys, shard names and seeds tell them apart.
+    for folder in ("a", "b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        with ShardWriter(str(tmp_path / folder / "train-%06d.tar"), max_count=3) as writer:
+            for i in range(3):
+                writer.write(f"k{i}", _jpeg(0), {"same": True})
+    (tmp_path / "b" / "deeper" / "train-000000.tar").rename(tmp_path / "b" / "deeper" / "other-000000.tar")
+    here = _draws([str(tmp_path / "a" / "train-000000.tar")])
+    assert len(set(here.values())) == 3  # one draw per key
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "train-000000.tar").write_bytes((tmp_path / "a" / "train-000000.tar").read_bytes())
+    assert _draws([str(moved / "train-000000.tar")]) == here  # the shard's name counts, not its folder
+    assert set(_draws([str(tmp_path / "b" / "deeper" / "other-000000.tar")]).values()).isdisjoint(here.values())
+    assert set(_draws([str(tmp_path / "a" / "train-000000.tar")], seed=1).values()).isdisjoint(here.values())
+
+
+def test_per_sample_seeds_stay_what_they_were():
+    # A resumed run after an upgrade augments each sample as before only if this number never changes.
+    assert _stable_seed(0, 1, "train-000000.tar", "k") == 1475134985696179572

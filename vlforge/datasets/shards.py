@@ -52,6 +52,8 @@ def expand_shard_spec(spec: str) -> list[str]:
     """'a-{000..009}.tar::/data/b-*.tar' -> shard list. Brace ranges, globs and `pipe:` URLs."""
     urls: list[str] = []
     for url in webdataset.shardlists.expand_urls(spec):
+        if not url:  # an empty spec, or an empty part of a '::' list
+            continue
         if any(ch in url for ch in "*?[") and not url.startswith("pipe:"):
             matched = sorted(glob.glob(url))
             if not matched:
