@@ -16,7 +16,7 @@ from vlforge.datasets.demo import build_demo_dataset
 from vlforge.datasets.loader import ShardLoader
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.datasets.samples import ImageTextSample
-from vlforge.datasets.shards import DataError, ShardStream
+from vlforge.datasets.shards import DataError, ShardStream, StreamPosition
 from vlforge.datasets.writer import ShardWriter
 
 NUM_TRAIN = 96  # 6 shards of 16
@@ -189,14 +189,30 @@ def test_resume_continues_exactly(demo, urls, uninterrupted, num_workers, k):
     _assert_same_batches(_take(resumed, RESUME_NEXT), reference[k : k + RESUME_NEXT])
 
 
-def test_resume_with_other_worker_count_starts_next_epoch(demo, urls):
+def test_resume_with_other_worker_count_starts_next_epoch(demo, urls, caplog):
     first = ShardLoader(_resume_stream(urls, demo), num_workers=2)
     _take(first, 3)
     resumed = ShardLoader(_resume_stream(urls, demo), num_workers=0)
-    resumed.load_state_dict(first.state_dict())
+    with caplog.at_level("WARNING", logger="vlforge"):
+        resumed.load_state_dict(first.state_dict())
+    assert ("data: checkpoint was taken with 2 loader workers, now 0: restarting the epoch order from epoch 1 "
+            "instead of continuing mid-epoch") in caplog.messages
     fresh = ShardLoader(_resume_stream(urls, demo), num_workers=0)
     # Epoch 1 of a fresh single-process loader starts at its 11th batch.
     _assert_same_batches(_take(resumed, 2), _take(fresh, 12)[10:12])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_continue_epoch_skips_this_rank_s_share_of_what_other_ranks_read(demo, urls, num_workers):
+    # A run on 3 ranks read 24 samples of epoch 1; this rank of the new run skips its share of them:
+    # 24 // 3, split evenly over its worker slots.
+    resumed = ShardLoader(_resume_stream(urls, demo), num_workers=num_workers)
+    resumed.continue_epoch(1, samples_read=24, world_size=3)
+    slots = max(1, num_workers)
+    assert resumed.position == StreamPosition(1, {slot: 8 // slots for slot in range(slots)}, 0)
+    if num_workers == 0:  # one stream: epoch 1 from its 9th sample on
+        fresh = ShardLoader(_resume_stream(urls, demo), num_workers=0)
+        assert _all_keys(_take(resumed, 9)) == _all_keys(_take(fresh, 20)[10:20])[8:]
 
 
 # ---------------------------------------------------------------- rank splits
