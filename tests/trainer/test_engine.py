@@ -14,9 +14,10 @@ from vlforge.config.recipes import compose_recipe
 from vlforge.config.schema import RunConfig, validate_config
 from vlforge.core.errors import ConfigError
 from vlforge.trainer.engine import (
-    batch_arithmetic,
     FiniteStepAdamW,
+    batch_arithmetic,
     build_engine,
+    build_model,
     build_optimizer,
     deepspeed_config,
     lr_lambda,
@@ -49,6 +50,7 @@ def test_global_batch_size_derives_accumulation():
     run = make_run("data.batch_size=8", "trainer.global_batch_size=64")
     assert batch_arithmetic(run, world_size=2) == (8, 4, 64)
     assert batch_arithmetic(run, world_size=8) == (8, 1, 64)
+    assert all(type(value) is int for value in batch_arithmetic(run, world_size=2))  # DeepSpeed's JSON wants ints
 
 
 def test_global_batch_size_agreeing_with_grad_accum_is_fine():
@@ -91,6 +93,29 @@ def test_deepspeed_config_stages(stage):
     json.dumps(config)
 
 
+@pytest.mark.parametrize("preset", ["zero0", "zero2", "zero3", "zero3_offload"])
+def test_deepspeed_reads_the_config_as_meant(preset):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    run = make_run(f"deepspeed={preset}", "data.batch_size=4", "trainer.grad_accum=2")
+    # DeepSpeed's own parser: its ZeRO and fp16 sections refuse a key they do not know.
+    parsed = DeepSpeedConfig(deepspeed_config(run, world_size=1))
+    ds, zero = run.deepspeed, parsed.zero_config
+    assert (parsed.zero_optimization_stage, zero.overlap_comm, zero.contiguous_gradients, zero.reduce_bucket_size,
+            zero.allgather_bucket_size) == (ds.stage, ds.overlap_comm, ds.contiguous_gradients, ds.reduce_bucket_size,
+                                            ds.allgather_bucket_size)
+    if ds.stage == 3:
+        assert (zero.prefetch_bucket_size, zero.param_persistence_threshold, zero.gather_16bit_weights_on_model_save) == (
+            ds.stage3_prefetch_bucket_size, ds.stage3_param_persistence_threshold, False)
+    assert (zero.offload_optimizer is not None, zero.offload_param is not None) == (ds.offload_optimizer, ds.offload_param)
+    fp16 = parsed.float16_config
+    assert (fp16.enabled, fp16.loss_scale, fp16.initial_scale_power, fp16.loss_scale_window, fp16.hysteresis,
+            fp16.min_loss_scale) == (False, 0, ds.fp16_initial_scale_power, 1000, 2, 1)
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (8, 4, 2)
+    assert parsed.steps_per_print == 2**31 - 1 and parsed.wall_clock_breakdown is False
+    assert parsed.zero_allow_untested_optimizer is True
+
+
 def test_deepspeed_config_zero3_offload():
     config = deepspeed_config(make_run("deepspeed=zero3_offload"), world_size=1)
     zero = config["zero_optimization"]
@@ -107,14 +132,16 @@ def test_offload_optimizer_at_stage_2():
 
 def test_offload_param_needs_stage_3():
     run = make_run("deepspeed=zero2", "deepspeed.offload_param=true")
-    with pytest.raises(ConfigError, match=r"deepspeed\.offload_param needs deepspeed\.stage=3"):
+    with pytest.raises(ConfigError) as info:
         deepspeed_config(run, 1)
+    assert str(info.value) == "deepspeed.offload_param needs deepspeed.stage=3"
 
 
 def test_offload_optimizer_needs_a_zero_stage():
     run = make_run("deepspeed=zero0", "deepspeed.offload_optimizer=true")
-    with pytest.raises(ConfigError, match=r"deepspeed\.offload_optimizer"):
+    with pytest.raises(ConfigError) as info:
         deepspeed_config(run, 1)
+    assert str(info.value) == "deepspeed.offload_optimizer needs deepspeed.stage >= 1"
 
 
 def test_precision_auto_is_fp32_on_cpu():
@@ -124,6 +151,14 @@ def test_precision_auto_is_fp32_on_cpu():
     assert config["fp16"]["enabled"] is False
 
 
+@pytest.mark.parametrize("bf16_supported", [True, False])
+def test_precision_on_a_gpu(monkeypatch, bf16_supported):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    assert resolve_precision("auto") == ("bf16" if bf16_supported else "fp32")
+    assert [resolve_precision(p) for p in ("fp16", "bf16", "fp32")] == ["fp16", "bf16", "fp32"]
+
+
 def test_precision_bf16_on_cpu():
     config = deepspeed_config(make_run("trainer.precision=bf16"), 1)
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
@@ -131,8 +166,9 @@ def test_precision_bf16_on_cpu():
 
 
 def test_precision_fp16_needs_cuda():
-    with pytest.raises(ConfigError, match=r"trainer\.precision=fp16"):
+    with pytest.raises(ConfigError) as info:
         deepspeed_config(make_run("trainer.precision=fp16"), 1)
+    assert str(info.value) == "trainer.precision=fp16 needs a CUDA device; use fp32 or bf16 on CPU"
 
 
 def test_deepspeed_extra_is_deep_merged():
@@ -147,6 +183,12 @@ def test_deepspeed_extra_is_deep_merged():
     assert config["wall_clock_breakdown"] is True
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
     assert config["train_batch_size"] == 64
+
+
+def test_build_model_instantiates_the_recipe_node_outside_zero_3():
+    model = build_model({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3, "bias": False},
+                        {"zero_optimization": {"stage": 2}})
+    assert isinstance(model, nn.Linear) and model.weight.shape == (3, 2) and model.bias is None
 
 
 # --- param_groups -----------------------------------------------------------------------------------
