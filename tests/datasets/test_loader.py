@@ -92,6 +92,45 @@ def test_same_config_gives_identical_batches(demo, urls, num_workers):
     assert _all_keys(first[12:]) != epoch0[:16]  # and the next epoch is ordered differently
 
 
+def _shard_of(key: str) -> int:
+    return int(key[-6:]) // 16  # the demo writes train_000000..000095 in order, 16 per shard
+
+
+def test_shard_order_follows_seed_and_epoch(demo, urls):
+    def shard_order(seed, epochs=1):
+        keys = _all_keys(_take(ShardLoader(_stream(urls, demo, seed=seed, drop_last=False), num_workers=0, epochs=epochs)))
+        return [_shard_of(k) for k in keys[::16]]
+
+    assert sorted(shard_order(1)) == list(range(6))
+    assert shard_order(1) != shard_order(2)
+    both = shard_order(1, epochs=2)
+    assert both[:6] == shard_order(1) and sorted(both[6:]) == list(range(6)) and both[6:] != both[:6]
+
+
+def test_a_buffer_of_two_already_shuffles_and_reshuffles_each_epoch(demo, urls):
+    plain = _all_keys(_take(ShardLoader(_stream(urls[:1], demo, shuffle_shards=False), num_workers=0), 2))
+    two = _take(ShardLoader(_stream(urls[:1], demo, shuffle_shards=False, shuffle_buffer=2), num_workers=0), 4)
+    assert sorted(_all_keys(two[:2])) == sorted(plain) and _all_keys(two[:2]) != plain
+    assert _all_keys(two[2:]) != _all_keys(two[:2])
+
+
+def test_resampled_shards_draw_forever_from_the_rank_s_own_shards(demo, urls):
+    def shards_drawn(rank, world_size, urls=urls, seed=0, split_by="shard"):
+        stream = _stream(urls, demo, rank=rank, world_size=world_size, resampled=True, seed=seed, split_by=split_by)
+        keys = _all_keys(_take(ShardLoader(stream, num_workers=0), 30))  # 240 samples: 2.5 passes over 96
+        assert len(keys) == 240
+        return [_shard_of(k) for k in keys[::16]]
+
+    drawn = shards_drawn(0, 2)
+    assert set(drawn) <= {0, 2, 4} and len(set(drawn)) > 1  # with replacement, from its own shards
+    assert set(shards_drawn(1, 2)) <= {1, 3, 5}
+    assert shards_drawn(0, 2) == drawn and shards_drawn(0, 2, seed=1) != drawn
+    # A rank left without a shard of its own draws from all of them; split by sample, every rank does.
+    assert len(set(shards_drawn(3, 4, urls=urls[:3]))) > 1
+    by_sample = shards_drawn(0, 2, split_by="sample")
+    assert not set(by_sample) <= {0, 2, 4} and shards_drawn(1, 2, split_by="sample") != by_sample
+
+
 def test_seed_changes_order(demo, urls):
     a = _take(ShardLoader(_stream(urls, demo, shuffle_buffer=20, seed=1), num_workers=0), 3)
     b = _take(ShardLoader(_stream(urls, demo, shuffle_buffer=20, seed=2), num_workers=0), 3)
