@@ -173,9 +173,11 @@ def test_precision_fp16_needs_cuda():
 
 def test_deepspeed_extra_is_deep_merged():
     run = make_run(
-        "+deepspeed.extra={zero_optimization:{reduce_bucket_size:7},wall_clock_breakdown:true,bf16:{enabled:true}}"
+        "+deepspeed.extra={zero_optimization:{reduce_bucket_size:7},wall_clock_breakdown:true,bf16:{enabled:true},"
+        "comms_logger:{enabled:true}}"
     )
     config = deepspeed_config(run, 1)
+    assert config["comms_logger"] == {"enabled": True}  # a section vlforge does not write is added whole
     zero = config["zero_optimization"]
     assert zero["reduce_bucket_size"] == 7
     # Siblings of merged keys survive.
