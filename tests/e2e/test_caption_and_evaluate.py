@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tests.e2e.conftest import SMALL_DEMO, check, deepspeed_cmd, launch, python_cmd, read_metrics, series
+from vlforge import load_model, load_model_and_preprocess
 from vlforge.datasets.samples import decode_image, decode_meta
 from vlforge.datasets.shards import iter_shard
 from vlforge.hub.export import main as export_main
-from vlforge import load_model, load_model_and_preprocess
 
 CAPTION = ["recipe=blip_caption_demo", *SMALL_DEMO, "data.num_workers=1", "data.batch_size=32"]
 
@@ -57,8 +58,17 @@ def test_caption_demo_trains_scores_and_evaluates_on_any_rank_count(e2e_env: dic
     assert "exported step 60" in result.output
     assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.yaml", "tokenizer", "export.json"}
     model, vis, _ = load_model_and_preprocess("blip_caption", "demo", checkpoint=exported)
-    assert captions_of_split(model, vis["eval"], Path(e2e_env["VLFORGE_DATA_DIR"]) / "demo", "test") == {
-        r["image_id"]: r["caption"] for r in results}
+    captions = captions_of_split(model, vis["eval"], Path(e2e_env["VLFORGE_DATA_DIR"]) / "demo", "test")
+    assert captions == {r["image_id"]: r["caption"] for r in results}
+    # The text is the decoded ids: the exported tokenizer, read by transformers, decodes what the model generated.
+    raws = [raw for raw in iter_shard(str(sorted((Path(e2e_env["VLFORGE_DATA_DIR"]) / "demo").glob("test-*.tar"))[0]), [])][:8]
+    tokenizer = AutoTokenizer.from_pretrained(str(exported / "tokenizer"))
+    prompt = tokenizer([model.prompt] * len(raws), return_tensors="pt").input_ids[:, :-1]
+    prompt[:, 0] = model.bos_token_id
+    ids = model.generate_ids(torch.stack([vis["eval"](decode_image(raw)) for raw in raws]), prompt, num_beams=2,
+                             max_length=20, min_length=5)
+    decoded = tokenizer.batch_decode(ids[:, prompt.shape[1]:], skip_special_tokens=True)
+    assert [captions[decode_meta(raw)["image_id"]] for raw in raws] == [text.strip() for text in decoded]
     from_run = load_model("blip_caption", "demo", checkpoint=run_dir)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), from_run.state_dict().values()))
     with pytest.raises(ValueError, match="holds a BlipCaptioner"):
