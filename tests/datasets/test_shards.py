@@ -72,6 +72,7 @@ def test_iter_shard_groups_members_by_key(tmp_path):
         ("s2.JPG", b"img2"),
         ("s2.json", b'{"a": 2}'),
         ("sub/dir/s3.jpg", b"img3"),  # directory part belongs to the key
+        ("sub/v1.2 final/s4.jpg", b"img4"),  # a dot or a space in a directory name is not the extension
         ("noextension", b"ignored"),
     ]
     with tarfile.open(path, "w") as tar:
@@ -89,7 +90,17 @@ def test_iter_shard_groups_members_by_key(tmp_path):
         ("s1", str(path), {"jpg": b"img1", "json": b'{"a": 1}', "seg.png": b"mask1"}),
         ("s2", str(path), {"jpg": b"img2", "json": b'{"a": 2}'}),
         ("sub/dir/s3", str(path), {"jpg": b"img3"}),
+        ("sub/v1.2 final/s4", str(path), {"jpg": b"img4"}),
     ]
+
+
+def test_iter_shard_streams_from_a_pipe(tmp_path):
+    # A pipe cannot seek: the tar is read as a stream, as from cloud storage (pipe:aws s3 cp ... -).
+    (shard,) = _write_shard(str(tmp_path / "p-%03d.tar"), 3)
+    events = []
+    samples = list(iter_shard(f"pipe:cat {shard}", events))
+    assert events == [] and [s.key for s in samples] == ["k000", "k001", "k002"]
+    assert samples[2].files["jpg"] == _jpeg(2)
 
 
 def test_iter_shard_reads_writer_output_completely(tmp_path):
