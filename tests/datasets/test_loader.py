@@ -249,6 +249,11 @@ def test_continue_epoch_skips_this_rank_s_share_of_what_other_ranks_read(demo, u
     resumed.continue_epoch(1, samples_read=24, world_size=3)
     slots = max(1, num_workers)
     assert resumed.position == StreamPosition(1, {slot: 8 // slots for slot in range(slots)}, 0)
+    resumed.continue_epoch(1, samples_read=25, world_size=3)  # 8 each, the remainder is read again
+    assert resumed.position.cursors == {slot: 8 // slots for slot in range(slots)}
+    resumed.continue_epoch(1, samples_read=25, world_size=1)
+    assert resumed.position.cursors == {slot: 25 // slots for slot in range(slots)}
+    resumed.continue_epoch(1, samples_read=24, world_size=3)
     if num_workers == 0:  # one stream: epoch 1 from its 9th sample on
         fresh = ShardLoader(_resume_stream(urls, demo), num_workers=0)
         assert _all_keys(_take(resumed, 9)) == _all_keys(_take(fresh, 20)[10:20])[8:]
@@ -345,9 +350,10 @@ def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_w
     skipped = sorted((e.kind, e.shard, e.key) for e in report.skipped_samples)
     assert skipped == [("skipped_sample", good_shards[0], "s04"), ("skipped_sample", good_shards[1], "s09")]
     assert [(e.kind, e.shard) for e in report.unreadable_shards] == [("unreadable_shard", shard_list[1])]
-    summary = report.summary()
-    assert summary.startswith("2 skipped sample(s), 1 unreadable shard(s)")
-    assert "s04" in summary and "s09" in summary and shard_list[1] in summary
+    lines = report.summary().split("\n")
+    assert lines[0] == "2 skipped sample(s), 1 unreadable shard(s)" and len(lines) == 4
+    assert lines[1].startswith(f"  unreadable shard: shard {shard_list[1]}: ")
+    assert sorted(lines[2:])[0].startswith(f"  skipped sample: shard {good_shards[0]}, sample 's04': ")
 
 
 def _shard_with_broken(tmp_path, total: int, broken: set[int]) -> str:

@@ -197,6 +197,8 @@ def test_expand_an_empty_spec_or_part_names_no_shard(tmp_path):
 
 def test_expand_leaves_a_pipe_command_unglobbed():
     assert expand_shard_spec("pipe:cat /data/a-*.tar") == ["pipe:cat /data/a-*.tar"]
+    # Without a glob character a name stays as written, even one that does not exist (yet).
+    assert expand_shard_spec("/nowhere/XL-000.tar::https://host/XX.tar") == ["/nowhere/XL-000.tar", "https://host/XX.tar"]
 
 
 def test_data_events_read_as_sentences():

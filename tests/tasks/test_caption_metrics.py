@@ -59,8 +59,11 @@ def test_agrees_with_pycocoevalcap_used_directly(with_java: dict[str, float]) ->
 
 def test_without_java_meteor_is_skipped_and_the_rest_agree(with_java: dict[str, float], monkeypatch) -> None:
     monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
-    with pytest.warns(UserWarning, match="METEOR skipped"):
+    with pytest.warns(UserWarning) as record:
         out = caption_metrics(PREDS, REFS)
+    assert str(record[0].message) == ("caption metrics: java not found, METEOR skipped (BLEU, ROUGE-L and CIDEr use a "
+                                      "Python tokenizer in place of Stanford's PTBTokenizer)")
+    assert record[0].filename == __file__  # the warning names the caller's line
     assert "meteor" not in out
     assert out == pytest.approx({k: v for k, v in with_java.items() if k != "meteor"}, abs=1e-12)
 

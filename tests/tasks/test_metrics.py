@@ -141,9 +141,10 @@ def test_recall_at_k_captions_must_match_texts():
 
 def test_recall_at_k_image_without_caption_anywhere_in_the_matrix():
     # Image 0 has no caption; images 1 and 2 still rank their own.
-    sim = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.9, 0.2], [0.3, 0.2, 0.8]])
-    out = recall_at_k(sim, [1, 1, 2], ks=(1,))
-    assert out["txt_r1"] == pytest.approx(2 / 3)
+    # Image 1 ranks its own captions second and third, image 2 its own first.
+    sim = torch.tensor([[0.9, 0.8, 0.7], [0.5, 0.4, 0.9], [0.3, 0.2, 0.8]])
+    out = recall_at_k(sim, [1, 1, 2], ks=(1, 2))
+    assert (out["txt_r1"], out["txt_r2"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
 
 
 def test_recall_at_k_ranks_images_by_the_text_to_image_matrix_when_given():

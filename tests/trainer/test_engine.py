@@ -15,6 +15,7 @@ from vlforge.config.schema import RunConfig, validate_config
 from vlforge.core.errors import ConfigError
 from vlforge.trainer.engine import (
     FiniteStepAdamW,
+    adamw,
     batch_arithmetic,
     build_engine,
     build_model,
@@ -157,6 +158,8 @@ def test_precision_on_a_gpu(monkeypatch, bf16_supported):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
     assert resolve_precision("auto") == ("bf16" if bf16_supported else "fp32")
     assert [resolve_precision(p) for p in ("fp16", "bf16", "fp32")] == ["fp16", "bf16", "fp32"]
+    config = deepspeed_config(make_run("trainer.precision=fp16"), 1)
+    assert config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
 
 
 def test_precision_bf16_on_cpu():
@@ -300,6 +303,11 @@ def test_optimizer_is_fused_adamw_with_the_groups_and_the_updates_of_plain_adamw
     for got, want in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (model[0].weight - start).abs().max() > 1e-3  # the steps moved the weights
+
+
+def test_adamw_checks_gradients_only_when_asked():
+    assert type(adamw([nn.Parameter(torch.ones(2))], lr=0.1)) is torch.optim.AdamW
+    assert type(adamw([nn.Parameter(torch.ones(2))], finite_only=True, lr=0.1)) is FiniteStepAdamW
 
 
 @pytest.mark.parametrize("stage, precision, finite_only", [("zero0", "fp32", True), ("zero0", "bf16", False),

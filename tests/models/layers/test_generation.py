@@ -119,8 +119,12 @@ def test_min_length_holds_back_eos_and_max_length_cuts() -> None:
     # A model that always prefers eos.
     eager = lambda ids, cache: torch.nn.functional.one_hot(torch.full((ids.shape[0],), EOS), VOCAB).float() * 100 + step(ids, cache)
     ids = generate(eager, HistoryCache(), torch.tensor([[1], [2]]), GenerationConfig(max_length=9, min_length=5), EOS, PAD)
-    for row in ids:
+    for row, start in zip(ids, (1, 2)):
         assert _strip(row)[-1] == EOS and len(_strip(row)) == 6  # eos first allowed once 5 tokens exist
+        # Until then the model's best other token, as greedy decoding with eos banned picks it.
+        banned = lambda ids, cache: step(ids, cache).index_fill(1, torch.tensor([EOS]), float("-inf"))
+        expected = generate(banned, HistoryCache(), torch.tensor([[start]]), GenerationConfig(max_length=5), EOS, PAD)
+        assert row[:5].tolist() == expected[0].tolist()
     never = lambda ids, cache: step(ids, cache).index_fill(1, torch.tensor([EOS]), float("-inf"))
     ids = generate(never, HistoryCache(), torch.tensor([[1]]), GenerationConfig(max_length=6), EOS, PAD)
     assert ids.shape == (1, 6) and EOS not in ids.tolist()[0]
@@ -263,3 +267,17 @@ def test_sampling_draws_from_the_given_generator_only() -> None:
         draws.append(generate(step, HistoryCache(), torch.zeros(16, 1, dtype=torch.long), cfg, EOS, PAD,
                               generator=torch.Generator().manual_seed(5)).tolist())
     assert draws[0] == draws[1]
+
+
+def test_a_finished_row_stays_padded_and_decoding_stops_once_every_row_ended() -> None:
+    # Prompt 1 says eos at once; prompt 2 says 2, 3, then eos.
+    script = {1: [EOS], 2: [2, 3, EOS]}
+
+    def step(new_ids: torch.Tensor, cache: HistoryCache) -> torch.Tensor:
+        cache.history = new_ids if cache.history is None else torch.cat([cache.history, new_ids], dim=1)
+        length = cache.history.shape[1]
+        tokens = [script[int(h[0])][min(length - 1, len(script[int(h[0])]) - 1)] for h in cache.history]
+        return torch.nn.functional.one_hot(torch.tensor(tokens), VOCAB).float() * 10
+
+    ids = generate(step, HistoryCache(), torch.tensor([[1], [2]]), GenerationConfig(max_length=9), EOS, PAD)
+    assert ids.tolist() == [[1, EOS, PAD, PAD], [2, 2, 3, EOS]]
