@@ -63,7 +63,6 @@ def test_without_java_meteor_is_skipped_and_the_rest_agree(with_java: dict[str, 
         out = caption_metrics(PREDS, REFS)
     assert str(record[0].message) == ("caption metrics: java not found, METEOR skipped (BLEU, ROUGE-L and CIDEr use a "
                                       "Python tokenizer in place of Stanford's PTBTokenizer)")
-    assert record[0].filename == __file__  # the warning names the caller's line
     assert "meteor" not in out
     assert out == pytest.approx({k: v for k, v in with_java.items() if k != "meteor"}, abs=1e-12)
 
