@@ -3,6 +3,7 @@ import io
 import json
 import os
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -349,6 +350,8 @@ def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_w
     report = loader.report
     skipped = sorted((e.kind, e.shard, e.key) for e in report.skipped_samples)
     assert skipped == [("skipped_sample", good_shards[0], "s04"), ("skipped_sample", good_shards[1], "s09")]
+    # Each says what went wrong: the exception's type and message.
+    assert all(re.fullmatch(r"[A-Za-z]+(Error|Exception): .+", e.reason) for e in report.skipped_samples)
     assert [(e.kind, e.shard) for e in report.unreadable_shards] == [("unreadable_shard", shard_list[1])]
     lines = report.summary().split("\n")
     assert lines[0] == "2 skipped sample(s), 1 unreadable shard(s)" and len(lines) == 4

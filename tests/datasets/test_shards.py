@@ -230,6 +230,9 @@ def test_a_sample_s_randomness_follows_the_sample_not_its_directory_or_neighbour
     moved.mkdir()
     (moved / "train-000000.tar").write_bytes((tmp_path / "a" / "train-000000.tar").read_bytes())
     assert _draws([str(moved / "train-000000.tar")]) == here  # the shard's name counts, not its folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(moved)
+        assert _draws(["train-000000.tar"]) == here  # named relative to the working directory
     assert set(_draws([str(tmp_path / "b" / "deeper" / "other-000000.tar")]).values()).isdisjoint(here.values())
     assert set(_draws([str(tmp_path / "a" / "train-000000.tar")], seed=1).values()).isdisjoint(here.values())
 

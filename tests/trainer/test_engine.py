@@ -340,6 +340,11 @@ def test_a_step_with_a_non_finite_gradient_changes_nothing_and_says_overflow():
 # --- lr_lambda --------------------------------------------------------------------------------------
 
 
+def test_a_one_step_schedule_decays_in_that_step():
+    f = lr_lambda(make_run("trainer.max_steps=1", "optim.warmup_steps=0", "optim.schedule=linear", "optim.min_lr_ratio=0.1"))
+    assert (f(0), f(1)) == (pytest.approx(1.0), pytest.approx(0.1))
+
+
 def test_warmup_is_a_linear_ramp():
     f = lr_lambda(make_run("trainer.max_steps=100", "optim.warmup_steps=10", "optim.min_lr_ratio=0.0"))
     assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])

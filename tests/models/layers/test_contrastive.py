@@ -7,7 +7,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from vlforge.datasets.demo_tokenizer import save_wordpiece_tokenizer
-from vlforge.models.layers.contrastive import DualEncoderFeatures
+from vlforge.models.layers.contrastive import DualEncoderFeatures, contrastive_loss, image_text_similarity
 
 
 class _IdsAsEmbeddings(nn.Module, DualEncoderFeatures):
@@ -42,3 +42,25 @@ def test_text_strings_without_a_tokenizer_are_refused_by_name() -> None:
         _IdsAsEmbeddings(None).extract_features({"text_input": ["a square"]}, mode="text")
     assert str(info.value) == ("_IdsAsEmbeddings was built without a tokenizer: pass text_input_ids and "
                                "text_attention_mask, or build it with tokenizer=<directory or hub id>")
+
+
+def _unit(*shape: int, seed: int) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_an_image_with_several_query_embeddings_scores_its_best_query() -> None:
+    images, texts = _unit(3, 4, 8, seed=0), _unit(5, 8, seed=1)  # BLIP-2: 4 query outputs per image
+    expected = torch.tensor([[max(float(q @ t) for q in image) for t in texts] for image in images])
+    torch.testing.assert_close(image_text_similarity(images, texts), expected)
+    torch.testing.assert_close(image_text_similarity(images[:, 0], texts), images[:, 0] @ texts.t())
+
+
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_label_smoothing_spreads_its_share_over_every_column(with_groups: bool) -> None:
+    images, texts, scale, smoothing = _unit(4, 8, seed=2), _unit(4, 8, seed=3), torch.tensor(5.0), 0.1
+    groups = torch.arange(4) if with_groups else None  # distinct groups: the plain targets, the soft-target path
+    loss = contrastive_loss(images, texts, scale, groups=groups, label_smoothing=smoothing)
+    target = torch.full((4, 4), smoothing / 4) + torch.eye(4) * (1 - smoothing)
+    by_hand = 0.5 * sum(-(torch.log_softmax(logits, dim=1) * target).sum(dim=1).mean()
+                        for logits in (scale * images @ texts.t(), scale * texts @ images.t()))
+    torch.testing.assert_close(loss, by_hand)
