@@ -2,11 +2,13 @@
 DeepSpeed engine applies it (one engine, in a child process)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from tests.gloo import run_on_ranks
@@ -22,6 +24,7 @@ from vlforge.trainer.engine import (
     build_optimizer,
     deepspeed_config,
     lr_lambda,
+    model_init_context,
     param_groups,
     resolve_precision,
 )
@@ -190,6 +193,20 @@ def test_deepspeed_extra_is_deep_merged():
     assert config["train_batch_size"] == 64
 
 
+class KeepsSizes(nn.Module):
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+
+def test_build_model_hands_the_model_plain_lists_and_builds_it_whole_below_zero_3():
+    node = OmegaConf.create({"_target_": f"{__name__}.KeepsSizes", "sizes": [2, 3]})
+    model = build_model(node, {"zero_optimization": {"stage": 2}})
+    assert type(model.sizes) is list and model.sizes == [2, 3]  # not an OmegaConf ListConfig
+    assert all(isinstance(model_init_context({"zero_optimization": {"stage": s}}), contextlib.nullcontext)
+               for s in (0, 1, 2))
+
+
 def test_build_model_instantiates_the_recipe_node_outside_zero_3():
     model = build_model({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3, "bias": False},
                         {"zero_optimization": {"stage": 2}})
@@ -324,8 +341,9 @@ def test_a_step_with_a_non_finite_gradient_changes_nothing_and_says_overflow():
     run = make_run("deepspeed=zero0", "trainer.precision=fp32", "optim.lr=1e-2")
     optimizer = build_optimizer(param_groups(model, run), run)
     model(torch.randn(3, 4)).sum().backward()
+    start = model.weight.detach().clone()
     optimizer.step()
-    assert optimizer.overflow is False
+    assert optimizer.overflow is False and not torch.equal(model.weight, start)  # a finite step is taken
     before = {k: v.clone() for k, v in model.state_dict().items()}
     moments = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
     optimizer.zero_grad()
