@@ -275,10 +275,16 @@ def test_split_by_shard_partitions_one_epoch_across_ranks(demo, urls):
 
 
 def test_split_by_shard_needs_a_shard_per_rank(demo, urls):
-    with pytest.raises(DataError, match="split_by=sample"):
+    with pytest.raises(DataError) as info:
         _stream(urls[:1], demo, rank=0, world_size=2, split_by="shard")
-    with pytest.raises(DataError, match="0 shard"):
+    assert str(info.value) == ("1 shard(s) cannot be split across 2 ranks: write more shards or set split_by=sample "
+                               f"({urls[0]} ...)")
+    with pytest.raises(DataError) as info:
         _stream([], demo, rank=0, world_size=1, split_by="shard")
+    assert str(info.value).endswith("(no shard given)")
+    with pytest.raises(ValueError) as info:
+        _stream(urls, demo, split_by="row")
+    assert str(info.value) == "split_by must be 'shard' or 'sample', got 'row'"
     _stream(urls[:1], demo, rank=1, world_size=2, split_by="sample")  # splitting samples is fine
 
 

@@ -67,6 +67,7 @@ def test_iter_shard_groups_members_by_key(tmp_path):
     path = tmp_path / "grouped.tar"
     members = [
         ("s1.jpg", b"img1"),
+        ("README", b"ignored"),  # no extension: not part of any sample
         ("s1.json", b'{"a": 1}'),
         ("s1.seg.png", b"mask1"),  # key is up to the first dot; extension is the rest, lower-cased
         ("s2.JPG", b"img2"),
@@ -161,6 +162,10 @@ def test_truncated_shard_yields_complete_samples_and_reports_once(tmp_path, wher
     assert [(e.kind, e.shard, e.key) for e in events] == [
         ("unreadable_shard", str(truncated), ""), ("skipped_sample", str(truncated), f"k{torn:03d}")]
     assert str(truncated) in str(events[0])
+    # What ended the shard: a cut inside a member's data, or (at or in a header) no end-of-archive marker.
+    assert events[0].reason == ("ReadError: unexpected end of data" if where == "inside_jpg_data" else
+                                f"ReadError: truncated: {'truncated' if 'header' in where else 'empty'} header "
+                                "(no end-of-archive marker)")
     assert events[1].reason == "torn by the damage that ended the shard"
 
 
@@ -169,7 +174,7 @@ def test_non_tar_file_reports_unreadable_and_yields_nothing(tmp_path):
     bogus.write_bytes(b"this is not a tar archive, just some text\n" * 40)
     events = []
     assert list(iter_shard(str(bogus), events)) == []
-    assert [(e.kind, e.shard) for e in events] == [("unreadable_shard", str(bogus))]
+    assert [(e.kind, e.shard, e.reason) for e in events] == [("unreadable_shard", str(bogus), "ReadError: invalid header")]
 
 
 @pytest.mark.parametrize("content", [b"", b"short"])
@@ -240,3 +245,14 @@ def test_a_sample_s_randomness_follows_the_sample_not_its_directory_or_neighbour
 def test_per_sample_seeds_stay_what_they_were():
     # A resumed run after an upgrade augments each sample as before only if this number never changes.
     assert _stable_seed(0, 1, "train-000000.tar", "k") == 1475134985696179572
+
+
+def test_a_stream_drops_a_last_partial_batch_unless_told_not_to(tmp_path):
+    (shard,) = _write_shard(str(tmp_path / "d-%03d.tar"), 5)
+    build = lambda raw: {"key": raw.key}
+
+    def sizes(**kwargs):
+        stream = ShardStream([str(shard)], build, lambda rows: {"n": len(rows)}, 2, shuffle_shards=False, **kwargs)
+        return [batch["n"] for batch in stream]
+
+    assert sizes() == [2, 2] and sizes(drop_last=False) == [2, 2, 1]
