@@ -6,7 +6,6 @@ that ends the shard, is named as skipped."""
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from collections import Counter
 from pathlib import Path
