@@ -345,11 +345,15 @@ def bad_shards(tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_workers):
+def test_bad_samples_and_shards_are_skipped_and_reported(demo, bad_shards, num_workers, caplog):
     shard_list, good_shards = bad_shards
     stream = _stream(shard_list, demo, batch_size=4, drop_last=False, shuffle_buffer=3, split_by="sample")
     loader = ShardLoader(stream, num_workers=num_workers, epochs=1)
-    keys = _all_keys(_take(loader))
+    with caplog.at_level("WARNING", logger="vlforge"):
+        keys = _all_keys(_take(loader))
+    # Each event is logged once, as it is met.
+    assert sorted(m for m in caplog.messages if m.startswith("data: ")) == sorted(
+        f"data: {e}" for e in loader.report.skipped_samples + loader.report.unreadable_shards)
 
     expected = sorted(f"s{i:02d}" for i in range(12) if i not in (4, 9))
     assert sorted(keys) == expected
@@ -388,6 +392,13 @@ def test_too_many_bad_samples_stop_with_the_report(demo, tmp_path, total, broken
                               "than data.max_bad_fraction=0.2: stopping rather than training on what is left.")
     assert f"{bad} skipped sample(s)" in message and f"shard {shard}, sample 'm{min(broken):03d}'" in message
     assert batches == (2 if total == 12 else 18)  # the batch that crossed the line is not trained on
+
+
+def test_bad_samples_at_exactly_the_fraction_train_on(demo, tmp_path):
+    shard = _shard_with_broken(tmp_path, 12, {1, 5, 7})  # 3 of 12: exactly 0.25
+    loader = ShardLoader(_stream([shard], demo, batch_size=3, drop_last=False), num_workers=0, epochs=1,
+                         max_bad_fraction=0.25)
+    assert len(_all_keys(_take(loader))) == 9
 
 
 def test_bad_samples_below_the_fraction_train_on(demo, tmp_path):

@@ -200,8 +200,9 @@ def test_streamer_sees_the_prompt_then_every_token_as_returned() -> None:
                    sync_ranks=False, streamer=streamer)
     assert streamer.values[0] == [1, 2] and streamer.ended
     assert [v[0] for v in streamer.values[1:]] == ids[0, 2:].tolist()
-    with pytest.raises(ValueError, match="streamer needs num_beams=1"):
+    with pytest.raises(ValueError) as info:
         generate(step, HistoryCache(), torch.tensor([[1]]), GenerationConfig(num_beams=2), EOS, PAD, streamer=streamer)
+    assert str(info.value) == "generation: a streamer needs num_beams=1 (beam search settles its tokens at the end)"
 
 
 def test_num_return_sequences_samples_independent_rows_and_returns_the_best_beams() -> None:
