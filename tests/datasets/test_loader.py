@@ -186,6 +186,11 @@ def test_workers_live_from_epoch_to_epoch(demo, urls):
     assert loader.position.epoch == 2
     for epoch in range(3):  # and each epoch is every sample once
         assert sorted(_all_keys(batches[4 * epoch : 4 * epoch + 4])) == [f"train_{i:06d}" for i in range(32)]
+    # One worker (the small-model setting) lives on too.
+    single = _stream(urls[:1], demo, shuffle_buffer=4)
+    single.collate = _WorkerPid(single.collate)
+    pids = {batch["worker_pid"] for _, batch in _take(ShardLoader(single, num_workers=1), 6)}  # 3 epochs
+    assert len(pids) == 1 and os.getpid() not in pids
 
 
 # ---------------------------------------------------------------- exact resume
