@@ -39,6 +39,7 @@ setup(
         "safetensors>=0.4",
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); METEOR needs Java
         "pillow>=10.0",
+        "torchcodec>=0.16",  # JPEG straight to a tensor in the loader (PIL where its library does not load)
         "numpy>=1.24",
         "tqdm>=4.66",
         # `vlforge serve`: the HTTP server (light, pure Python); Ray Serve replicas are the `ray` extra

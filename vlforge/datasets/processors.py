@@ -14,26 +14,12 @@ from torchvision.transforms.v2 import functional as TF
 from vlforge.config.data import ImageTransformConfig, TextProcessorConfig
 
 
-class ConvertRGB:
-    """Convert any PIL mode (L, P, RGBA, CMYK...) to RGB; a class rather than a lambda so it pickles."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class PILToTensorHWC:
-    """PIL RGB image -> uint8 tensor [3, H, W] over the image's own H x W x 3 layout (channels last in
-    memory): torch's uint8 antialiased resize runs its vectorised kernel on that layout, several
-    times faster than PIL's resize."""
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+def rgb_pixels(image: Image.Image) -> torch.Tensor:
+    """PIL image of any mode (L, P, RGBA, CMYK...) -> RGB uint8 tensor [3, H, W] over the image's own
+    H x W x 3 layout (channels last in memory): torch's uint8 antialiased resize runs its vectorised
+    kernel on that layout, several times faster than PIL's resize."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class PadToSquare:
@@ -99,15 +85,16 @@ class HorizontalFlipTensor:
 
 
 class ImageTransform:
-    """PIL image -> uint8 tensor [3, size, size], the steps applied in order. `draft_size`: the smallest
-    (width, height) a JPEG may be decoded at for this transform (None: decode whole); `load_image`
-    applies it."""
+    """An image -> uint8 tensor [3, size, size], the steps applied in order to its pixels. The image is a
+    PIL image of any mode or the RGB uint8 tensor [3, H, W] a decoder gave (fastest channels last in
+    memory, as `rgb_pixels` and torchcodec's decoder lay it out). `draft_size`: the smallest (width,
+    height) a JPEG may be decoded at for this transform (None: decode whole); `load_image` applies it."""
 
     def __init__(self, steps: list[Callable], draft_size: tuple[int, int] | None) -> None:
         self.steps, self.draft_size = steps, draft_size
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        out: Any = image
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        out: Any = image if isinstance(image, torch.Tensor) else rgb_pixels(image)
         for step in self.steps:
             out = step(out)
         return out
@@ -125,8 +112,8 @@ def build_image_transform(cfg: ImageTransformConfig) -> ImageTransform:
         if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
             raise ValueError(f"{name} must be a (low, high) pair with 0 < low <= high, got {low_high}")
     bicubic = InterpolationMode.BICUBIC
-    # Decoded image -> uint8 tensor first: the crops, resizes and flips below run on the tensor.
-    steps: list[Callable] = [ConvertRGB(), PILToTensorHWC()]
+    # The crops, resizes and flips below run on the uint8 pixels (ImageTransform makes a PIL image those).
+    steps: list[Callable] = []
     if cfg.pad_to_square is not None:
         steps.append(PadToSquare(cfg.pad_to_square))
     if cfg.train:

@@ -4,37 +4,106 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from typing import Any, Callable
 
+import torch
 from PIL import Image
 
+from vlforge.datasets.processors import ImageTransform
 from vlforge.datasets.shards import RawSample
 
+try:  # torchcodec's libjpeg-turbo decoder, straight to a tensor; its library is built for recent torch releases
+    from torchcodec.decoders import decode_jpeg as _decode_jpeg
+except (ImportError, OSError, RuntimeError):  # elsewhere every image goes through PIL
+    _decode_jpeg = None
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+_CXX_LOCATION = re.compile(r"\w+, \S+:\d+, (.+)", re.DOTALL)
+
+# Start-of-frame markers (which carry the image's size): 0xC0-0xCF but DHT, JPG and DAC.
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RST0-7: no length follows
 
 
 class SampleError(ValueError):
     """A sample that cannot be used; the message names what is wrong with it."""
 
 
+def image_file(raw: RawSample) -> bytes:
+    """The encoded bytes of the sample's image: its first file of IMAGE_EXTENSIONS."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in raw.files:
+            return raw.files[ext]
+    raise SampleError(f"no image file (one of {', '.join(IMAGE_EXTENSIONS)}) among {sorted(raw.files)}")
+
+
 def decode_image(raw: RawSample, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """The sample's image, RGB. A JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8) when that still
     gives at least `draft_size` (width, height): libjpeg's DCT scaling, most of the decoding saved."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in raw.files:
-            # No `with`: closing would free the decoded pixels too (an RGB image is returned as decoded).
-            image = Image.open(io.BytesIO(raw.files[ext]))
-            if draft_size is not None and image.format == "JPEG":
-                image.draft("RGB", draft_size)
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
-    raise SampleError(f"no image file (one of {', '.join(IMAGE_EXTENSIONS)}) among {sorted(raw.files)}")
+    # No `with`: closing would free the decoded pixels too (an RGB image is returned as decoded).
+    image = Image.open(io.BytesIO(image_file(raw)))
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("RGB", draft_size)
+    image.load()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header; None for bytes that are not a JPEG or end before it."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker in _JPEG_STANDALONE_MARKERS:
+            pos += 2
+        elif marker in _JPEG_FRAME_MARKERS:
+            if pos + 9 > len(data):
+                return None
+            height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            return width, height
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def decode_whole_jpeg(raw: RawSample, draft_size: tuple[int, int] | None) -> torch.Tensor | None:
+    """The sample's image as an RGB uint8 tensor [3, H, W] (channels last in memory) where it is a JPEG
+    that `decode_image` would decode whole anyway (no DCT scaling reaches `draft_size`; within PIL's
+    MAX_IMAGE_PIXELS), decoded by torchcodec: the same pixels as PIL's, without PIL's per-image
+    overhead, which dominates small images. None for every other image, and without torchcodec."""
+    if _decode_jpeg is None:
+        return None
+    data = image_file(raw)
+    size = jpeg_size(data)
+    if size is None or (Image.MAX_IMAGE_PIXELS is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS):
+        return None
+    if draft_size is not None and min(size[0] // draft_size[0], size[1] // draft_size[1]) >= 2:
+        return None
+    try:
+        return _decode_jpeg(data, mode="RGB")
+    except RuntimeError as err:  # its text starts with the C++ function and source line that raised
+        located = _CXX_LOCATION.match(str(err))
+        raise SampleError(f"JPEG cannot be decoded: {located.group(1) if located else err}") from None
 
 
 def load_image(raw: RawSample, image_transform: Callable[[Image.Image], Any]) -> Any:
     """`image_transform` of the sample's image, decoded no larger than the transform needs (its
-    `draft_size`, see processors.ImageTransform)."""
-    return image_transform(decode_image(raw, getattr(image_transform, "draft_size", None)))
+    `draft_size`, see processors.ImageTransform); a whole JPEG straight to pixels for an ImageTransform."""
+    draft_size = getattr(image_transform, "draft_size", None)
+    if isinstance(image_transform, ImageTransform):
+        pixels = decode_whole_jpeg(raw, draft_size)
+        if pixels is not None:
+            return image_transform(pixels)
+    return image_transform(decode_image(raw, draft_size))
 
 
 def decode_meta(raw: RawSample) -> dict[str, Any]:
