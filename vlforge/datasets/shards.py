@@ -22,6 +22,8 @@ import torch
 import webdataset
 from torch.utils.data import IterableDataset, get_worker_info
 
+from vlforge.datasets.tar_files import iter_tar_files
+
 META_KEYS = ("__slot__", "__cursor__", "__events__", "__keys__")
 
 
@@ -94,24 +96,19 @@ def iter_shard(url: str, events: list[DataEvent]) -> Iterator[RawSample]:
     """Samples of one tar shard, grouped by key (the member name up to the first dot of its basename)."""
     current: RawSample | None = None
     try:
-        with webdataset.gopen(url, "rb") as stream, tarfile.open(
-            fileobj=stream, mode="r|*", tarinfo=_ShardTarInfo
-        ) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
+        with webdataset.gopen(url, "rb") as stream:
+            for name, read in iter_tar_files(stream, _ShardTarInfo):
+                base = name.rsplit("/", 1)[-1]
                 stem, dot, ext = base.partition(".")
                 if not dot:
                     continue
-                key = member.name[: len(member.name) - len(base)] + stem
+                key = name[: len(name) - len(base)] + stem
                 if current is not None and current.key != key:
                     yield current
                     current = None
                 if current is None:
                     current = RawSample(key=key, shard=url, files={})
-                data = tar.extractfile(member)
-                current.files[ext.lower()] = data.read() if data is not None else b""
+                current.files[ext.lower()] = read()
     except (tarfile.TarError, OSError, EOFError) as err:
         # A damaged shard yields the samples before the damage and is reported; the sample being read
         # when it was met may be torn, so it is skipped and named.
