@@ -1,14 +1,25 @@
 """A model built with its parameters on the meta device and given a checkpoint's tensors: the values
 are the checkpoint's, shared weights stay shared, computed buffers stay real, and anything left without
-a value is named."""
+a value is named. Weights read in a lower precision are cast as they are read."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
+import safetensors
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from vlforge.core.errors import CheckpointError
-from vlforge.core.state_dict import check_materialised, load_into_model, parameters_on_meta, retie, tied_parameters
+from vlforge.core.state_dict import (
+    check_materialised,
+    load_into_model,
+    parameters_on_meta,
+    read_weights,
+    retie,
+    tied_parameters,
+)
 
 
 class TiedLM(nn.Module):
@@ -64,3 +75,53 @@ def test_outside_the_context_parameters_are_real_again() -> None:
     assert nn.Linear(2, 2).weight.device.type == "cpu"
     with parameters_on_meta(enabled=False):
         assert nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+class CountingSafeOpen:
+    """safetensors' safe_open, counting the float32 tensors it handed out that are still alive whenever
+    it reads the next one."""
+
+    def __init__(self, real) -> None:
+        self.real, self.alive_at_read, self.handed = real, [], []
+
+    def __call__(self, *args, **kwargs):
+        opened, counter = self.real(*args, **kwargs), self
+
+        class Reader:
+            def __enter__(self):
+                self.inner = opened.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return opened.__exit__(*exc)
+
+            def keys(self):
+                return self.inner.keys()
+
+            def get_tensor(self, key):
+                counter.alive_at_read.append(sum(ref() is not None for ref in counter.handed))
+                tensor = self.inner.get_tensor(key)
+                if tensor.dtype == torch.float32:
+                    counter.handed.append(weakref.ref(tensor))
+                return tensor
+
+        return Reader()
+
+
+def test_weights_read_in_a_dtype_are_cast_one_tensor_at_a_time(tmp_path, monkeypatch) -> None:
+    state = {"a.weight": torch.randn(3, 4), "b.weight": torch.randn(5) * 1e-3, "b.ids": torch.arange(7),
+             "c.mask": torch.tensor([True, False])}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    counting = CountingSafeOpen(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pth"):
+        read = read_weights(path, torch.bfloat16)
+        assert read.keys() == state.keys()
+        assert {k: v.dtype for k, v in read.items()} == {"a.weight": torch.bfloat16, "b.weight": torch.bfloat16,
+                                                          "b.ids": torch.int64, "c.mask": torch.bool}
+        for key, value in state.items():  # the stored values, rounded
+            assert torch.equal(read[key], value.to(read[key].dtype)), (path, key)
+    # No float32 tensor read earlier was still held when the next one was read.
+    assert len(counting.alive_at_read) == 4 and max(counting.alive_at_read) == 0
+    assert read_weights(tmp_path / "w.safetensors")["a.weight"].dtype == torch.float32

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import BlipForConditionalGeneration
 
+from tests.core.test_state_dict import CountingSafeOpen
 from tests.hub.test_load import _offline_cache, save_hf_model  # noqa: F401 (the fixture)
 from tests.models.tiny_blip import BOS, PAD, SEP, images
 from vlforge import load_model
@@ -48,6 +50,19 @@ def test_bf16_holds_every_weight_in_bfloat16_and_keeps_the_logits(caption_dir: P
         assert torch.equal(p, dict(full.named_parameters())[name].to(torch.bfloat16)), name
     expected, got = _logits(full), _logits(half)
     assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_low_precision_reads_the_checkpoint_in_bfloat16_a_tensor_at_a_time(caption_dir: Path, monkeypatch, quant) -> None:
+    # The whole float32 file is never held: each tensor is cast as it is read (peak memory near the
+    # bfloat16 weights' bytes, docs/benchmarks.md).
+    counting = CountingSafeOpen(safetensors.safe_open)
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant=quant)
+    assert len(counting.alive_at_read) > 50 and max(counting.alive_at_read) == 0
+    counting.alive_at_read.clear()
+    load_model("blip_caption", "base_coco", checkpoint=caption_dir)  # float32: every tensor kept as read
+    assert counting.alive_at_read[-1] > 50
 
 
 def test_int8_quantizes_every_text_linear_per_output_channel_and_keeps_the_tower(caption_dir: Path) -> None:

@@ -20,27 +20,30 @@ from vlforge.core.checkpoints import (
 from vlforge.core.errors import CheckpointError
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a vlforge run/checkpoint directory, an HF-style model directory, or a file
-    (.safetensors, or a torch pickle whose weights may sit under "model", "state_dict" or "module")."""
+    (.safetensors, or a torch pickle whose weights may sit under "model", "state_dict" or "module").
+    `dtype`: floating-point tensors cast to it; a safetensors file's one at a time as read, so that a
+    low-precision load never holds the whole file in full precision."""
     path = Path(path)
     if path.is_dir():
         if (path / COMPLETE).is_file() or (path / "checkpoints").is_dir() or any(path.glob("step_*")):
-            return consolidated_state_dict(resolve_checkpoint(path))
+            return cast_floating(consolidated_state_dict(resolve_checkpoint(path)), dtype)
         for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json"):
             if (path / name).is_file():
-                return read_weights(path / name)
+                return read_weights(path / name, dtype)
         raise CheckpointError(f"{path}: neither a vlforge run/checkpoint nor a model directory "
                               "(model.safetensors or pytorch_model.bin, whole or sharded with an .index.json)")
     if not path.is_file():
         raise CheckpointError(f"no weights at {path}")
     if path.name.endswith(".index.json"):
-        return _read_shards(path)
+        return _read_shards(path, dtype)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as weights:
+            return {key: _cast(weights.get_tensor(key), dtype) for key in weights.keys()}
     # Only load checkpoints you trust: LAVIS and DeepSpeed files hold pickled objects besides tensors.
     state = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("model", "state_dict", "module"):
@@ -48,10 +51,23 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors")
+    return cast_floating(state, dtype)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`state` with its floating-point tensors cast to `dtype` (None: as it is), in place: each
+    full-precision tensor is let go as its cast is made."""
+    if dtype is not None:
+        for key in state:
+            state[key] = _cast(state[key], dtype)
     return state
 
 
-def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+def _read_shards(index: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a sharded HF checkpoint: every shard its `.index.json` names, each checked to
     hold the keys the index places in it."""
     weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -59,7 +75,7 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(weight_map.values())):
         if not (index.parent / shard).is_file():
             raise CheckpointError(f"{index} names the shard {index.parent / shard}, which is missing")
-        part = read_weights(index.parent / shard)
+        part = read_weights(index.parent / shard, dtype)
         absent = [k for k, s in weight_map.items() if s == shard and k not in part]
         if absent:
             raise CheckpointError(f"shard {index.parent / shard} lacks {absent[:5]} ({len(absent)}), which {index.name} places there")

@@ -129,7 +129,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: DictConfig, out_dir: Path,
         if tokenizer:
             load_tokenizer(str(tokenizer)).save_pretrained(str(tmp / TOKENIZER))
             tokenizer_keys = _tokenizer_keys(container, tokenizer)
-            for key in tokenizer_keys:  # relative to the export directory; read_export makes them absolute
+            for key in tokenizer_keys:  # relative to the export directory; read_export_config makes them absolute
                 OmegaConf.update(cfg, key, TOKENIZER, merge=False)
         lm_source = _self_contained_language_model(cfg)
         OmegaConf.save(cfg, tmp / CONFIG, resolve=True)
@@ -158,12 +158,9 @@ def is_export(path: Path) -> bool:
     return (path / EXPORT_INFO).is_file()
 
 
-def read_export(path: str | Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
-    """(composed recipe with its tokenizer keys pointing into the export, weights) of an export."""
-    from safetensors.torch import load_file
-
-    path = Path(path).resolve()
-    return read_export_config(path), load_file(str(path / WEIGHTS))
+def export_weights(path: str | Path) -> Path:
+    """The weights file of an export (safetensors)."""
+    return Path(path).resolve() / WEIGHTS
 
 
 def read_export_config(path: str | Path) -> DictConfig:

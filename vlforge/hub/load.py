@@ -28,6 +28,7 @@ from vlforge.core.checkpoints import (
 )
 from vlforge.core.errors import CheckpointError
 from vlforge.core.state_dict import (
+    cast_floating,
     check_materialised,
     load_into_model,
     parameters_on_meta,
@@ -38,7 +39,7 @@ from vlforge.core.state_dict import (
 )
 from vlforge.datasets.processors import TextProcessor, build_image_transform
 from vlforge.hub.dimensions import apply_dimensions
-from vlforge.hub.export import is_export, read_export, read_export_config, run_config
+from vlforge.hub.export import export_weights, is_export, read_export_config, run_config
 from vlforge.hub.placement import (
     LanguageModelPlacement,
     apply_quant,
@@ -88,16 +89,25 @@ def _existing(checkpoint: str | Path) -> Path:
     return path
 
 
-def _vlforge_source(path: Path) -> tuple[DictConfig, dict[str, torch.Tensor]]:
-    """(the composed recipe it was made with, its weights) of an export, a run or a checkpoints/step_N."""
+def _read_dtype(quant: str | None, cfg: DictConfig) -> torch.dtype | None:
+    """The dtype the weights may be read in: the one the whole model is held in ("bf16", and "int8",
+    which quantizes bfloat16 weights), but where LoRA adapters are merged into the weights first."""
+    return torch.bfloat16 if quant in ("bf16", "int8") and not cfg.model.get("lora") else None
+
+
+def _vlforge_source(path: Path, quant: str | None = None) -> tuple[DictConfig, dict[str, torch.Tensor]]:
+    """(the composed recipe it was made with, its weights) of an export, a run or a checkpoints/step_N;
+    read in the dtype `quant` holds the model in."""
     if is_export(path):
-        return read_export(path)
+        cfg = read_export_config(path)
+        return cfg, read_weights(export_weights(path), _read_dtype(quant, cfg))
     step_dir = resolve_checkpoint(path)
-    return run_config(step_dir), consolidated_state_dict(step_dir)
+    cfg = run_config(step_dir)
+    return cfg, cast_floating(consolidated_state_dict(step_dir), _read_dtype(quant, cfg))
 
 
-def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
-    cfg, state = _vlforge_source(path)
+def _from_vlforge(entry: ZooEntry, path: Path, quant: str | None) -> _Resolved:
+    cfg, state = _vlforge_source(path, quant)
     expected, found = _recipe_target(entry), str(cfg.model.get("_target_"))
     if found != expected:
         raise ValueError(f"{path} holds a {found.rpartition('.')[2]} (recipe {cfg.get('name')}); "
@@ -106,9 +116,9 @@ def _from_vlforge(entry: ZooEntry, path: Path) -> _Resolved:
 
 
 def _from_hf(entry: ZooEntry, directory: Path, overrides: Sequence[str] = (),
-             weights: Path | None = None) -> _Resolved:
+             weights: Path | None = None, quant: str | None = None) -> _Resolved:
     """An "hf:" / "url:" source: `directory` holds the entry's files (config, tokenizer) and, unless
-    `weights` names a file elsewhere, its weights."""
+    `weights` names a file elsewhere, its weights, read in the dtype `quant` holds the model in."""
     directory = directory.resolve()
     missing = ([name for name in entry.files if not (directory / name).is_file()] if weights is not None
                else missing_files(directory, entry))
@@ -120,12 +130,14 @@ def _from_hf(entry: ZooEntry, directory: Path, overrides: Sequence[str] = (),
     if entry.dimensions is not None:
         apply_dimensions(cfg, entry.dimensions, directory)
     weights = weights or weights_file(directory, entry)
-    state = _with_tower(entry, cfg, read_weights(weights), weights.parent)
+    dtype = _read_dtype(quant, cfg)
+    state = _with_tower(entry, cfg, read_weights(weights, dtype), weights.parent, dtype)
     state = resolve_converter(entry.converter)(state)
     return _Resolved(cfg, state, str(weights if entry.kind == "url" else directory), entry.ignore)
 
 
-def _with_tower(entry: ZooEntry, cfg: DictConfig, state: dict[str, torch.Tensor], beside: Path) -> dict[str, torch.Tensor]:
+def _with_tower(entry: ZooEntry, cfg: DictConfig, state: dict[str, torch.Tensor], beside: Path,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """`state` with the entry's separate image-tower file merged in (under the weights' own key names)
     when it has no tower of its own; the file is looked for beside the weights, then in the entry's
     cache (fetched when online)."""
@@ -133,11 +145,11 @@ def _with_tower(entry: ZooEntry, cfg: DictConfig, state: dict[str, torch.Tensor]
         return state
     name = entry.tower_source.rpartition("/")[2]
     path = beside / name if (beside / name).is_file() else tower_file(entry)
-    tower = resolve_converter(entry.tower_converter)(read_weights(path), OmegaConf.to_container(cfg.model))
+    tower = resolve_converter(entry.tower_converter)(read_weights(path, dtype), OmegaConf.to_container(cfg.model))
     return {**tower, **state}
 
 
-def _from_weights_file(entry: ZooEntry, path: Path, overrides: Sequence[str]) -> _Resolved:
+def _from_weights_file(entry: ZooEntry, path: Path, overrides: Sequence[str], quant: str | None) -> _Resolved:
     """A single weights file (a LAVIS .pth) for a "url:" entry, its tokenizer files beside it or in
     the entry's cache."""
     if entry.kind != "url":
@@ -145,30 +157,33 @@ def _from_weights_file(entry: ZooEntry, path: Path, overrides: Sequence[str]) ->
                               "directory; a single weights file loads for the LAVIS rows (source='lavis')")
     beside = path.parent
     directory = beside if all((beside / name).is_file() for name in entry.files) else entry_files_dir(entry)
-    return _from_hf(entry, directory, overrides, weights=path.resolve())
+    return _from_hf(entry, directory, overrides, weights=path.resolve(), quant=quant)
 
 
-def _resolve(entry: ZooEntry, checkpoint: str | Path | None, overrides: Sequence[str] = ()) -> _Resolved:
+def _resolve(entry: ZooEntry, checkpoint: str | Path | None, overrides: Sequence[str] = (),
+             quant: str | None = None) -> _Resolved:
+    """The recipe and weights to build from; the weights read in the dtype `quant` holds the model in."""
     if checkpoint is not None:
         path = _existing(checkpoint)
         if path.is_file():
-            return _from_weights_file(entry, path, overrides)
+            return _from_weights_file(entry, path, overrides, quant)
         if _is_vlforge(path):
             _no_overrides(overrides, path)
-            return _from_vlforge(entry, path)
+            return _from_vlforge(entry, path, quant)
         if entry.kind not in ("hf", "url"):
             raise CheckpointError(f"checkpoint={path}: {entry.name}/{entry.model_type} loads a vlforge run, "
                                   f"checkpoint or export directory (config.yaml, complete.json or export.json)")
-        return _from_hf(entry, path, overrides)
+        return _from_hf(entry, path, overrides, quant=quant)
     if entry.kind == "run":
         path = Path(entry.location)
         if not path.exists():
             raise WeightsNotFoundError(f"{entry.name}/{entry.model_type}: no run at {path.resolve()}; train it first "
                                        f"(vlforge train recipe={entry.recipe}) or pass checkpoint=")
         _no_overrides(overrides, path)
-        return _from_vlforge(entry, path)
+        return _from_vlforge(entry, path, quant)
     # A "url:" entry loads as an "hf:" one, its dimensions from the recipe (ZooEntry.dimensions None).
-    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry), overrides)
+    return _from_hf(entry, url_model_dir(entry) if entry.kind == "url" else hf_model_dir(entry), overrides,
+                    quant=quant)
 
 
 def _no_overrides(overrides: Sequence[str], path: Path) -> None:
@@ -262,7 +277,7 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
     through a static-shape step compiled by torch.compile (BLIP's captioner and VQA model): faster per
     token, after a compilation of some seconds for each batch size and length first seen."""
     entry = _find(name, model_type, source, checkpoint)
-    return _build(_resolve(entry, checkpoint, overrides), is_eval, device,
+    return _build(_resolve(entry, checkpoint, overrides, quant), is_eval, device,
                   placement_of(load_4bit, load_8bit, compute_dtype, device_map, quant), quant, compile)
 
 
@@ -295,7 +310,7 @@ def load_model_and_recipe(name: str, model_type: str, is_eval: bool = True, devi
     """(model, the composed recipe it was built from) of `load_model`: the recipe's data node names its
     tokenizer, text length and image transforms."""
     entry = _find(name, model_type, source, checkpoint)
-    resolved = _resolve(entry, checkpoint, overrides)
+    resolved = _resolve(entry, checkpoint, overrides, quant)
     placement = placement_of(load_4bit, load_8bit, compute_dtype, device_map, quant)
     return _build(resolved, is_eval, device, placement, quant), resolved.cfg
 
@@ -311,7 +326,7 @@ def load_recipe_model(cfg: DictConfig, checkpoint: str | Path | None = None, dev
     placement = placement_of(False, False, None, device_map, quant)
     if checkpoint is not None:  # the recipe builds the model; the checkpoint's own recipe is not read
         path = _existing(checkpoint)
-        return _build(_Resolved(cfg, _vlforge_source(path)[1], f"checkpoint={path}"), is_eval, device, placement,
+        return _build(_Resolved(cfg, _vlforge_source(path, quant)[1], f"checkpoint={path}"), is_eval, device, placement,
                       quant)
     cfg, _ = placement_config(cfg, placement, torch.device(device))
     model = instantiate(cfg.model, _convert_="all")
