@@ -18,6 +18,7 @@ from vlforge.core.checkpoints import (
     resolve_checkpoint,
 )
 from vlforge.core.errors import CheckpointError
+from vlforge.core.safetensors_read import read_safetensors_as
 
 
 def read_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -40,10 +41,11 @@ def read_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str
     if path.name.endswith(".index.json"):
         return _read_shards(path, dtype)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        if dtype is not None:
+            return read_safetensors_as(path, dtype)
+        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as weights:
-            return {key: _cast(weights.get_tensor(key), dtype) for key in weights.keys()}
+        return load_file(str(path))
     # Only load checkpoints you trust: LAVIS and DeepSpeed files hold pickled objects besides tensors.
     state = torch.load(path, map_location="cpu", weights_only=False)
     for key in ("model", "state_dict", "module"):
