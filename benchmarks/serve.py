@@ -16,7 +16,7 @@ With `--replicas 1 2`, replicas instead, each setting a `vlforge serve` process 
 model's export: one uvicorn process (the default), then Ray Serve with each count of replicas behind
 Ray's proxy, the machine's CPUs (or GPUs, with `--device cuda`) split evenly among them.
 
-    python benchmarks/serve.py [--models blip llava] [--concurrency 1 8 32] [--max-tokens N]
+    python benchmarks/serve.py [--models blip llava] [--concurrency 1 8 32] [--max-tokens N] [--quant int8]
     python benchmarks/serve.py --models llava --concurrency 32 --replicas 1 2 [--device cuda]
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ from tests.serve.conftest import LiveServer  # noqa: E402
 from tests.tiny_recipes import build_tiny, save_tokenizer  # noqa: E402
 from vlforge.config.serve import serve_config  # noqa: E402
 from vlforge.hub.export import export_model  # noqa: E402
+from vlforge.hub.placement import apply_quant  # noqa: E402
 from vlforge.serve.server import app_for_model  # noqa: E402
 
 MODES = {
@@ -144,14 +145,17 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) > 1 else values[0]
 
 
-def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, tokenizer_dir: Path) -> list[str]:
+def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, tokenizer_dir: Path,
+                quant: str = "none") -> list[str]:
     recipe, overrides, size, vocab, text, default_tokens = MODELS[key]
     max_tokens = max_tokens or default_tokens
     save_tokenizer(tokenizer_dir, size=vocab)
     model, cfg = build_tiny(recipe, tokenizer_dir, overrides=overrides)
     params = sum(p.numel() for p in model.parameters()) / 1e6
+    if quant != "none":  # as `load_model(quant=...)` / `serve.quantize` hold it
+        apply_quant(model, quant)
     rows = [f"\n### {key}: {recipe} with {' '.join(overrides)} ({params:.0f}M parameters, {size} px, "
-            f"{max_tokens} tokens per request)\n",
+            f"{max_tokens} tokens per request, quant {quant})\n",
             "| scheduler | concurrency | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |",
             "|---|---|---|---|---|---|---|"]
     rows.append(profile(model, size, text))
@@ -277,6 +281,8 @@ def main() -> None:
     parser.add_argument("--replicas", nargs="+", type=int, default=None,
                         help="compare one process with Ray Serve at these replica counts (at the top concurrency)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="with --replicas: where replicas run")
+    parser.add_argument("--quant", default="none", choices=["none", "int8", "bf16"],
+                        help="hold the served model as load_model(quant=...) does (not with --replicas)")
     args = parser.parse_args()
     setup_cpu()
     print(environment())
@@ -286,7 +292,7 @@ def main() -> None:
             if args.replicas:
                 out += bench_replicas(key, args.replicas, max(args.concurrency), args.max_tokens, Path(tmp), args.device)
             else:
-                out += bench_model(key, args.concurrency, args.max_tokens, Path(tmp) / f"tok_{key}")
+                out += bench_model(key, args.concurrency, args.max_tokens, Path(tmp) / f"tok_{key}", args.quant)
     print("\n".join(out))
 
 
