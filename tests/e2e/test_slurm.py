@@ -87,7 +87,7 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(slurm: LocalS
     assert "2 rank(s) via slurm" in log_a and "ZeRO-3" in log_a and "vlforge: done at step 16" in log_a
     stops = [int(part.split()[0]) for part in log_b.split("stopped by SIGUSR1 at step ")[1:]]
     assert len(stops) == 2 and 4 <= stops[0] < stops[1] < 16, log_b[-4000:]
-    assert log_b.count(f"requeued SLURM job {preempted}") == 2, log_b[-4000:]
+    assert log_b.count(f"requeueing SLURM job {preempted}") == 2, log_b[-4000:]
     assert "(restart 2)" in log_b and f"at step {stops[1]}" in log_b and "vlforge: done at step 16" in log_b
     final = json.loads((tmp_path / "preempted" / "checkpoints" / "step_00000016" / "complete.json").read_text())
     assert final["world_size"] == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,13 +90,13 @@ class Session:
 def _stopped(trainer: Trainer, tracker: Tracker, run: RunConfig, dist_env: DistEnv, report: Any) -> dict[str, float]:
     """After a stop signal: the checkpoint is saved; requeue the SLURM job on SIGUSR1/SIGUSR2 (rank 0)."""
     tracker.finish()
-    requeued = None
-    if trainer.stopped_by in REQUEUE_SIGNALS and dist_env.is_main:
-        requeued = requeue_slurm_job()
+    job = os.environ.get("SLURM_JOB_ID") if trainer.stopped_by in REQUEUE_SIGNALS and dist_env.is_main else None
+    # Said before the requeue: SLURM ends the job's processes as it requeues it, maybe before a later print.
     _say(dist_env, f"vlforge: stopped by {trainer.stopped_by.name} at step {trainer.stopped_at} "
-         f"(checkpoint saved; resume=auto continues from it)"
-         + (f" | requeued SLURM job {requeued}" if requeued else ""))
+         f"(checkpoint saved; resume=auto continues from it)" + (f" | requeueing SLURM job {job}" if job else ""))
     print(f"vlforge: rank {dist_env.rank} data: {report.summary()}", flush=True)
+    if job:
+        requeue_slurm_job()  # raises, naming the job and scontrol's message, when SLURM refuses
     return {}
 
 
