@@ -65,7 +65,32 @@ ARCHIVES = {
     "non-ascii name (pax)": _archive([("café.jpg", b"c"), *SHARD]),
     "directories and links": _archive([("a", None), ("a/k0.jpg", b"1"), ("a/ln.jpg", "->k0.jpg"), *SHARD]),
     "gzip": _archive(SHARD, mode="w:gz"),
+    "a name of exactly 100 bytes": _archive([("e" * 96 + ".jpg", b"full"), *SHARD], tarfile.USTAR_FORMAT),
 }
+
+
+def _old_style(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar whose entries have type NUL (pre-POSIX regular files; a name ending in "/" is a directory)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = tarfile.AREGTYPE, len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return out.getvalue()
+
+
+def _not_utf8_name() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("caf\xe9.jpg")  # written as the byte 0xE9, which is not UTF-8
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    return out.getvalue()
+
+
+ARCHIVES["old-style types"] = _old_style([("olddir/", b""), ("olddir/k0.jpg", b"old"), *SHARD[:2]])
+ARCHIVES["a name that is not UTF-8"] = _not_utf8_name()
 
 
 @pytest.mark.parametrize("kind", ARCHIVES)
@@ -73,7 +98,7 @@ ARCHIVES = {
 def test_the_files_are_tarfiles(kind, trickle):
     data = ARCHIVES[kind]
     expected = _by_tarfile(data)
-    assert len(expected) >= len(SHARD)
+    assert len(expected) >= (1 if kind == "a name that is not UTF-8" else 3)
     assert _ours(Trickle(data) if trickle else io.BytesIO(data)) == expected
 
 
@@ -82,7 +107,8 @@ def test_plain_shards_are_read_without_tarfile_and_the_rest_with_it(monkeypatch)
         raise AssertionError("tarfile was asked to read a plain ustar archive")
 
     monkeypatch.setattr(tar_files, "_tarfile_files", refuse)
-    for kind in ("ustar", "pax", "gnu", "ustar prefix"):
+    for kind in ("ustar", "pax", "gnu", "ustar prefix", "a name of exactly 100 bytes", "old-style types",
+                 "a name that is not UTF-8"):
         assert _ours(io.BytesIO(ARCHIVES[kind])) == _by_tarfile(ARCHIVES[kind]), kind
         assert _ours(Trickle(ARCHIVES[kind])) == _by_tarfile(ARCHIVES[kind]), kind  # a pipe's short reads
     with pytest.raises(AssertionError, match="tarfile was asked"):

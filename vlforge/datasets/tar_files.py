@@ -58,19 +58,17 @@ def _read_exactly(read, size: int) -> bytes:  # noqa: ANN001 - a stream's read
 
 
 class _Prepended:
-    """A stream that gives `head` and then the rest of `stream`."""
+    """A stream that gives `head` and then the rest of `stream` (to tarfile, which reads sizes it
+    chooses and takes a short read as the stream's way)."""
 
     def __init__(self, head: bytes, stream: BinaryIO) -> None:
         self.head, self.stream = head, stream
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int) -> bytes:
         if not self.head:
             return self.stream.read(size)
-        if size is None or size < 0:
-            data, self.head = self.head + self.stream.read(), b""
-            return data
         data, self.head = self.head[:size], self.head[size:]
-        return data if len(data) == size else data + _read_exactly(self.stream.read, size - len(data))
+        return data
 
 
 def _tarfile_files(stream: BinaryIO, tarinfo: type[tarfile.TarInfo]) -> Iterator[tuple[str, Callable[[], bytes]]]:
