@@ -24,6 +24,11 @@ DTYPES = {
 }
 
 
+def cast_if_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` if it is floating point (and a dtype is given), else as it is."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 def read_safetensors_as(path: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file `path`, the floating-point ones cast to `dtype`."""
     path = Path(path)
@@ -64,4 +69,4 @@ def _read_tensor(file: BinaryIO, offset: int, size: int, stored: torch.dtype, sh
     if file.readinto(data) != size:
         return None
     tensor = (torch.frombuffer(data, dtype=stored) if size else torch.empty(0, dtype=stored)).reshape(shape)
-    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return cast_if_floating(tensor, dtype)

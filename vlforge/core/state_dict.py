@@ -18,7 +18,7 @@ from vlforge.core.checkpoints import (
     resolve_checkpoint,
 )
 from vlforge.core.errors import CheckpointError
-from vlforge.core.safetensors_read import read_safetensors_as
+from vlforge.core.safetensors_read import cast_if_floating, read_safetensors_as
 
 
 def read_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -56,16 +56,12 @@ def read_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str
     return cast_floating(state, dtype)
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-
 def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """`state` with its floating-point tensors cast to `dtype` (None: as it is), in place: each
     full-precision tensor is let go as its cast is made."""
     if dtype is not None:
         for key in state:
-            state[key] = _cast(state[key], dtype)
+            state[key] = cast_if_floating(state[key], dtype)
     return state
 
 

@@ -59,11 +59,15 @@ class StopRequest:
         self._previous.clear()
 
 
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """This SLURM job's id (an array task has its own), or None outside SLURM."""
+    return (os.environ if env is None else env).get("SLURM_JOB_ID") or None
+
+
 def requeue_slurm_job(env: Mapping[str, str] | None = None) -> str | None:
     """Requeue this SLURM job (`scontrol requeue`); returns its id, or None outside SLURM.
     Raises RuntimeError naming the job and scontrol's message when SLURM refuses."""
-    env = os.environ if env is None else env
-    job = env.get("SLURM_JOB_ID")  # an array task has its own
+    job = slurm_job_id(env)
     if not job:
         return None
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from vlforge.trainer.engine import (
     resolve_precision,
 )
 from vlforge.trainer.loop import Trainer
-from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job
+from vlforge.trainer.preemption import REQUEUE_SIGNALS, requeue_slurm_job, slurm_job_id
 from vlforge.trainer.run_dir import claim_run_dir
 from vlforge.trainer.tracking import Tracker
 
@@ -90,7 +89,7 @@ class Session:
 def _stopped(trainer: Trainer, tracker: Tracker, run: RunConfig, dist_env: DistEnv, report: Any) -> dict[str, float]:
     """After a stop signal: the checkpoint is saved; requeue the SLURM job on SIGUSR1/SIGUSR2 (rank 0)."""
     tracker.finish()
-    job = os.environ.get("SLURM_JOB_ID") if trainer.stopped_by in REQUEUE_SIGNALS and dist_env.is_main else None
+    job = slurm_job_id() if trainer.stopped_by in REQUEUE_SIGNALS and dist_env.is_main else None
     # Said before the requeue: SLURM ends the job's processes as it requeues it, maybe before a later print.
     _say(dist_env, f"vlforge: stopped by {trainer.stopped_by.name} at step {trainer.stopped_at} "
          f"(checkpoint saved; resume=auto continues from it)" + (f" | requeueing SLURM job {job}" if job else ""))
