@@ -52,6 +52,7 @@ from vlforge.config.serve import serve_config  # noqa: E402
 from vlforge.hub.export import export_model  # noqa: E402
 from vlforge.hub.placement import apply_quant  # noqa: E402
 from vlforge.serve.server import app_for_model  # noqa: E402
+from vlforge.serve.threads import in_thread_of_its_own  # noqa: E402
 
 MODES = {
     "(a) one at a time": {"policy": "continuous", "max_running": 1, "max_batch_size": 1},
@@ -115,6 +116,8 @@ def profile(model: torch.nn.Module, size: int, text: str | None) -> str:
     image at batch 1 and 8, and one decode step at 1 and 32 rows (medians of 3)."""
     from vlforge.models.layers.decode_rows import DecodeRows
 
+    setup_cpu()  # per thread
+
     def median_time(fn) -> float:
         times = []
         for _ in range(3):
@@ -150,15 +153,21 @@ def bench_model(key: str, concurrencies: list[int], max_tokens: int | None, toke
     recipe, overrides, size, vocab, text, default_tokens = MODELS[key]
     max_tokens = max_tokens or default_tokens
     save_tokenizer(tokenizer_dir, size=vocab)
-    model, cfg = build_tiny(recipe, tokenizer_dir, overrides=overrides)
+
+    def build() -> tuple[torch.nn.Module, object]:
+        model, cfg = build_tiny(recipe, tokenizer_dir, overrides=overrides)
+        if quant != "none":  # as `load_model(quant=...)` / `serve.quantize` hold it
+            apply_quant(model, quant)
+        return model, cfg
+
+    # Built and profiled as `vlforge serve` loads: by threads that end (vlforge/serve/threads.py).
+    model, cfg = in_thread_of_its_own(build)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    if quant != "none":  # as `load_model(quant=...)` / `serve.quantize` hold it
-        apply_quant(model, quant)
     rows = [f"\n### {key}: {recipe} with {' '.join(overrides)} ({params:.0f}M parameters, {size} px, "
             f"{max_tokens} tokens per request, quant {quant})\n",
             "| scheduler | concurrency | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) |",
             "|---|---|---|---|---|---|---|"]
-    rows.append(profile(model, size, text))
+    rows.append(in_thread_of_its_own(profile, model, size, text))
     print(rows[-1], flush=True)
     results: dict[tuple[str, int], float] = {}
     p99: dict[tuple[str, int], float] = {}

@@ -3,6 +3,7 @@ lifespan that starts the scheduler, warms the model up (then /readyz answers 200
 lets in-flight requests finish."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ import vlforge
 from vlforge.serve import routes_generate, routes_page, routes_tasks
 from vlforge.serve.auth import check_api_key
 from vlforge.serve.errors import error_response, install_error_handlers
+from vlforge.serve.scheduler import Job
 from vlforge.serve.schemas import ModelCard, ModelList
 from vlforge.serve.service import warm_up
 from vlforge.serve.state import ServerState, server_of
@@ -74,8 +76,9 @@ def create_app(state: ServerState, warm: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.scheduler.start()
-        if warm:
-            await run_in_threadpool(warm_up, state.service)
+        if warm:  # on the model's worker, as every forward (vlforge.serve.threads)
+            warming = Job("warm-up", None, lambda payloads: [warm_up(state.service) for _ in payloads])
+            await asyncio.wrap_future(state.scheduler.submit_job(warming))
         state.ready = True
         log.info("vlforge serve: %s ready (%s)", state.service.name, ", ".join(state.service.capabilities))
         try:

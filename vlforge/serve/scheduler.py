@@ -25,6 +25,7 @@ from vlforge.models.layers.sampling import SamplingParams, next_tokens
 from vlforge.models.protocols import StepwiseGenerator
 from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.text_stream import TextStream
+from vlforge.serve.threads import own_cpu_threads
 
 log = logging.getLogger("vlforge.serve")
 
@@ -116,6 +117,7 @@ class Scheduler:
                  device: torch.device | str = "cpu") -> None:
         self.model, self.config, self.metrics = model, config, metrics
         self.device = torch.device(device)
+        self.cpu_threads = torch.get_num_threads()  # the creating thread's: the worker takes it over
         self.vocabulary = model.vocabulary() if model is not None else None
         self._intake: queue.Queue[Generation | Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -209,6 +211,7 @@ class Scheduler:
         return 0.1
 
     def _loop(self) -> None:
+        own_cpu_threads(self.cpu_threads)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals slow CPU matmuls many-fold; the setting is per thread
         try:

@@ -23,6 +23,7 @@ from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.scheduler import Scheduler
 from vlforge.serve.service import ModelService
 from vlforge.serve.state import ServerState
+from vlforge.serve.threads import in_thread_of_its_own
 
 
 @dataclass
@@ -112,7 +113,8 @@ def load_served_model(request: ServeRequest) -> tuple[nn.Module, DictConfig, Ser
 def build_app(request: ServeRequest, api_keys: tuple[bytes, ...] | None = None) -> tuple[FastAPI, ServeConfig]:
     """The app for `request`'s model, and its serve config (host, port, shutdown grace). `api_keys`:
     the keys to require, read elsewhere (a replica gets its driver's); None reads the serve config's."""
-    model, cfg, config, name, device = load_served_model(request)
+    # Loaded by a thread that ends with the load, so that its CPU threads do not outlive it (vlforge.serve.threads).
+    model, cfg, config, name, device = in_thread_of_its_own(load_served_model, request)
     return app_for_model(model, cfg, config, name, device, api_keys=api_keys), config
 
 

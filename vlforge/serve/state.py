@@ -18,6 +18,7 @@ from vlforge.serve.images import load_image
 from vlforge.serve.metrics import ServeMetrics
 from vlforge.serve.scheduler import Event, QueueFull, Scheduler, ShuttingDown
 from vlforge.serve.service import ModelService
+from vlforge.serve.threads import serial_cpu_ops
 
 
 @dataclass
@@ -48,10 +49,14 @@ def check_capability(state: ServerState, capability: str, endpoint: str) -> None
                             f"it serves: {can}", None)
 
 
+def _prepared_image(state: ServerState, url: str, param: str) -> torch.Tensor:
+    serial_cpu_ops()  # the model's worker keeps the cores' CPU threads (vlforge.serve.threads)
+    return load_image(url, param, state.config.limits, state.config.allow_remote_images, state.service.transform)
+
+
 async def request_image(state: ServerState, url: str, param: str) -> torch.Tensor:
-    """A request's image as the model takes it, decoded under the limits in a worker thread."""
-    return await run_in_threadpool(load_image, url, param, state.config.limits, state.config.allow_remote_images,
-                                   state.service.transform)
+    """A request's image as the model takes it, decoded under the limits in a thread of the pool."""
+    return await run_in_threadpool(_prepared_image, state, url, param)
 
 
 def request_id(prefix: str) -> str:
