@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import base64
+import collections
 import io
 import os
 import signal
