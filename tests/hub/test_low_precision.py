@@ -18,7 +18,9 @@ from vlforge.config.serve import serve_config
 from vlforge.core import state_dict
 from vlforge.core.errors import ConfigError
 from vlforge.core.safetensors_read import read_safetensors_as
+from vlforge.hub import low_precision
 from vlforge.hub.low_precision import FUSED_MAX_ROWS, Int8Linear
+from vlforge.models.layers.static_decode import StaticDecoding
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,34 @@ def test_an_int8_layer_computes_with_its_widened_weight_fused_or_not(caption_dir
         got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, layer.out_features)
     torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_an_int8_layer_on_the_cpu_runs_its_kernel_without_compiling(caption_dir: Path, monkeypatch) -> None:
+    model = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8")
+    layer = model.text_decoder.layers[0].intermediate
+    assert layer.fused and "scales" not in layer.state_dict()  # the model's keys are the checkpoint's
+    monkeypatch.setattr(low_precision, "_fused_linear", lambda: pytest.fail("compiled on the CPU"))
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+    expected = F.linear(x.float(), layer.weight.dequantize().float(), layer.bias.float())
+    assert got.shape == (2, 3, layer.out_features)
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_int8_decoding_compiles_to_the_eager_step(caption_dir: Path) -> None:
+    """load_model(quant="int8", compile=True): the compiled static step holds the int8 layers too."""
+    model = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8")
+    pixels, _ = images(1, seed=4)
+    logits = {}
+    with torch.no_grad():
+        context = model.image_tokens(pixels)
+        for compiled in (False, True):
+            decoding = StaticDecoding(model.text_decoder, model.lm_head, context, 8, compiled=compiled)
+            decoding(torch.tensor([[BOS, 6, 7]]), decoding)
+            logits[compiled] = decoding(torch.tensor([[8]]), decoding).float()
+    scale = logits[False].abs().max().item()
+    torch.testing.assert_close(logits[True], logits[False], rtol=0.02, atol=0.02 * scale)
 
 
 def test_unknown_or_conflicting_quantization_is_refused(caption_dir: Path) -> None:

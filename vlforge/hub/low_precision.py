@@ -10,10 +10,13 @@ What each mode holds:
   tower is bound by arithmetic on its many tokens, where int8 weights buy nothing (the weight is
   widened before the product), so it stays in bfloat16.
 
-torchao's int8 layers are fast only under torch.compile, which fuses the widening of the weight into
-the product: each quantized layer runs through one compiled linear for the few rows decoding feeds
-it, and widens its weight once per call for the many rows of a prompt or an image, where the product
-costs more than the widening.
+torchao makes the int8 weights and their scales. Run eagerly, its layer widens the weight before each
+product; for the few rows decoding feeds a layer, the product must instead read the int8 weight
+itself. On the CPU a quantized layer calls ATen's weight-only int8 kernel (`_weight_int8pack_mm`,
+the kernel torch.compile's graph of torchao's layer calls there) directly: the same numbers, without
+a compile in each new process or a compiled call's overhead per layer. On other devices it runs
+through one compiled linear. For the many rows of a prompt or an image, where the product costs more
+than the widening, it widens its weight once per call.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ QUANT_MODES = ("bf16", "int8", "nf4")
 # Rows a quantized layer takes at once above which it widens its weight instead of running the fused
 # kernel: a prompt or image tokens, not a decoding step (a batch of 32 rows with 3 beams stays fused).
 FUSED_MAX_ROWS = 128
-# Inductor's fused int8 kernel on the CPU (torch 2.14) reads past the input of a layer whose input
-# width is not a multiple of 16 (NaNs or a crash): such layers widen their weight instead.
+# ATen's weight-only int8 kernel on the CPU (torch 2.14; compiled graphs call it too) reads past the
+# input of a layer whose input width is not a multiple of 16 (NaNs or a crash): such layers widen
+# their weight instead.
 FUSED_IN_MULTIPLE = 16
 
 
@@ -57,16 +61,31 @@ class Int8Linear(nn.Module):
     """A linear layer holding torchao's int8 weight (`weight`, `bias` as the layer it replaces had them,
     so the model's key names stay)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.fused = self.in_features % FUSED_IN_MULTIPLE == 0
+        zero_point = getattr(self.weight, "zero_point", None)
+        if not hasattr(self.weight, "qdata") or not hasattr(self.weight, "scale") or (
+                zero_point is not None and bool(zero_point.any())):
+            raise TypeError(f"torchao gave a {type(self.weight).__name__} weight, not the symmetric int8 weight "
+                            "with one scale per output channel (qdata, scale) that Int8Linear computes with")
+        # The scales in the activations' dtype, stored: a scale cast inside a compiled graph is a computed
+        # input, which inductor's lowering of the kernel does not take (torch 2.14).
+        self.register_buffer("scales", self.weight.scale.reshape(-1).to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused or x.numel() // self.in_features > FUSED_MAX_ROWS:
+        rows = x.numel() // self.in_features
+        if not self.fused or rows > FUSED_MAX_ROWS:
             return F.linear(x, self.weight.dequantize().to(x.dtype), self.bias)
-        return _fused_linear()(x, self.weight, self.bias)
+        if x.device.type != "cpu":
+            return _fused_linear()(x, self.weight, self.bias)
+        weight = self.weight  # torchao's Int8Tensor: int8 `qdata` [out, in]
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), weight.qdata, scales)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
@@ -84,9 +103,9 @@ def _quantize_int8(parent: nn.Module, skip: set[int]) -> int:
         if isinstance(child, nn.Linear):
             # A layer's weight may be shared (an LM head tied to the word embeddings): the head gets
             # its own int8 copy, the embedding table keeps its weight.
-            holder = nn.Sequential(child)
+            holder, dtype = nn.Sequential(child), child.weight.dtype
             quantize_(holder, Int8WeightOnlyConfig(set_inductor_config=False))
-            setattr(parent, name, Int8Linear(holder[0]))
+            setattr(parent, name, Int8Linear(holder[0], dtype))
             count += 1
         else:
             count += _quantize_int8(child, skip)
