@@ -2,6 +2,7 @@
 the settings that refuse what cannot be combined."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from transformers import BlipForConditionalGeneration
 
 from tests.hub.test_load import _offline_cache, save_hf_model  # noqa: F401 (the fixture)
 from tests.models.tiny_blip import BOS, PAD, SEP, images
+from tests.tiny_recipes import build_tiny, save_tokenizer
 from vlforge import load_model
 from vlforge.config.serve import serve_config
 from vlforge.core import state_dict
 from vlforge.core.errors import ConfigError
 from vlforge.core.safetensors_read import read_safetensors_as
 from vlforge.hub import low_precision
+from vlforge.hub.export import export_model
 from vlforge.hub.low_precision import FUSED_MAX_ROWS, Int8Linear
 from vlforge.models.layers.static_decode import StaticDecoding
 
@@ -148,3 +151,23 @@ def test_unknown_or_conflicting_quantization_is_refused(caption_dir: Path) -> No
         load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="nf4")
     with pytest.raises(ConfigError, match="serve.quantize='fp8' is not one of null, int8, bf16, 4bit, 8bit"):
         serve_config(OmegaConf.create({"quantize": "fp8"}))
+
+
+def test_a_lora_model_is_merged_in_float32_then_held_in_bfloat16(tmp_path: Path) -> None:
+    """A recipe with LoRA adapters is read in float32 (not bfloat16), so the adapters merge into the
+    exact weights before the cast: the held weight is the float32 merge, rounded once."""
+    lora = "+model.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}"
+    model, cfg = build_tiny("llava_finetune_demo", save_tokenizer(tmp_path / "tokenizer"), overrides=[lora])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: a merge would change nothing
+                p.copy_(torch.randn_like(p) * 0.1)
+    export_model(model, cfg, tmp_path / "export")
+    merged = copy.deepcopy(model.language_model).merge_and_unload()
+    expected = {name: p.to(torch.bfloat16) for name, p in merged.named_parameters() if name.endswith("q_proj.weight")}
+    loaded = load_model("llava", "demo", checkpoint=tmp_path / "export", quant="bf16")
+    got = {name: p for name, p in loaded.language_model.named_parameters() if name.endswith("q_proj.weight")}
+    assert got.keys() == expected.keys() and expected
+    for name, weight in expected.items():
+        assert torch.equal(got[name], weight), name
