@@ -57,8 +57,11 @@ def test_the_worker_keeps_its_count_when_another_thread_goes_serial_before_its_f
         thread.join(30)
     assert seen == {"worker": 2, "request": 1}
     assert torch.get_num_threads() == default_count_restored  # this thread's own count is untouched
-    seen_new = in_thread_of_its_own(torch.get_num_threads)
-    assert seen_new == 1  # ... and a thread that had none takes the serial one
+    fresh = threading.Thread(target=lambda: seen.update(fresh=torch.get_num_threads()))
+    fresh.start()
+    fresh.join(30)
+    assert seen["fresh"] == 1  # ... a new thread takes the serial default
+    assert in_thread_of_its_own(torch.get_num_threads) == default_count_restored  # ... but not a loader
 
 
 def test_in_thread_of_its_own_gives_the_result_or_the_exception_from_a_thread_that_has_ended() -> None:

@@ -37,11 +37,14 @@ def serial_cpu_ops() -> None:
 
 
 def in_thread_of_its_own(fn: Callable[..., T], *args: object) -> T:
-    """`fn(*args)` on a new thread that ends when it returns; its result or its exception."""
+    """`fn(*args)` on a new thread that ends when it returns, with the calling thread's count of CPU
+    threads (not the default `serial_cpu_ops` may have left); its result or its exception."""
     outcome: dict[str, object] = {}
+    count = torch.get_num_threads()
 
     def run() -> None:
         try:
+            own_cpu_threads(count)
             outcome["result"] = fn(*args)
         except BaseException as err:  # re-raised in the caller's thread
             outcome["error"] = err
