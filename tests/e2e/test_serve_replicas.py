@@ -28,6 +28,7 @@ BIN = Path(sys.executable).parent
 # A steady load (CONCURRENCY in flight until REQUESTS are answered), not one burst: Ray's router may
 # hand a burst mostly to one replica, and the one killed must hold requests when it dies.
 REQUESTS, CONCURRENCY, KILL_AFTER, TOKENS = 200, 48, 40, 60
+EARLY_TOKENS = TOKENS // 4
 
 
 def _wait_for_replicas(url: str, proc: subprocess.Popen, log: Path, count: int, exclude: str = "",
@@ -52,11 +53,12 @@ def _wait_for_replicas(url: str, proc: subprocess.Popen, log: Path, count: int, 
 
 async def _load(url: str, victim: str, victim_pid: int) -> list[dict]:
     """REQUESTS captions, CONCURRENCY at a time (every fourth streamed); the victim replica is SIGKILLed
-    once it has answered and KILL_AFTER answers are in, at a moment it is streaming an answer (a stream's
-    headers, which name its replica, arrive before its tokens): Ray's router may leave a replica idle for
-    a while, and a kill then would cut nothing."""
+    once it has answered and KILL_AFTER answers are in, at a moment one of its streams has sent fewer
+    than EARLY_TOKENS of its tokens (a stream's headers, which name its replica, arrive before its
+    tokens): Ray's router may leave a replica idle for a while, and a kill then would cut nothing; nor
+    would a kill while the client still reads a stream the replica has finished sending."""
     done, victim_answered = 0, False
-    streaming = collections.Counter()  # replica -> streams it is sending now
+    early = collections.Counter()  # replica -> its streams with fewer than EARLY_TOKENS tokens read so far
     in_flight = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY + 10)) as client:
 
@@ -64,19 +66,27 @@ async def _load(url: str, victim: str, victim_pid: int) -> list[dict]:
             nonlocal done, victim_answered
             body = {"image": png_data_uri(i % 5), "max_tokens": TOKENS, "min_tokens": TOKENS, "stream": i % 4 == 0}
             async with in_flight, client.stream("POST", f"{url}/v1/caption", json=body) as response:
-                replica = response.headers.get("x-vlforge-replica") if body["stream"] else None
-                streaming[replica] += 1
-                try:
+                if not body["stream"]:
                     text = (await response.aread()).decode()
-                finally:
-                    streaming[replica] -= 1
+                else:
+                    replica, lines, events, is_early = response.headers.get("x-vlforge-replica"), [], 0, True
+                    early[replica] += 1
+                    try:
+                        async for line in response.aiter_lines():
+                            lines.append(line)
+                            events += line.startswith("data: ")
+                            if is_early and events >= EARLY_TOKENS:
+                                early[replica], is_early = early[replica] - 1, False
+                    finally:
+                        early[replica] -= is_early
+                    text = "\n".join(lines)
             done += 1
             victim_answered |= response.headers.get("x-vlforge-replica") == victim
             return {"stream": body["stream"], "status": response.status_code, "text": text,
                     "replica": response.headers.get("x-vlforge-replica"), "done_before": done - 1}
 
         async def kill() -> None:
-            while (done < KILL_AFTER or not victim_answered or not streaming[victim]) and done < REQUESTS:
+            while (done < KILL_AFTER or not victim_answered or not early[victim]) and done < REQUESTS:
                 await asyncio.sleep(0.002)
             os.kill(victim_pid, signal.SIGKILL)
 
