@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlforge.core.host_memory import return_freed_memory
+
 QUANT_MODES = ("bf16", "int8", "nf4")
 
 # Rows a quantized layer takes at once above which it widens its weight instead of running the fused
@@ -35,6 +37,11 @@ FUSED_MAX_ROWS = 128
 # input of a layer whose input width is not a multiple of 16 (NaNs or a crash): such layers widen
 # their weight instead.
 FUSED_IN_MULTIPLE = 16
+# Bytes of float weights quantized between two hand-backs of the memory they and their temporaries
+# leave with the C allocator (core/host_memory), which otherwise stays resident: the peak of the
+# quantization grows with the model. Not after every layer: a page handed back is faulted in again
+# when next used (docs/benchmarks.md, cold start).
+RETURN_FREED_EVERY = 128 * 2**20
 
 
 def check_quant(quant: str | None, what: str = "quant") -> None:
@@ -91,12 +98,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight"
 
 
-def _quantize_int8(parent: nn.Module, skip: set[int]) -> int:
-    """Replace every nn.Linear under `parent` but those in `skip` (module ids) by an Int8Linear;
-    returns how many."""
+class _Quantized:
+    """How many layers and float bytes were quantized; hands freed memory back every
+    RETURN_FREED_EVERY bytes."""
+
+    def __init__(self) -> None:
+        self.layers, self.pending = 0, 0
+
+    def add(self, float_bytes: int) -> None:
+        self.layers, self.pending = self.layers + 1, self.pending + float_bytes
+        if self.pending >= RETURN_FREED_EVERY:
+            return_freed_memory()
+            self.pending = 0
+
+
+def _quantize_int8(parent: nn.Module, skip: set[int], done: _Quantized) -> None:
+    """Replace every nn.Linear under `parent` but those in `skip` (module ids) by an Int8Linear."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    count = 0
     for name, child in list(parent.named_children()):
         if id(child) in skip:
             continue
@@ -104,12 +123,12 @@ def _quantize_int8(parent: nn.Module, skip: set[int]) -> int:
             # A layer's weight may be shared (an LM head tied to the word embeddings): the head gets
             # its own int8 copy, the embedding table keeps its weight.
             holder, dtype = nn.Sequential(child), child.weight.dtype
+            float_bytes = child.weight.numel() * child.weight.element_size()
             quantize_(holder, Int8WeightOnlyConfig(set_inductor_config=False))
             setattr(parent, name, Int8Linear(holder[0], dtype))
-            count += 1
+            done.add(float_bytes)
         else:
-            count += _quantize_int8(child, skip)
-    return count
+            _quantize_int8(child, skip, done)
 
 
 def apply_low_precision(model: nn.Module, quant: str) -> None:
@@ -127,6 +146,8 @@ def apply_low_precision(model: nn.Module, quant: str) -> None:
     # bfloat16 even on a CPU without bfloat16 instructions: decoding reads weights, and half the
     # bytes is faster there too; the image tower's arithmetic is then emulated.
     model.to(torch.bfloat16)
-    tower = getattr(model, "vision", None)
-    if not _quantize_int8(model, {id(tower)} if isinstance(tower, nn.Module) else set()):
+    tower, done = getattr(model, "vision", None), _Quantized()
+    _quantize_int8(model, {id(tower)} if isinstance(tower, nn.Module) else set(), done)
+    return_freed_memory()
+    if not done.layers:
         raise ValueError(f"quant='int8': {type(model).__name__} has no linear layer outside its image tower")
