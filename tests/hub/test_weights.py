@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from tests.e2e.conftest import free_port
 from vlforge.core.errors import CheckpointError
 from vlforge.core.state_dict import read_weights
+from vlforge.hub.weights import init_weights
 from vlforge.models.blip.pretrain import BlipPretrain
 from vlforge.models.blip.vqa import BlipVQA
 from vlforge.models.towers.timm_tower import TimmVisionTower
-from vlforge.hub.weights import init_weights
 
 TEXT = dict(vocab_size=50, width=32, layers=2, heads=4, intermediate=64, max_len=16)
 VISION = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4)

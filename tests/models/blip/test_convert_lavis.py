@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
 
 from tests.models.lavis_reference import (
     EMBED,
@@ -25,6 +26,7 @@ from tests.models.lavis_reference import (
     under_prefix,
 )
 from tests.models.tiny_blip import images
+from vlforge.hub.weights import init_weights
 from vlforge.models.blip.caption import BlipCaptioner
 from vlforge.models.blip.convert import (
     blip_caption_from_lavis,
@@ -171,9 +173,6 @@ def test_a_lavis_pretraining_checkpoint_starts_a_captioner_at_another_image_size
     """BLIP's caption finetune: the pretraining checkpoint (224 px there, 32 px here) initialises the
     captioner at a larger size (384 px there, 48 px here): position embeddings resampled, ITC/ITM parts
     left out, every captioner weight found."""
-    from vlforge.models.blip.caption import BlipCaptioner
-    from vlforge.hub.weights import init_weights
-
     vit, encoder, decoder = make_vit(70), make_encoder(71), make_decoder(72)
     _tie_like_lavis(encoder, decoder)
     lavis = {**_blip_itc_itm_state_dict(vit, encoder), **under_prefix("text_decoder.", decoder)}
