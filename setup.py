@@ -52,6 +52,7 @@ setup(
                 "hydra-submitit-launcher>=1.2",  # the SLURM tests launch through submitit too
                 "peft>=0.10", "bitsandbytes>=0.46", "accelerate>=0.30",  # LoRA and 4-bit tests
                 "import-linter>=2.0",  # the layers contract (tests/test_layers.py; grimp comes with it)
+                "ruff>=0.4",  # undefined names and import order (tests/test_lint.py)
                 "setuptools>=70.1",  # builds the wheel without the separate `wheel` package (tests/cli/test_wheel.py)
                 "openai>=1.30", "httpx>=0.27", "schemathesis>=3.30", "hypothesis>=6.100",  # serving tests
                 "playwright>=1.40",  # the page at / in Debian's chromium (tests/serve/test_page.py)
