@@ -259,6 +259,17 @@ def test_no_repeat_ngram_size_bans_a_bigram_seen_before() -> None:
     assert ids[0].tolist() == [1, 1, 2, 1, 3, 1, 0, 1]
 
 
+def test_the_rules_leave_the_logits_the_step_returned_unchanged() -> None:
+    # A step that returns the same buffer every time, as a compiled static step may: the bans of one
+    # step (a repeated bigram, eos before min_length) must not stay in it for the next.
+    ranking = torch.tensor([[0.0, 10.0, 9.0, 8.0, -100.0]])
+    kept = ranking.clone()
+    cfg = GenerationConfig(max_length=8, min_length=4, no_repeat_ngram_size=2)
+    ids = generate(lambda ids, cache: kept, HistoryCache(), torch.tensor([[1]]), cfg, EOS, PAD, sync_ranks=False)
+    assert ids[0].tolist() == [1, 1, 2, 1, 3, 1, 0, 1]
+    assert torch.equal(kept, ranking)
+
+
 def test_sampling_draws_from_the_given_generator_only() -> None:
     step, _ = _model()
     cfg = GenerationConfig(max_length=6, do_sample=True, top_p=1.0, temperature=20.0)

@@ -70,6 +70,16 @@ def test_rows_choose_independently_by_their_own_params() -> None:
     assert chosen == [1, 3]
 
 
+def test_processing_leaves_the_batch_logits_unchanged() -> None:
+    # The server hands each row a view of the step's logits: a row's bans stay out of them.
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9, 2.0], [0.0, 5.0, 1.0, 4.9, 2.0]])
+    before = logits.clone()
+    banning = SamplingParams(no_repeat_ngram_size=2, min_new_tokens=5)  # bigram (1, 1) seen: 1 banned; eos 3 too early
+    chosen = next_tokens(logits, [[1, 1], [1, 1]], [1, 1], [banning, banning], [None, None], eos_id=3)
+    assert chosen == [4, 4]
+    assert torch.equal(logits, before)
+
+
 def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).log_softmax(dim=0)
     params = SamplingParams(do_sample=True, top_k=2)

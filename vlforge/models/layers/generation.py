@@ -14,7 +14,13 @@ from typing import Callable, Protocol
 import torch
 import torch.distributed as dist
 
-from vlforge.models.layers.sampling import SamplingParams, banned_ngram_tokens, repetition_penalty, warp
+from vlforge.models.layers.sampling import (
+    SamplingParams,
+    ban_tokens,
+    banned_ngram_tokens,
+    repetition_penalty,
+    warp,
+)
 
 
 class Reorderable(Protocol):
@@ -75,14 +81,12 @@ def _any_rank_running(running: bool, device: torch.device, sync_ranks: bool) -> 
 
 def _process_logits(logits: torch.Tensor, ids: torch.Tensor, cfg: GenerationConfig, eos_id: int) -> torch.Tensor:
     logits = repetition_penalty(logits.float(), ids, cfg.repetition_penalty)
-    if cfg.no_repeat_ngram_size:
-        for row, history in enumerate(ids.tolist()):
-            banned = banned_ngram_tokens(history, cfg.no_repeat_ngram_size)
-            if banned:
-                logits[row, banned] = float("-inf")
+    # ids go to the host (a sync on a GPU) only for the n-gram rule
+    banned = ([banned_ngram_tokens(history, cfg.no_repeat_ngram_size) for history in ids.tolist()]
+              if cfg.no_repeat_ngram_size else [[] for _ in range(ids.shape[0])])
     if ids.shape[1] < cfg.min_length:
-        logits[:, eos_id] = float("-inf")
-    return logits
+        banned = [[*tokens, eos_id] for tokens in banned]
+    return ban_tokens(logits, banned)
 
 
 def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -63,6 +63,17 @@ def banned_ngram_tokens(history: Sequence[int], size: int) -> list[int]:
             if tuple(history[i:i + size - 1]) == prefix]
 
 
+def ban_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[N, V] logits with each row's `banned` tokens at -inf, in a new tensor: the logits a step
+    returned may be a buffer it reuses (a compiled static step), or rows of one batch."""
+    if not any(banned):
+        return logits
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    for row, tokens in enumerate(banned):
+        mask[row, list(tokens)] = True
+    return logits.masked_fill(mask, float("-inf"))
+
+
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top-k, then top-p (transformers' warpers), on [N, V] logits."""
     if params.temperature != 1.0:
@@ -87,10 +98,9 @@ def process(logits: torch.Tensor, history: Sequence[int], new_tokens: int, param
     if params.repetition_penalty != 1.0 and history:
         logits = repetition_penalty(logits, torch.tensor([list(history)], device=logits.device), params.repetition_penalty)
     banned = banned_ngram_tokens(history, params.no_repeat_ngram_size)
-    if banned:
-        logits[0, banned] = float("-inf")
     if eos_id is not None and new_tokens < params.min_new_tokens:
-        logits[0, eos_id] = float("-inf")
+        banned.append(eos_id)
+    logits = ban_tokens(logits, [banned])
     if params.do_sample:
         logits = warp(logits, params)
     return logits[0]
