@@ -130,19 +130,29 @@ def test_an_int8_layer_on_the_cpu_runs_its_kernel_without_compiling(caption_dir:
     torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02)
 
 
-def test_int8_decoding_compiles_to_the_eager_step(caption_dir: Path) -> None:
-    """load_model(quant="int8", compile=True): the compiled static step holds the int8 layers too."""
-    model = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant="int8")
+@pytest.mark.parametrize("quant", ["int8", "bf16"])
+def test_low_precision_decoding_compiles_to_the_eager_step(caption_dir: Path, quant: str) -> None:
+    """load_model(quant=..., compile=True): the compiled static step (its weights frozen into the graph,
+    inductor's own matrix products where they time faster) holds the int8 layers too, and a second
+    model in the same process decodes with its own weights, not the first one's frozen ones."""
+    first = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant=quant)
+    second = load_model("blip_caption", "base_coco", checkpoint=caption_dir, quant=quant)
+    with torch.no_grad():
+        for weight in (second.text_decoder.word_embeddings.weight, second.text_decoder.embed_norm.weight):
+            weight.mul_(1 + 0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)).to(weight.dtype))
     pixels, _ = images(1, seed=4)
     logits = {}
     with torch.no_grad():
-        context = model.image_tokens(pixels)
-        for compiled in (False, True):
-            decoding = StaticDecoding(model.text_decoder, model.lm_head, context, 8, compiled=compiled)
-            decoding(torch.tensor([[BOS, 6, 7]]), decoding)
-            logits[compiled] = decoding(torch.tensor([[8]]), decoding).float()
-    scale = logits[False].abs().max().item()
-    torch.testing.assert_close(logits[True], logits[False], rtol=0.02, atol=0.02 * scale)
+        for which, model in (("first", first), ("second", second)):
+            context = model.image_tokens(pixels)
+            for compiled in (False, True):
+                decoding = StaticDecoding(model.text_decoder, model.lm_head, context, 8, compiled=compiled)
+                decoding(torch.tensor([[BOS, 6, 7]]), decoding)
+                logits[which, compiled] = decoding(torch.tensor([[8]]), decoding).float()
+    scale = logits["first", False].abs().max().item()
+    assert (logits["second", False] - logits["first", False]).abs().max() > 0.2 * scale
+    for which in ("first", "second"):
+        torch.testing.assert_close(logits[which, True], logits[which, False], rtol=0.02, atol=0.02 * scale)
 
 
 # In a process of its own, so that the C allocator starts from nothing: quantizes 36 blocks of a BERT-base

@@ -275,7 +275,9 @@ def load_model(name: str, model_type: str, is_eval: bool = True, device: str | t
     "int8" (bfloat16, and every linear layer outside the image tower as torchao's int8 weights, for
     fast decoding on a CPU or a GPU), or "nf4" (the same as `load_4bit=True`). `compile=True` decodes
     through a static-shape step compiled by torch.compile (BLIP's captioner and VQA model): faster per
-    token, after a compilation of some seconds for each batch size and length first seen."""
+    token, after a compilation for each batch size and length first seen. In bf16 or int8 on a CPU the
+    step's graph holds the decoder's weights as constants (inductor's freezing), packed for its own
+    matrix products: a second copy of them, taken at the first call (change the weights, load again)."""
     entry = _find(name, model_type, source, checkpoint)
     return _build(_resolve(entry, checkpoint, overrides, quant), is_eval, device,
                   placement_of(load_4bit, load_8bit, compute_dtype, device_map, quant), quant, compile)

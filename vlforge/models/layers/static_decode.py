@@ -40,14 +40,32 @@ def _decode_one(decoder: BertTextModel, lm_head: BertLMHead, ids: torch.Tensor, 
     return lm_head(hidden[:, -1])
 
 
-_compiled_step: Callable[..., torch.Tensor] | None = None
+# A step in bfloat16 (int8 weights included) on the CPU: inductor's own matrix products (its C++ GEMM
+# templates, AMX or AVX-512 micro-kernels, int8-weight ones among them) are timed against ATen's for
+# each product of the step and the faster kept (max_autotune). They need the weights as constants of
+# the graph (freezing), which then holds its own packed copy of the weights it multiplies. Freezing is
+# read from inductor's global config by dynamo as it traces (an option of torch.compile does not reach
+# it), so it is set around each call. A float32 step is not faster that way and would hold its weights
+# twice: it is compiled plainly. docs/benchmarks.md, section 6, has the measurements.
+FROZEN_CPU_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+_compiled_steps: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
 
 
-def _compiled() -> Callable[..., torch.Tensor]:
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(_decode_one, dynamic=False)
-    return _compiled_step
+def _compiled(device_type: str, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    frozen = device_type == "cpu" and dtype != torch.float32
+    if (device_type, frozen) in _compiled_steps:
+        return _compiled_steps[device_type, frozen]
+    if not frozen:
+        step = torch.compile(_decode_one, dynamic=False)
+    else:
+        compiled = torch.compile(_decode_one, dynamic=False, options=FROZEN_CPU_OPTIONS)
+
+        def step(*args: object) -> torch.Tensor:
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(*args)
+    _compiled_steps[device_type, frozen] = step
+    return step
 
 
 class StaticDecoding:
@@ -61,6 +79,7 @@ class StaticDecoding:
             raise ValueError(f"{capacity} tokens exceed the decoder's max_len {decoder.max_len}")
         self.decoder, self.lm_head, self.context, self.context_mask = decoder, lm_head, context, context_mask
         self.capacity, self.compiled = capacity, compiled
+        self.weight_dtype = decoder.word_embeddings.weight.dtype  # what the step computes in
         self.prefill = decoder.new_cache()
         self.length = 0
         self.keys: list[torch.Tensor] = []
@@ -95,7 +114,7 @@ class StaticDecoding:
                              f"(got {new_ids.shape[1]} at column {self.length})")
         column = torch.tensor([self.length], device=new_ids.device)
         key_mask = (torch.arange(self.capacity, device=new_ids.device) <= self.length).expand(new_ids.shape[0], -1)
-        step = _compiled() if self.compiled else _decode_one
+        step = _compiled(new_ids.device.type, self.weight_dtype) if self.compiled else _decode_one
         layers = self.prefill.layers
         logits = step(self.decoder, self.lm_head, new_ids, column, key_mask, self.keys, self.values,
                       [layer.cross_k for layer in layers], [layer.cross_v for layer in layers], self.context,
